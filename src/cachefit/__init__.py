@@ -1,0 +1,37 @@
+"""cachefit: plan (and run) deployments of neural networks whose partitions live in on-chip memory.
+
+    import cachefit
+    table = cachefit.load_model("seed-dense16", batch=1, seq=10000, phase="decode")
+    plan = cachefit.plan(table, capacity="50MiB", cards=16)
+    plan.feasible, plan.cards, plan.bottleneck_bytes, plan.partitions[0].footprint_bytes
+"""
+
+from cachefit.api import devices, load_model, plan
+from cachefit.hardware import Device, Figure
+from cachefit.layers import Layer, LayerTable, SharedTensor
+from cachefit.memory import Breakdown, IntervalCost, interval_cost
+from cachefit.plan import ModelInfo, Partition, Plan, make_plan
+from cachefit.units import format_size, parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Breakdown",
+    "Device",
+    "Figure",
+    "IntervalCost",
+    "Layer",
+    "LayerTable",
+    "ModelInfo",
+    "Partition",
+    "Plan",
+    "SharedTensor",
+    "__version__",
+    "devices",
+    "format_size",
+    "interval_cost",
+    "load_model",
+    "make_plan",
+    "parse_size",
+    "plan",
+]

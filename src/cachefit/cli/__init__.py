@@ -1,0 +1,35 @@
+"""The ``cachefit`` command: one short file per verb over the library (cachefit.api)."""
+
+from __future__ import annotations
+
+import click
+
+from cachefit import __version__
+from cachefit.cli.demo import demo_command
+from cachefit.cli.devices import devices_command
+from cachefit.cli.plan import plan_command
+from cachefit.cli.profile import profile_command
+
+__all__ = ["cli", "main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="cachefit")
+def cli() -> None:
+    """Plan deployments whose partitions fit on-chip memory (GPU L2, accelerator SRAM).
+
+    \b
+    Start with:
+      cachefit devices                          the cards and their on-chip capacity
+      cachefit profile seed-dense16             bytes and FLOPs of each layer
+      cachefit plan llama-3-8b --device dmatrix-corsair
+      cachefit demo                             all of it on bundled models
+    """
+
+
+for command in (devices_command, profile_command, plan_command, demo_command):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli(prog_name="cachefit")

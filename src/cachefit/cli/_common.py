@@ -1,0 +1,68 @@
+"""What every verb shares: model options, output (table / JSON / -o FILE), and errors as exit codes.
+
+Exit codes (DESIGN.md): 0 done; 2 bad input or usage (one line on stderr); 3 no feasible plan; 1 a bug.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_INFEASIBLE = 0, 1, 2, 3
+
+# Rich falls back to 80 columns when output is not a terminal (pipes, CI logs); the plan tables need more.
+out = Console(width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+    """One clear line on stderr, then exit."""
+    click.echo(f"cachefit: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(function: F) -> F:
+    """Bad input (ValueError, unreadable or unwritable files) -> one line and exit 2; anything else is a bug."""
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except ValueError as error:
+            fail(str(error))
+        except OSError as error:
+            fail(f"{error.filename or ''}: {error.strerror or error}".lstrip(": "))
+    return wrapper  # type: ignore[return-value]
+
+
+def model_options(function: F) -> F:
+    """--batch --seq --phase --dtype --attention --input-bytes: the workload a model is sized for."""
+    options = [
+        click.option("--batch", type=click.IntRange(min=1), help="Sequences per pass (default: the model's)."),
+        click.option("--seq", type=click.IntRange(min=1), help="Sequence (context) length in tokens."),
+        click.option("--phase", type=click.Choice(["prefill", "decode"]), help="Prompt pass or one-token steps."),
+        click.option("--dtype", help="float32, float16, bfloat16, float8_e4m3fn, int8 (aliases fp16, bf16...)."),
+        click.option("--attention", type=click.Choice(["naive", "flash"]),
+                     help="naive keeps the score matrix as workspace; flash only a 128-key tile."),
+        click.option("--input-bytes", type=click.IntRange(min=0),
+                     help="For CSV layer tables: bytes of the activation entering layer 0."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def model_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the model options out of a verb's keyword arguments, as ``load_model`` takes them."""
+    return {key: kwargs.pop(key) for key in ("batch", "seq", "phase", "dtype", "attention", "input_bytes")}
+
+
+def emit_json(document: dict[str, Any]) -> None:
+    click.echo(json.dumps(document, indent=1))

@@ -1,0 +1,74 @@
+"""``cachefit plan``: partition a model over cards so each partition fits on-chip."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, cast
+
+import click
+
+from cachefit import api, report
+from cachefit.cli._common import (
+    EXIT_INFEASIBLE,
+    emit_json,
+    err,
+    fail,
+    handle_errors,
+    model_arguments,
+    model_options,
+    out,
+)
+from cachefit.memory import MemoryModel
+from cachefit.plan import Strategy
+
+
+@click.command("plan")
+@click.argument("model")
+@click.option("--device", help="A catalog device (cachefit devices); capacity = its usable on-chip memory.")
+@click.option("--capacity", help="Bytes per card: 52428800, 50MiB, 1.5GB; a,b,c for different cards in order.")
+@click.option("--cards", type=click.IntRange(min=1), help="Exactly K cards (default: the fewest that fit).")
+@click.option("--strategy", type=click.Choice(["balanced", "greedy"]), default="balanced", show_default=True,
+              help="balanced: least bottleneck (proven); greedy: the seed's fill-in-order.")
+@click.option("--memory-model", type=click.Choice(["peak", "sum"]), default="peak", show_default=True,
+              help="peak: buffers reused layer by layer; sum: the seed's additive model.")
+@model_options
+@click.option("--devices-file", type=click.Path(dir_okay=False), help="TOML adding devices or overriding figures.")
+@click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write the plan JSON to this file.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG: each card's footprint against C.")
+@handle_errors
+def plan_command(model: str, device: str | None, capacity: str | None, cards: int | None, strategy: str,
+                 memory_model: str, devices_file: str | None, output_format: str, output: str | None,
+                 plot: str | None, **kwargs: Any) -> None:
+    """Split MODEL's layers into contiguous partitions, one per card, each fitting the card's capacity.
+
+    Exits 3 (and still prints the plan, with a diagnosis) when nothing fits.
+
+    \b
+    Examples:
+      cachefit plan llama-3-8b --device dmatrix-corsair
+      cachefit plan seed-dense16 --device h100              # does not fit: says why
+      cachefit plan tiny-llama --capacity 1MiB --cards 4 --plot plan.png
+      cachefit plan layers.csv --capacity 40MiB,40MiB,96MiB --format json -o plan.json
+    """
+    if (device is None) == (capacity is None):
+        fail("give exactly one of --device NAME and --capacity SIZE[,SIZE...]")
+    table = api.load_model(model, **model_arguments(kwargs))
+    result = api.plan(table, capacity, device=device, cards=cards, memory_model=cast(MemoryModel, memory_model),
+                      strategy=cast(Strategy, strategy), devices_file=devices_file)
+    if output:
+        result.write(output)
+        err.print(f"wrote {output}")
+    if plot:
+        report.plot_plan(result, table, plot)
+        err.print(f"wrote {plot}")
+    if output_format == "json":
+        emit_json(result.to_dict())
+    else:
+        out.print(report.plan_summary(result))
+        if result.partitions:
+            out.print(report.plan_table(result))
+        for line in result.diagnosis:
+            out.print(f"- {line}", highlight=False)
+    if not result.feasible:
+        sys.exit(EXIT_INFEASIBLE)

@@ -1,0 +1,41 @@
+"""``cachefit profile``: a model's layer table (bytes and FLOPs per layer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from cachefit import api, report
+from cachefit.cli._common import emit_json, err, handle_errors, model_arguments, model_options, out
+
+
+@click.command("profile")
+@click.argument("model")
+@model_options
+@click.option("--format", "output_format", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write the table (JSON; CSV if *.csv).")
+@handle_errors
+def profile_command(model: str, output_format: str, output: str | None, **kwargs: Any) -> None:
+    """Profile MODEL: weights, activations, workspace, KV cache and FLOPs of every layer.
+
+    MODEL is a preset (seed-dense16, llama-3-8b, ...), a model spec (.toml) or a layer table (.json/.csv).
+
+    \b
+    Examples:
+      cachefit profile seed-dense16
+      cachefit profile llama-3-8b --batch 8 --seq 4096 --phase prefill --attention flash
+      cachefit profile seed-dense16 --format json -o seed.json
+      cachefit profile layers.csv --input-bytes 16384 --format json
+    """
+    table = api.load_model(model, **model_arguments(kwargs))
+    if output:
+        table.write(output)
+        err.print(f"wrote {output}")
+    if output_format == "json":
+        emit_json(table.to_dict())
+    elif output_format == "csv":
+        click.echo(table.to_csv(), nl=False)
+    else:
+        out.print(report.layer_table(table))

@@ -1,0 +1,85 @@
+"""Why nothing fits, in words a user can act on: which layer, how far over, what share is what, what would fit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cachefit.layers import LayerTable
+from cachefit.memory import Breakdown, IntervalCost, MemoryModel, breakdown
+from cachefit.units import format_size
+
+__all__ = ["explain_order", "explain_oversized", "explain_too_few_cards", "oversized_layers"]
+
+_SHOWN = 3   # layers described one by one; the rest are counted
+
+
+def oversized_layers(table: LayerTable, cost: IntervalCost, capacity: int) -> list[int]:
+    """Indices of layers whose footprint alone exceeds ``capacity``, largest first."""
+    sizes = [(cost.footprint(index, index), index) for index in range(len(table.layers))]
+    return [index for size, index in sorted(sizes, key=lambda item: (-item[0], item[1])) if size > capacity]
+
+
+def explain_oversized(table: LayerTable, model: MemoryModel, cost: IntervalCost, capacity: int,
+                      oversized: Sequence[int], larger_devices: Sequence[tuple[str, int]] = ()) -> list[str]:
+    lines = []
+    for index in oversized[:_SHOWN]:
+        parts = breakdown(table, model, index, index)
+        lines.append(_layer_line(table, index, parts, capacity))
+    if len(oversized) > _SHOWN:
+        lines.append(f"{len(oversized) - _SHOWN} more layers are over capacity too")
+    worst = breakdown(table, model, oversized[0], oversized[0])
+    lines += _remedies(table, worst, capacity, larger_devices)
+    return lines
+
+
+def _layer_line(table: LayerTable, index: int, parts: Breakdown, capacity: int) -> str:
+    total = parts.footprint_bytes
+    shares = ", ".join(f"{label} {value / total:.1%}" for label, value in (
+        ("weights", parts.weight_bytes), ("activations", parts.activation_bytes),
+        ("workspace", parts.workspace_bytes), ("KV cache", parts.kv_cache_bytes)) if value)
+    return (f"layer {index} ({table.layers[index].name}) needs {format_size(total)} ({shares}) but a card holds "
+            f"{format_size(capacity)}: over by {format_size(total - capacity)} ({total / capacity:.1f}x); "
+            "a layer cannot be split across cards by whole-layer partitioning")
+
+
+def _remedies(table: LayerTable, worst: Breakdown, capacity: int,
+              larger_devices: Sequence[tuple[str, int]]) -> list[str]:
+    need = worst.footprint_bytes
+    lines = [f"to fit: a card holding at least {format_size(need)} ({need} bytes)"
+             + (f", e.g. {', '.join(name for name, _ in larger_devices[:4])}" if larger_devices else "")]
+    if worst.weight_bytes > capacity:
+        cards = -(-worst.weight_bytes // capacity)
+        lines.append(f"its weights alone ({format_size(worst.weight_bytes)}) exceed the card, so no batch or "
+                     f"sequence fits: split the layer across at least {cards} cards (tensor parallelism), "
+                     "or store the weights in a narrower dtype")
+        return lines
+    scaling = worst.activation_bytes + worst.workspace_bytes + worst.kv_cache_bytes
+    room = capacity - worst.weight_bytes
+    if table.batch is not None and table.batch > 1 and scaling > 0:
+        batch = table.batch * room // scaling
+        if batch >= 1:
+            lines.append(f"or a smaller batch: activations, workspace and KV cache grow about linearly with batch, "
+                         f"so batch <= {batch} (now {table.batch}) should fit; re-plan to confirm")
+            return lines
+    if table.seq is not None and scaling > 0:
+        lines.append(f"or a shorter sequence (now {table.seq}): activations, workspace and KV cache take "
+                     f"{format_size(scaling)} of the layer and only {format_size(room)} is left after its weights")
+    return lines
+
+
+def explain_too_few_cards(cards: int, capacity: int, best_bottleneck: int, fewest: int) -> list[str]:
+    return [f"{cards} cards are too few: the best split over {cards} cards puts {format_size(best_bottleneck)} "
+            f"on its fullest card, {format_size(best_bottleneck - capacity)} over the {format_size(capacity)} "
+            f"capacity ({best_bottleneck / capacity:.2f}x)",
+            f"to fit: use at least {fewest} cards (the fewest that hold every layer), or cards of at least "
+            f"{format_size(best_bottleneck)}"]
+
+
+def explain_order(table: LayerTable, cost: IntervalCost, capacities: Sequence[int], placed: int) -> list[str]:
+    """Different-size cards in a fixed order that run out before the last layer."""
+    remaining = cost.footprint(placed, len(table.layers) - 1)
+    return [f"the {len(capacities)} cards, filled in order, hold layers 0..{placed - 1}; layers {placed}.."
+            f"{len(table.layers) - 1} (from {table.layers[placed].name}, {format_size(remaining)} as one "
+            "partition) are left over",
+            f"to fit: add cards after the last one (one of at least {format_size(remaining)} would do), "
+            "use larger cards, or put the larger cards where the larger layers are"]

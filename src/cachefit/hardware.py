@@ -1,0 +1,137 @@
+"""The device catalog: on-chip capacity and speeds of accelerators, each figure with its source.
+
+Bundled data: ``data/devices.toml`` (from shared/hardware.md). A user's TOML adds devices or overrides single
+figures of bundled ones; a bare number there becomes a figure of kind "user" sourced to that file.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cachefit._files import describe_validation_error
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["FIGURES", "Device", "Figure", "get_device", "load_devices"]
+
+FigureKind = Literal["V", "M", "3P", "A", "user"]
+FIGURES = ("on_chip_bytes", "usable_fraction", "on_chip_bandwidth", "off_chip_bytes", "off_chip_bandwidth",
+           "fp16_flops", "fp8_flops", "link_bandwidth")
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    value: float
+    kind: FigureKind
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    name: str
+    label: str
+    memory: str
+    figures: Mapping[str, Figure]
+
+    @property
+    def on_chip_bytes(self) -> int:
+        return int(self.figures["on_chip_bytes"].value)
+
+    @property
+    def usable_fraction(self) -> float:
+        return self.figures["usable_fraction"].value
+
+    @property
+    def capacity_bytes(self) -> int:
+        """The on-chip bytes a plan may fill: floor(on-chip size x usable fraction)."""
+        return math.floor(self.on_chip_bytes * self.usable_fraction)
+
+    def figure(self, name: str) -> Figure | None:
+        return self.figures.get(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.label, "memory": self.memory, "capacity_bytes": self.capacity_bytes,
+                **{key: {"value": f.value, "kind": f.kind, "source": f.source} for key, f in self.figures.items()}}
+
+
+def load_devices(user_file: str | Path | None = None) -> dict[str, Device]:
+    """The bundled catalog, with ``user_file``'s devices added and figures overridden."""
+    text = resources.files("cachefit").joinpath("data/devices.toml").read_text(encoding="utf-8")
+    raw: dict[str, Any] = tomllib.loads(text)
+    source = "bundled devices.toml"
+    if user_file is not None:
+        source = str(user_file)
+        for name, entry in _read_toml(Path(user_file)).items():
+            if not isinstance(entry, dict):
+                raise ValueError(f"{user_file}: [{name}] must be a table of device fields")
+            merged = dict(raw.get(name, {}))
+            merged.update({key: _as_figure(key, value, source) for key, value in entry.items()})
+            raw[name] = merged
+    return {name: _device(name, entry, source) for name, entry in raw.items()}
+
+
+def get_device(name: str, devices: Mapping[str, Device]) -> Device:
+    key = name.lower()
+    if key not in devices:
+        raise ValueError(f"device {name!r} is not in the catalog; known: {', '.join(sorted(devices))} "
+                         "(add your own with --devices-file)")
+    return devices[key]
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"cannot read devices file {path}: {error.strerror or error}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: not valid TOML ({error})") from error
+
+
+def _as_figure(key: str, value: Any, source: str) -> Any:
+    if key in FIGURES and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"value": value, "kind": "user", "source": source}
+    return value
+
+
+def _device(name: str, entry: Mapping[str, Any], source: str) -> Device:
+    try:
+        model = _DeviceModel.model_validate(entry)
+    except ValidationError as error:
+        raise ValueError(describe_validation_error(error, f"{source} [{name}]")) from error
+    figures = {key: Figure(f.value, f.kind, f.source) for key in FIGURES if (f := getattr(model, key)) is not None}
+    fraction = figures["usable_fraction"].value
+    if not 0 < fraction <= 1:
+        raise ValueError(f"{source} [{name}]: usable_fraction must be in (0, 1], got {fraction}")
+    return Device(name=name.lower(), label=model.label, memory=model.memory, figures=figures)
+
+
+class _FigureModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    kind: FigureKind
+    source: Annotated[str, Field(min_length=1)]
+
+
+class _DeviceModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: Annotated[str, Field(min_length=1)]
+    memory: str = "on-chip"
+    on_chip_bytes: _FigureModel
+    usable_fraction: _FigureModel = _FigureModel(value=1.0, kind="A", source="default: all of it")
+    on_chip_bandwidth: _FigureModel | None = None
+    off_chip_bytes: _FigureModel | None = None
+    off_chip_bandwidth: _FigureModel | None = None
+    fp16_flops: _FigureModel | None = None
+    fp8_flops: _FigureModel | None = None
+    link_bandwidth: _FigureModel | None = None

@@ -1,0 +1,288 @@
+"""The layer table: what every model source produces and every planner consumes (DESIGN.md, "Layer table").
+
+Layers are numbered 0..n-1 in execution order; sizes are exact integer bytes for one batch, sequence and phase.
+Files are validated here, at the edge, so everything past :func:`LayerTable.read` can trust its input.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cachefit._files import atomic_write_text, describe_validation_error, read_json_object
+from cachefit.units import INT64_MAX
+
+__all__ = ["CSV_COLUMNS", "SCHEMA", "Layer", "LayerTable", "Phase", "SharedTensor"]
+
+SCHEMA = "cachefit.layers/v1"
+CSV_COLUMNS = ("name", "weight_bytes", "activation_bytes", "workspace_bytes", "kv_cache_bytes", "flops")
+Phase = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True, slots=True)
+class SharedTensor:
+    """A weight this layer uses but an earlier layer (its first user, ``owner``) counts, e.g. a tied embedding.
+
+    A partition that holds this layer but not the owner must hold the tensor too; the memory models add it there.
+    """
+
+    tensor: str
+    owner: str
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    name: str
+    weight_bytes: int
+    activation_bytes: int
+    workspace_bytes: int
+    kv_cache_bytes: int = 0
+    flops: float = 0.0
+    modules: tuple[str, ...] = ()
+    shared: tuple[SharedTensor, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LayerTable:
+    name: str
+    layers: tuple[Layer, ...]
+    input_bytes: int = 0
+    dtype: str | None = None
+    batch: int | None = None
+    seq: int | None = None
+    phase: Phase | None = None
+    spec: Mapping[str, Any] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_table(self)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON: the identity of the model a plan was made for."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        document: dict[str, Any] = {
+            "schema": SCHEMA, "name": self.name, "dtype": self.dtype, "batch": self.batch, "seq": self.seq,
+            "phase": self.phase, "input_bytes": self.input_bytes, "layers": [_layer_dict(x) for x in self.layers],
+        }
+        if self.spec is not None:
+            document["spec"] = dict(self.spec)
+        return document
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+    def to_csv(self) -> str:
+        """DESIGN.md's CSV columns. ``modules`` lists are left out (planning does not need them); shared tensors
+        change footprints, so a table with them is refused rather than written wrong."""
+        if any(layer.shared for layer in self.layers):
+            raise ValueError(f"layer table {self.name!r} has shared tensors (tied weights), which CSV cannot hold; "
+                             "write it as JSON")
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for x in self.layers:
+            writer.writerow([x.name, x.weight_bytes, x.activation_bytes, x.workspace_bytes, x.kv_cache_bytes,
+                             _format_flops(x.flops)])
+        return out.getvalue()
+
+    def write(self, path: str | Path) -> None:
+        """Write JSON, or CSV when ``path`` ends in ``.csv``; whole or not at all."""
+        text = self.to_csv() if str(path).lower().endswith(".csv") else self.to_json()
+        atomic_write_text(path, text)
+
+    @classmethod
+    def read(cls, path: str | Path, input_bytes: int | None = None) -> LayerTable:
+        """Read a ``.json`` or ``.csv`` layer table; ``input_bytes`` is for CSV, which cannot carry it."""
+        path = Path(path)
+        if path.suffix.lower() == ".csv":
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as error:
+                raise ValueError(f"cannot read layer table {path}: {error.strerror or error}") from error
+            return cls.from_csv(text, name=path.stem, input_bytes=input_bytes or 0, source=str(path))
+        if input_bytes is not None:
+            raise ValueError(f"--input-bytes is for CSV layer tables; {path} is JSON and carries its own input_bytes")
+        return cls.from_dict(read_json_object(path, "layer table"), source=str(path))
+
+    @classmethod
+    def from_dict(cls, document: Mapping[str, Any], source: str = "layer table") -> LayerTable:
+        try:
+            model = _TableModel.model_validate(document)
+        except ValidationError as error:
+            raise ValueError(describe_validation_error(error, source)) from error
+        layers = tuple(
+            Layer(name=x.name, weight_bytes=x.weight_bytes, activation_bytes=x.activation_bytes,
+                  workspace_bytes=x.workspace_bytes, kv_cache_bytes=x.kv_cache_bytes, flops=float(x.flops),
+                  modules=tuple(x.modules),
+                  shared=tuple(SharedTensor(s.tensor, s.owner, s.bytes) for s in x.shared))
+            for x in model.layers
+        )
+        try:
+            return cls(name=model.name, layers=layers, input_bytes=model.input_bytes, dtype=model.dtype,
+                       batch=model.batch, seq=model.seq, phase=model.phase, spec=model.spec)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from error
+
+    @classmethod
+    def from_csv(cls, text: str, name: str, input_bytes: int = 0, source: str = "CSV") -> LayerTable:
+        rows = list(csv.reader(io.StringIO(text)))
+        if not rows:
+            raise ValueError(f"{source}: empty file; expected the header {','.join(CSV_COLUMNS)}")
+        header = [column.strip() for column in rows[0]]
+        _check_csv_header(header, source)
+        layers = [_csv_layer(dict(zip(header, row)), len(row), len(header), line, source)
+                  for line, row in enumerate(rows[1:], start=2) if any(cell.strip() for cell in row)]
+        try:
+            return cls(name=name, layers=tuple(layers), input_bytes=input_bytes)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from error
+
+
+def _layer_dict(layer: Layer) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "name": layer.name, "weight_bytes": layer.weight_bytes, "activation_bytes": layer.activation_bytes,
+        "workspace_bytes": layer.workspace_bytes, "kv_cache_bytes": layer.kv_cache_bytes, "flops": layer.flops,
+    }
+    if layer.modules:
+        document["modules"] = list(layer.modules)
+    if layer.shared:
+        document["shared"] = [{"tensor": s.tensor, "owner": s.owner, "bytes": s.bytes} for s in layer.shared]
+    return document
+
+
+def _check_table(table: LayerTable) -> None:
+    """Invariants every table keeps, whatever made it: unique names, owners earlier, totals within int64."""
+    if not table.layers:
+        raise ValueError("layers must list at least one layer")
+    index: dict[str, int] = {}
+    for position, layer in enumerate(table.layers):
+        if layer.name in index:
+            raise ValueError(f"layers[{position}].name {layer.name!r} repeats layers[{index[layer.name]}]; "
+                             "layer names must be unique")
+        index[layer.name] = position
+        for shared in layer.shared:
+            if index.get(shared.owner, position) >= position:
+                raise ValueError(f"layers[{position}].shared: owner {shared.owner!r} must be an earlier layer")
+    _check_owners_count_shared(table, index)
+    columns = [table.input_bytes]
+    for layer in table.layers:
+        columns += [layer.weight_bytes, layer.activation_bytes, layer.workspace_bytes, layer.kv_cache_bytes]
+        columns += [s.bytes for s in layer.shared]
+    if any(value < 0 for value in columns):
+        raise ValueError("byte sizes must be non-negative")
+    if sum(columns) > INT64_MAX:
+        raise ValueError(f"the table's sizes add up to {sum(columns)} bytes, beyond int64 (2**63-1); "
+                         "cachefit plans in exact 64-bit integers: split the model or use a smaller batch")
+
+
+def _check_owners_count_shared(table: LayerTable, index: dict[str, int]) -> None:
+    """The owner counts a shared tensor in its weight_bytes (so footprints grow with the partition)."""
+    owned: dict[str, dict[str, int]] = {}
+    for position, layer in enumerate(table.layers):
+        for shared in layer.shared:
+            size = owned.setdefault(shared.owner, {}).setdefault(shared.tensor, shared.bytes)
+            if size != shared.bytes:
+                raise ValueError(f"layers[{position}].shared: tensor {shared.tensor!r} of {shared.owner!r} is "
+                                 f"{shared.bytes} bytes here but {size} bytes in an earlier layer")
+    for owner, tensors in owned.items():
+        owner_layer = table.layers[index[owner]]
+        if sum(tensors.values()) > owner_layer.weight_bytes:
+            raise ValueError(f"layers[{index[owner]}] ({owner!r}) shares {sum(tensors.values())} bytes of tensors "
+                             f"but its weight_bytes is {owner_layer.weight_bytes}: the owner must count them")
+
+
+def _check_csv_header(header: list[str], source: str) -> None:
+    required = CSV_COLUMNS[:4]
+    missing = [column for column in required if column not in header]
+    unknown = [column for column in header if column not in CSV_COLUMNS]
+    if missing or unknown or len(set(header)) != len(header):
+        raise ValueError(f"{source}: header must be {','.join(CSV_COLUMNS)} (kv_cache_bytes and flops optional); "
+                         f"got {','.join(header)}")
+
+
+_INTEGER = re.compile(r"^[0-9]+$")
+
+
+def _csv_layer(row: dict[str, str], width: int, expected: int, line: int, source: str) -> Layer:
+    where = f"{source} line {line}"
+    if width != expected:
+        raise ValueError(f"{where}: has {width} cells, the header has {expected}")
+
+    def integer(column: str) -> int:
+        text = row.get(column, "0").strip() or "0"
+        if not _INTEGER.match(text):
+            raise ValueError(f"{where}: {column} must be a non-negative integer, got {text!r}")
+        value = int(text)
+        if value > INT64_MAX:
+            raise ValueError(f"{where}: {column} must be at most 2**63-1 bytes, got {text}")
+        return value
+
+    flops_text = row.get("flops", "0").strip() or "0"
+    try:
+        flops = float(flops_text)
+    except ValueError:
+        flops = -1.0
+    if not (flops >= 0 and math.isfinite(flops)):
+        raise ValueError(f"{where}: flops must be a non-negative number, got {flops_text!r}")
+    name = row["name"].strip()
+    if not name:
+        raise ValueError(f"{where}: name must not be empty")
+    return Layer(name=name, weight_bytes=integer("weight_bytes"), activation_bytes=integer("activation_bytes"),
+                 workspace_bytes=integer("workspace_bytes"), kv_cache_bytes=integer("kv_cache_bytes"), flops=flops)
+
+
+def _format_flops(flops: float) -> str:
+    return str(int(flops)) if flops.is_integer() else repr(flops)
+
+
+# --- the validated JSON shape (pydantic, strict: no float for an integer, no string for a number) ---
+Bytes = Annotated[int, Field(ge=0, le=INT64_MAX, strict=True)]
+
+
+class _SharedModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    tensor: Annotated[str, Field(min_length=1)]
+    owner: Annotated[str, Field(min_length=1)]
+    bytes: Bytes
+
+
+class _LayerModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Annotated[str, Field(min_length=1)]
+    weight_bytes: Bytes
+    activation_bytes: Bytes
+    workspace_bytes: Bytes
+    kv_cache_bytes: Bytes = 0
+    flops: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=False)] = 0.0
+    modules: Sequence[str] = ()
+    shared: Sequence[_SharedModel] = ()
+
+
+class _TableModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    schema_: Annotated[Literal["cachefit.layers/v1"], Field(alias="schema")]
+    name: Annotated[str, Field(min_length=1)]
+    dtype: str | None = None
+    batch: Annotated[int, Field(ge=1)] | None = None
+    seq: Annotated[int, Field(ge=1)] | None = None
+    phase: Phase | None = None
+    input_bytes: Bytes = 0
+    layers: Annotated[Sequence[_LayerModel], Field(min_length=1)]
+    spec: dict[str, Any] | None = None

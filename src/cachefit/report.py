@@ -1,0 +1,143 @@
+"""What people see: rich tables of layer tables, plans and devices, and the plan plot (matplotlib)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from rich.table import Table
+
+from cachefit.hardware import Device
+from cachefit.layers import LayerTable
+from cachefit.memory import breakdown, interval_cost
+from cachefit.plan import Plan
+from cachefit.units import format_size
+
+__all__ = ["devices_table", "layer_table", "plan_summary", "plan_table", "plot_plan"]
+
+KINDS = ("weights", "KV cache", "activations", "workspace")
+_COLORS = ("#4C72B0", "#8172B3", "#55A868", "#DD8452")
+
+
+def _flops(value: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f}"
+
+
+def layer_table(table: LayerTable, memory_model: str = "peak") -> Table:
+    cost = interval_cost(table, "peak" if memory_model == "peak" else "sum")
+    title = f"{table.name}: {len(table.layers)} layers" + "".join(
+        f", {label} {value}" for label, value in (("dtype", table.dtype), ("batch", table.batch),
+                                                   ("seq", table.seq), ("phase", table.phase)) if value is not None)
+    view = Table(title=title, caption=f"input {format_size(table.input_bytes)}; footprint alone: {memory_model} model")
+    for header in ("#", "layer", "weights", "activations", "workspace", "KV cache", "FLOPs", "footprint alone"):
+        view.add_column(header, justify="left" if header == "layer" else "right")
+    for index, layer in enumerate(table.layers):
+        view.add_row(str(index), layer.name, format_size(layer.weight_bytes), format_size(layer.activation_bytes),
+                     format_size(layer.workspace_bytes), format_size(layer.kv_cache_bytes), _flops(layer.flops),
+                     format_size(cost.footprint(index, index)))
+    view.add_section()
+    view.add_row("", "total", format_size(sum(x.weight_bytes for x in table.layers)), "", "",
+                 format_size(sum(x.kv_cache_bytes for x in table.layers)), _flops(sum(x.flops for x in table.layers)),
+                 format_size(cost.footprint(0, len(table.layers) - 1)) + " (one card)")
+    return view
+
+
+def plan_summary(plan: Plan) -> str:
+    where = plan.device["label"] if plan.device else "cards"
+    sizes = sorted(set(plan.capacity_bytes))
+    capacity = format_size(sizes[0]) if len(sizes) == 1 else ", ".join(format_size(c) for c in plan.capacity_bytes)
+    if not plan.feasible:
+        return (f"[bold red]No feasible plan[/] for {plan.model.name} on {where} of {capacity} "
+                f"({plan.memory_model} memory model, {plan.strategy}).")
+    proof = "proven optimal" if plan.optimal else "not optimised (greedy)"
+    return (f"[bold green]{plan.model.name}[/] on {plan.cards} x {where} of {capacity} ({plan.memory_model} "
+            f"memory model, {plan.strategy}): bottleneck {format_size(plan.bottleneck_bytes)} ({proof}); lower "
+            f"bound {format_size(plan.lower_bound_bytes)}")
+
+
+def plan_table(plan: Plan) -> Table:
+    view = Table(title=f"plan: {plan.model.name} ({plan.model.layers} layers)")
+    for header in ("card", "layers", "weights", "KV cache", "activations", "workspace", "footprint", "% of C"):
+        view.add_column(header, justify="left" if header == "layers" else "right")
+    for part in plan.partitions:
+        capacity = plan.capacity_bytes[part.card]
+        names = part.layers[0] if part.first == part.last else f"{part.layers[0]}..{part.layers[-1]}"
+        view.add_row(str(part.card), f"{part.first}-{part.last} {names}", format_size(part.weight_bytes),
+                     format_size(part.kv_cache_bytes), format_size(part.activation_bytes),
+                     format_size(part.workspace_bytes), format_size(part.footprint_bytes),
+                     f"{100 * part.footprint_bytes / capacity:.1f}%")
+    return view
+
+
+def devices_table(devices: Iterable[Device]) -> Table:
+    view = Table(title="device catalog", caption="V datasheet, M measured, 3P third party, A assumed, user: "
+                 "yours; sources: cachefit devices --format json")
+    for header in ("name", "device", "on-chip", "usable", "plan capacity", "on-chip BW", "off-chip BW",
+                   "FP16", "link"):
+        view.add_column(header, justify="left" if header in ("name", "device") else "right")
+    for device in devices:
+        view.add_row(device.name, f"{device.label} [{device.memory}]", _figure(device, "on_chip_bytes"),
+                     f"{device.usable_fraction:.0%} ({device.figures['usable_fraction'].kind})",
+                     format_size(device.capacity_bytes), _figure(device, "on_chip_bandwidth", "TB/s", 1e12),
+                     _figure(device, "off_chip_bandwidth", "TB/s", 1e12),
+                     _figure(device, "fp16_flops", "TFLOP/s", 1e12), _figure(device, "link_bandwidth", "GB/s", 1e9))
+    return view
+
+
+def _figure(device: Device, key: str, unit: str = "", scale: float = 1.0) -> str:
+    figure = device.figure(key)
+    if figure is None:
+        return "-"
+    value = format_size(figure.value) if not unit else f"{figure.value / scale:g} {unit}"
+    return f"{value} ({figure.kind})"
+
+
+def plot_plan(plan: Plan, table: LayerTable, path: str | Path) -> None:
+    """Stacked bars of each card's footprint by kind against its capacity; when nothing fits, each layer alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars, labels = _bars(plan, table)
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.35 * len(bars) + 3), 4.5))
+    positions = list(range(len(bars)))
+    bottoms = [0.0] * len(bars)
+    for kind, color in zip(KINDS, _COLORS):
+        heights = [bar[kind] / 2**20 for bar in bars]
+        axes.bar(positions, heights, bottom=bottoms, color=color, label=kind)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    capacities = list(plan.capacity_bytes) if plan.feasible else [plan.capacity_bytes[0]] * len(bars)
+    axes.step([p - 0.5 for p in positions] + [positions[-1] + 0.5],
+              [c / 2**20 for c in capacities] + [capacities[-1] / 2**20], where="post", color="black",
+              linestyle="--", label="capacity C")
+    axes.set_xticks(positions, labels, rotation=90 if len(bars) > 12 else 0, fontsize=8)
+    axes.set_ylabel("MiB")
+    if max(bottoms) > 20 * max(capacities) / 2**20:
+        # Far over capacity (the seed on an H100): a linear axis would hide the capacity line at the bottom.
+        axes.set_yscale("log", nonpositive="clip")
+        axes.set_ylabel("MiB (log scale)")
+    axes.annotate(f"C = {format_size(capacities[0])}", (positions[0] - 0.45, capacities[0] / 2**20),
+                  textcoords="offset points", xytext=(0, 3), fontsize=8)
+    state = "per card" if plan.feasible else "no feasible plan: each layer alone"
+    axes.set_title(f"{plan.model.name}: {state} ({plan.memory_model} model)")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(str(path), dpi=120)
+    plt.close(figure)
+
+
+def _bars(plan: Plan, table: LayerTable) -> tuple[list[dict[str, int]], list[str]]:
+    if plan.feasible:
+        bars = [{"weights": p.weight_bytes, "KV cache": p.kv_cache_bytes, "activations": p.activation_bytes,
+                 "workspace": p.workspace_bytes} for p in plan.partitions]
+        return bars, [f"card {p.card}" for p in plan.partitions]
+    bars = []
+    for index in range(len(table.layers)):
+        parts = breakdown(table, plan.memory_model, index, index)
+        bars.append({"weights": parts.weight_bytes, "KV cache": parts.kv_cache_bytes,
+                     "activations": parts.activation_bytes, "workspace": parts.workspace_bytes})
+    return bars, [layer.name for layer in table.layers]

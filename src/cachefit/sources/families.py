@@ -1,0 +1,192 @@
+"""Analytical model families: per-layer bytes and FLOPs of decoder-only transformers, in closed form.
+
+Notation: b batch, s sequence (context) length, q tokens per sequence in this pass (s in prefill, 1 in decode),
+T = b*q tokens, d hidden size, h heads, h_kv KV heads, e head dim, f MLP hidden size, V vocab, p bytes per element.
+
+- Weights: the projections' matrices (Vaswani et al. 2017, sec. 3; Llama: Touvron et al. 2023, GQA: Ainslie et
+  al. 2023, SwiGLU: Shazeer 2020, RMSNorm: Zhang & Sennrich 2019 -- one d-vector per norm).
+- Activation (a layer's output, the next layer's input): T*d*p.
+- Workspace: the largest transient tensor a layer materialises: naive attention's score matrix b*h*q*s*p
+  (softmax in place), FlashAttention's one key block of 128 at a time, b*h*q*min(s,128)*p (Dao et al. 2022,
+  Alg. 1), or the MLP hidden T*f*p (SwiGLU holds gate and up together: 2*T*f*p). Real modules are measured
+  instead (profiling of torch modules).
+- KV cache (decode): keys and values of s tokens, 2*b*s*h_kv*e*p (Pope et al. 2022, "Efficiently Scaling
+  Transformer Inference", sec. 2).
+- FLOPs: 2 per multiply-add of every matmul, 2*T*(matmul parameters) (Kaplan et al. 2020, sec. 2.1), plus
+  attention's QK^T and PV, 4*b*h*q*s*e, counted in full as a naive implementation computes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from cachefit.layers import Layer, LayerTable, Phase, SharedTensor
+
+__all__ = [
+    "DTYPE_BYTES",
+    "Attention",
+    "DenseSpec",
+    "LlamaSpec",
+    "Workload",
+    "dense_table",
+    "dtype_bytes",
+    "llama_table",
+]
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp8": "float8_e4m3fn"}
+Attention = Literal["naive", "flash"]
+FLASH_KEY_BLOCK = 128
+TOKEN_ID_BYTES = 8   # token ids enter the embedding as int64
+
+
+def dtype_bytes(dtype: str) -> tuple[str, int]:
+    """Canonical name and bytes per element of ``dtype`` (``fp16`` -> ``('float16', 2)``)."""
+    name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)} (or fp32, fp16, bf16, fp8), got {dtype!r}")
+    return name, DTYPE_BYTES[name]
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    batch: int = 1
+    seq: int = 2048
+    phase: Phase = "decode"
+    dtype: str = "float16"
+    attention: Attention = "naive"
+
+    def __post_init__(self) -> None:
+        for field_name in ("batch", "seq"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field_name} must be a positive integer, got {value!r}")
+        if self.phase not in ("prefill", "decode"):
+            raise ValueError(f"phase must be 'prefill' or 'decode', got {self.phase!r}")
+        if self.attention not in ("naive", "flash"):
+            raise ValueError(f"attention must be 'naive' or 'flash', got {self.attention!r}")
+        dtype_bytes(self.dtype)
+
+    @property
+    def new_tokens(self) -> int:
+        """q: tokens per sequence this pass computes."""
+        return self.seq if self.phase == "prefill" else 1
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.new_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class DenseSpec:
+    """The seed's dense network: attention (fused QKV, output) and a 2-matrix MLP, no norms or biases; with
+    ``vocab`` > 0, an embedding layer first and a head last."""
+
+    name: str
+    layers: int
+    heads: int
+    head_dim: int
+    mlp_hidden: int
+    hidden: int = 0            # 0: heads * head_dim
+    vocab: int = 0
+    tie_embeddings: bool = False
+
+    @property
+    def model_dim(self) -> int:
+        return self.hidden or self.heads * self.head_dim
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaSpec:
+    """Llama-style decoder: GQA attention, SwiGLU MLP, RMSNorm, embedding and head (tied or not)."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn_hidden: int
+    vocab: int
+    head_dim: int = 0          # 0: hidden // heads
+    tie_embeddings: bool = False
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+
+def _attention_transient(work: Workload, heads: int, p: int) -> int:
+    keys = work.seq if work.attention == "naive" else min(work.seq, FLASH_KEY_BLOCK)
+    return work.batch * heads * work.new_tokens * keys * p
+
+
+def _attention_flops(work: Workload, heads: int, head_dim: int) -> int:
+    return 4 * work.batch * heads * work.new_tokens * work.seq * head_dim
+
+
+def _kv_cache(work: Workload, kv_width: int, p: int) -> int:
+    return 2 * work.batch * work.seq * kv_width * p if work.phase == "decode" else 0
+
+
+def _embedding(name: str, vocab: int, d: int, work: Workload, p: int, modules: tuple[str, ...]) -> Layer:
+    return Layer(name, vocab * d * p, work.tokens * d * p, 0, 0, 0.0, modules)
+
+
+def _head(vocab: int, d: int, norm_params: int, tied: bool, work: Workload, p: int,
+          modules: tuple[str, ...], embed_name: str, embed_tensor: str) -> Layer:
+    """The final norm and the LM head; logits only for each sequence's last position (what generation needs)."""
+    own = norm_params + (0 if tied else vocab * d)
+    shared = (SharedTensor(embed_tensor, embed_name, vocab * d * p),) if tied else ()
+    return Layer("head", own * p, work.batch * vocab * p, 0, 0, float(2 * work.batch * d * vocab), modules, shared)
+
+
+def _check_dims(spec: DenseSpec | LlamaSpec, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{spec.name}: {name} must be a positive integer, got {value!r}")
+
+
+def dense_table(spec: DenseSpec, work: Workload) -> LayerTable:
+    _check_dims(spec, ("layers", "heads", "head_dim", "mlp_hidden"))
+    dtype, p = dtype_bytes(work.dtype)
+    d, width, f, tokens = spec.model_dim, spec.heads * spec.head_dim, spec.mlp_hidden, work.tokens
+    matmul_params = 4 * d * width + 2 * d * f
+    block = [Layer(f"layers.{index}", matmul_params * p, tokens * d * p,
+                   max(_attention_transient(work, spec.heads, p), tokens * f * p), _kv_cache(work, width, p),
+                   float(2 * tokens * matmul_params + _attention_flops(work, spec.heads, spec.head_dim)),
+                   (f"layers.{index}",)) for index in range(spec.layers)]
+    if not spec.vocab:
+        return _table(spec, work, dtype, block, tokens * d * p, "dense")
+    layers = [_embedding("embed", spec.vocab, d, work, p, ("embed",)), *block,
+              _head(spec.vocab, d, 0, spec.tie_embeddings, work, p, ("head",), "embed", "embed.weight")]
+    return _table(spec, work, dtype, layers, tokens * TOKEN_ID_BYTES, "dense")
+
+
+def llama_table(spec: LlamaSpec, work: Workload) -> LayerTable:
+    _check_dims(spec, ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab"))
+    if spec.heads % spec.kv_heads:
+        raise ValueError(f"{spec.name}: heads ({spec.heads}) must be a multiple of kv_heads ({spec.kv_heads})")
+    if not spec.head_dim and spec.hidden % spec.heads:
+        raise ValueError(f"{spec.name}: hidden ({spec.hidden}) must be a multiple of heads ({spec.heads}), "
+                         "or give head_dim")
+    dtype, p = dtype_bytes(work.dtype)
+    d, e, f, tokens = spec.hidden, spec.dim_per_head, spec.ffn_hidden, work.tokens
+    matmul_params = d * spec.heads * e + 2 * d * spec.kv_heads * e + spec.heads * e * d + 3 * d * f
+    block = [Layer(f"layers.{index}", (matmul_params + 2 * d) * p, tokens * d * p,
+                   max(_attention_transient(work, spec.heads, p), 2 * tokens * f * p),
+                   _kv_cache(work, spec.kv_heads * e, p),
+                   float(2 * tokens * matmul_params + _attention_flops(work, spec.heads, e)),
+                   (f"model.layers.{index}",)) for index in range(spec.layers)]
+    layers = [_embedding("embed", spec.vocab, d, work, p, ("model.embed_tokens",)), *block,
+              _head(spec.vocab, d, d, spec.tie_embeddings, work, p, ("model.norm", "lm_head"), "embed",
+                    "model.embed_tokens.weight")]
+    return _table(spec, work, dtype, layers, tokens * TOKEN_ID_BYTES, "llama")
+
+
+def _table(spec: DenseSpec | LlamaSpec, work: Workload, dtype: str, layers: list[Layer], input_bytes: int,
+           family: str) -> LayerTable:
+    record = {"family": family, **asdict(spec), "attention": work.attention}
+    return LayerTable(name=spec.name, layers=tuple(layers), input_bytes=input_bytes, dtype=dtype,
+                      batch=work.batch, seq=work.seq, phase=work.phase, spec=record)

@@ -1,0 +1,115 @@
+"""The CLI, in-process: outputs, exit codes (0 / 2 bad input / 3 infeasible), files, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cachefit.cli import cli
+from cachefit.layers import LayerTable
+from cachefit.plan import Plan
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_profile_json_round_trips_into_plan(tmp_path: Path) -> None:
+    code, stdout, _ = run("profile", "tiny-llama", "--format", "json", "-o", str(tmp_path / "t.json"))
+    assert code == 0
+    table = LayerTable.from_dict(json.loads(stdout))
+    assert LayerTable.read(tmp_path / "t.json") == table
+    code, stdout, _ = run("plan", str(tmp_path / "t.json"), "--capacity", "1MiB", "--format", "json")
+    assert code == 0 and json.loads(stdout)["model"]["fingerprint"] == table.fingerprint
+
+
+def test_profile_csv_and_table(tmp_path: Path) -> None:
+    code, stdout, _ = run("profile", "seed-dense16", "--batch", "1", "--format", "csv")
+    assert code == 0 and stdout.splitlines()[1].startswith("layers.0,1610612736,16384,320000,327680000,")
+    (tmp_path / "t.csv").write_text(stdout)
+    code, stdout, _ = run("plan", str(tmp_path / "t.csv"), "--input-bytes", "16384", "--capacity", "2GB",
+                          "--format", "json")
+    assert code == 0 and json.loads(stdout)["cards"] == 16
+    code, stdout, _ = run("profile", "tiny-llama")
+    assert code == 0 and "layers.0" in stdout and "709.0 KiB" in stdout
+
+
+def test_plan_table_json_file_and_plot(tmp_path: Path) -> None:
+    out, png = tmp_path / "plan.json", tmp_path / "plan.png"
+    code, stdout, _ = run("plan", "llama-3-8b", "--device", "dmatrix-corsair", "-o", str(out),
+                               "--plot", str(png))
+    assert code == 0 and "proven optimal" in stdout and "card" in stdout
+    plan = Plan.read(out)
+    assert plan.feasible and plan.cards == 9 and plan.device and plan.device["name"] == "dmatrix-corsair"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_infeasible_plan_exits_3_and_still_prints_json(tmp_path: Path) -> None:
+    code, stdout, _ = run("plan", "seed-dense16", "--device", "h100", "--format", "json", "-o",
+                          str(tmp_path / "p.json"))
+    assert code == 3
+    document = json.loads(stdout)                      # stdout holds only the JSON
+    assert document["feasible"] is False and document["diagnosis"]
+    assert Plan.read(tmp_path / "p.json").feasible is False
+    code, stdout, _ = run("plan", "seed-dense16", "--device", "h100")
+    assert code == 3 and "No feasible plan" in stdout and "41 cards" in stdout
+
+
+@pytest.mark.parametrize("args", [
+    ("plan", "tiny-llama", "--capacity", "50 parsecs"),
+    ("plan", "tiny-llama"),
+    ("plan", "tiny-llama", "--capacity", "1MiB", "--device", "h100"),
+    ("plan", "tiny-llama", "--device", "h1000"),
+    ("plan", "tiny-llama", "--capacity", "1MiB", "--cards", "99"),
+    ("plan", "nonexistent.json", "--capacity", "1MiB"),
+    ("profile", "no-such-preset"),
+    ("profile", "tiny-llama", "--dtype", "float13"),
+    ("devices", "--devices-file", "/nonexistent/devices.toml"),
+])
+def test_bad_input_is_one_line_and_exit_2(args: tuple[str, ...]) -> None:
+    code, stdout, stderr = run(*args)
+    assert code == 2
+    assert "Traceback" not in stderr and stdout == ""
+    assert len(stderr.strip().splitlines()) == 1 and "error" in stderr.lower()
+
+
+def test_no_half_written_file_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "nested" / "plan.json"
+    code, _, stderr = run("plan", "tiny-llama", "--capacity", "1MiB", "-o", str(target))
+    assert code == 2 and "does not exist" in stderr
+    assert not target.parent.exists()
+    existing = tmp_path / "plan.json"
+    existing.write_text("old")
+    code, _, _ = run("plan", "tiny-llama", "--capacity", "nonsense", "-o", str(existing))
+    assert code == 2 and existing.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [existing]
+
+
+def test_devices_table_and_json() -> None:
+    code, stdout, _ = run("devices")
+    assert code == 0 and "h100" in stdout and "groq-lpu" in stdout
+    code, stdout, _ = run("devices", "--format", "json")
+    document = json.loads(stdout)
+    assert document["h100"]["capacity_bytes"] == 39_321_600
+    assert document["h100"]["usable_fraction"]["kind"] == "A"
+
+
+@pytest.mark.parametrize("verb", ["devices", "profile", "plan", "demo"])
+def test_help_shows_an_example(verb: str) -> None:
+    code, stdout, _ = run(verb, "--help")
+    assert code == 0 and "Example" in stdout and f"cachefit {verb}" in stdout
+
+
+def test_demo_writes_plans_and_plots(tmp_path: Path) -> None:
+    code, stdout, _ = run("demo", "--out-dir", str(tmp_path))
+    assert code == 0
+    assert "30.7x an H100's whole L2" in stdout
+    written = sorted(path.name for path in tmp_path.iterdir())
+    assert "seed-dense16-h100.json" in written and "llama-3-8b-dmatrix-corsair.png" in written
+    assert Plan.read(tmp_path / "seed-dense16-dmatrix-corsair-batch1.json").cards == 16

@@ -1,0 +1,105 @@
+"""The analytical families, checked against numbers worked out by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cachefit.sources import load_model, presets
+
+
+def test_seed_network_matches_the_design_example() -> None:
+    # d = 16 heads x 512 = 8192, MLP 32768, fp16 (2 bytes), decode, batch 1, context 10000.
+    table = load_model("seed-dense16", batch=1, seq=10000, phase="decode")
+    layer = table.layers[0]
+    assert len(table.layers) == 16
+    assert layer.weight_bytes == (4 * 8192 * 8192 + 2 * 8192 * 32768) * 2 == 1_610_612_736
+    assert layer.activation_bytes == 1 * 8192 * 2 == 16384 == table.input_bytes
+    assert layer.workspace_bytes == 16 * 1 * 10000 * 2 == 320_000       # naive scores: b*h*q*s*p
+    assert layer.kv_cache_bytes == 2 * 1 * 10000 * 8192 * 2 == 327_680_000
+    assert layer.flops == 2 * 805_306_368 + 4 * 16 * 10000 * 512 == pytest.approx(1.94e9, rel=1e-3)
+
+
+def test_seed_defaults_are_the_seeds_configuration() -> None:
+    table = load_model("seed-dense16")
+    assert (table.batch, table.seq, table.phase, table.dtype) == (1024, 10000, "decode", "float16")
+    prefill = load_model("seed-dense16", phase="prefill")
+    # 1024 x 10000 tokens x 8192 x 2 bytes: the 168 GB per layer the seed's prefill activations need.
+    assert prefill.layers[0].activation_bytes == 1024 * 10000 * 8192 * 2 == 167_772_160_000
+    assert prefill.layers[0].kv_cache_bytes == 0
+
+
+def test_llama_3_8b_has_8_03_billion_parameters() -> None:
+    table = load_model("llama-3-8b")
+    params = sum(layer.weight_bytes for layer in table.layers) // 2
+    assert params == 8_030_261_248                     # Meta's published 8.03B
+    assert [table.layers[0].name, table.layers[-1].name] == ["embed", "head"]
+
+
+def test_tiny_llama_layer_by_hand() -> None:
+    # hidden 128, 4 heads (e = 32), 2 KV heads, FFN 344, fp32, decode, batch 2, context 64.
+    table = load_model("tiny-llama")
+    layer = table.layers[1]
+    params = 128 * 128 + 2 * 128 * 64 + 128 * 128 + 3 * 128 * 344 + 2 * 128   # q, k+v, o, SwiGLU, 2 RMSNorms
+    assert layer.weight_bytes == params * 4
+    assert layer.kv_cache_bytes == 2 * 2 * 64 * 2 * 32 * 4
+    assert layer.workspace_bytes == max(2 * 4 * 1 * 64 * 4, 2 * 2 * 344 * 4)   # scores vs gate+up
+    head = table.layers[-1]
+    assert head.weight_bytes == 128 * 4                                           # tied: only the final norm
+    assert head.shared[0].owner == "embed" and head.shared[0].bytes == 512 * 128 * 4
+
+
+def test_flash_keeps_a_tile_and_prefill_has_no_kv_cache() -> None:
+    naive = load_model("llama-3-8b", seq=8192, phase="prefill", attention="naive").layers[1]
+    flash = load_model("llama-3-8b", seq=8192, phase="prefill", attention="flash").layers[1]
+    assert naive.workspace_bytes == 1 * 32 * 8192 * 8192 * 2
+    assert flash.workspace_bytes == max(1 * 32 * 8192 * 128 * 2, 2 * 8192 * 14336 * 2)
+    assert naive.kv_cache_bytes == 0
+
+
+def test_every_preset_loads() -> None:
+    assert {"seed-dense16", "tiny-llama", "tiny-dense4", "llama-3-8b", "llama-3-70b"} <= set(presets())
+    for name in presets():
+        assert len(load_model(name).layers) >= 4
+
+
+def test_spec_files(tmp_path: Path) -> None:
+    spec = tmp_path / "m.toml"
+    spec.write_text('family = "dense"\nname = "m"\nlayers = 2\nheads = 2\nhead_dim = 4\nmlp_hidden = 16\n'
+                    '[workload]\nbatch = 3\n')
+    table = load_model(spec)
+    assert table.batch == 3 and len(table.layers) == 2
+    assert load_model(spec, batch=5).batch == 5
+    spec.write_text('family = "llama"\nname = "m"\nlayers = 2\nhidden = 10\nheads = 3\nkv_heads = 1\n'
+                    'ffn_hidden = 8\nvocab = 4\n')
+    with pytest.raises(ValueError, match=r"hidden \(10\) must be a multiple of heads \(3\)"):
+        load_model(spec)
+    spec.write_text('family = "dense"\nname = "m"\nlayers = 0\nheads = 2\nhead_dim = 4\nmlp_hidden = 16\n')
+    with pytest.raises(ValueError, match="layers"):
+        load_model(spec)
+    spec.write_text('family = "conv"\n')
+    with pytest.raises(ValueError, match="family must be 'dense' or 'llama'"):
+        load_model(spec)
+
+
+@pytest.mark.parametrize(("model", "options", "message"), [
+    ("seed-dense16", {"dtype": "float13"}, "dtype must be one of"),
+    ("seed-dense16", {"batch": 0}, "batch must be a positive integer"),
+    ("no-such-model", {}, "not a file, nor a preset"),
+    ("pkg.module:factory", {}, "not available in this version"),
+])
+def test_bad_model_arguments(model: str, options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_model(model, **options)
+
+
+def test_options_do_not_apply_to_fixed_tables(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    load_model("tiny-llama").write(path)
+    with pytest.raises(ValueError, match=r"--batch: layer table .* has fixed sizes"):
+        load_model(path, batch=2)
+    hf = tmp_path / "config.json"
+    hf.write_text('{"model_type": "llama", "hidden_size": 8}')
+    with pytest.raises(ValueError, match="Hugging Face configs are not supported"):
+        load_model(hf)

@@ -1,0 +1,111 @@
+"""Layer tables: JSON and CSV round trips, and validation that names every bad field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+
+from cachefit.layers import Layer, LayerTable, SharedTensor
+
+from strategies import tables
+
+
+def document(**layer_fields: object) -> dict[str, object]:
+    layer = {"name": "a", "weight_bytes": 1, "activation_bytes": 2, "workspace_bytes": 3, **layer_fields}
+    return {"schema": "cachefit.layers/v1", "name": "m", "layers": [layer]}
+
+
+@given(tables())
+def test_json_round_trip(table: LayerTable) -> None:
+    again = LayerTable.from_dict(json.loads(table.to_json()))
+    assert again == table and again.fingerprint == table.fingerprint
+
+
+@given(tables(shared=False))
+def test_csv_round_trip(table: LayerTable) -> None:
+    again = LayerTable.from_csv(table.to_csv(), name=table.name, input_bytes=table.input_bytes)
+    assert again == table
+
+
+def test_files_round_trip(tmp_path: Path) -> None:
+    table = LayerTable("t", (Layer("a", 1, 2, 3, 4, 5.5), Layer("b", 6, 7, 8, 0, 1e12)), input_bytes=9,
+                       dtype="float16", batch=2, seq=3, phase="decode")
+    table.write(tmp_path / "t.json")
+    table.write(tmp_path / "t.csv")
+    assert LayerTable.read(tmp_path / "t.json") == table
+    from_csv = LayerTable.read(tmp_path / "t.csv", input_bytes=9)
+    assert from_csv.layers == table.layers and from_csv.input_bytes == 9
+    assert (tmp_path / "t.csv").read_text().splitlines()[0] == (
+        "name,weight_bytes,activation_bytes,workspace_bytes,kv_cache_bytes,flops")
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (document(weight_bytes=-5), r"layers\[0\]\.weight_bytes must be a non-negative integer, got -5"),
+    (document(weight_bytes=1.5), r"layers\[0\]\.weight_bytes must be an integer, got 1\.5"),
+    (document(weight_bytes="7"), r"layers\[0\]\.weight_bytes must be an integer, got '7'"),
+    (document(weight_bytes=2**63), r"layers\[0\]\.weight_bytes must be at most 2\*\*63-1"),
+    (document(flops=-1), r"layers\[0\]\.flops must be >= 0"),
+    (document(colour="red"), r"layers\[0\]\.colour is not a known field"),
+    ({**document(), "schema": "cachefit.layers/v9"}, r"schema must be 'cachefit\.layers/v1'"),
+    ({**document(), "layers": []}, r"layers"),
+    ({"schema": "cachefit.layers/v1", "name": "m"}, r"layers is required"),
+])
+def test_bad_json_names_the_field(bad: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LayerTable.from_dict(bad, "model.json")
+
+
+def test_fourth_layer_error_names_its_index() -> None:
+    bad = document()
+    layers = bad["layers"] * 4  # type: ignore[operator]
+    layers = [dict(layer, name=f"l{i}") for i, layer in enumerate(layers)]
+    layers[3]["weight_bytes"] = -5
+    with pytest.raises(ValueError, match=r"^model\.json: layers\[3\]\.weight_bytes must be a non-negative integer"):
+        LayerTable.from_dict({**bad, "layers": layers}, "model.json")
+
+
+def test_sizes_beyond_int64_in_total_are_refused() -> None:
+    huge = [Layer(f"l{i}", 2**62, 0, 0) for i in range(2)]
+    with pytest.raises(ValueError, match="beyond int64"):
+        LayerTable("huge", tuple(huge))
+
+
+def test_duplicate_names_and_bad_owners_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"layers\[1\]\.name 'a' repeats layers\[0\]"):
+        LayerTable("dup", (Layer("a", 1, 1, 1), Layer("a", 1, 1, 1)))
+    with pytest.raises(ValueError, match="owner 'b' must be an earlier layer"):
+        LayerTable("own", (Layer("a", 1, 1, 1, shared=(SharedTensor("w", "b", 1),)), Layer("b", 1, 1, 1)))
+    with pytest.raises(ValueError, match="the owner must count them"):
+        LayerTable("own", (Layer("a", 1, 1, 1), Layer("b", 1, 1, 1, shared=(SharedTensor("w", "a", 5),))))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("name,weight_bytes\na,1\n", "header must be"),
+    ("name,weight_bytes,activation_bytes,workspace_bytes\na,1,2\n", "line 2: has 3 cells"),
+    ("name,weight_bytes,activation_bytes,workspace_bytes\na,-5,2,3\n", "line 2: weight_bytes must be a non-neg"),
+    ("name,weight_bytes,activation_bytes,workspace_bytes\na,1.5,2,3\n", "weight_bytes must be a non-negative int"),
+    (f"name,weight_bytes,activation_bytes,workspace_bytes\na,{2**63},2,3\n", "at most 2\\*\\*63-1"),
+    ("name,weight_bytes,activation_bytes,workspace_bytes,kv_cache_bytes,flops\na,1,2,3,4,nan\n", "flops must be"),
+    ("", "empty file"),
+])
+def test_bad_csv_names_line_and_column(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LayerTable.from_csv(text, "m", source="layers.csv")
+
+
+def test_csv_cannot_hold_shared_tensors() -> None:
+    table = LayerTable("t", (Layer("a", 4, 1, 1), Layer("b", 1, 1, 1, shared=(SharedTensor("w", "a", 4),))))
+    with pytest.raises(ValueError, match="write it as JSON"):
+        table.to_csv()
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot read layer table"):
+        LayerTable.read(tmp_path / "missing.csv")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        LayerTable.read(broken)

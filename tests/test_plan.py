@@ -1,0 +1,124 @@
+"""make_plan: feasibility first, exact plans, diagnoses with numbers, and the plan file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cachefit
+from cachefit.layers import Layer, LayerTable
+from cachefit.plan import Plan, make_plan
+
+import reference
+from strategies import tables
+
+# Four layers (bytes): W = 30, 30, 30, 30; A = 2 each; B = 1 each; input 2.
+# peak, one layer: 30 + (2 + 2 + 1) = 35; two layers: 60 + 5 = 65; four: 120 + 5 = 125.
+FOUR = LayerTable("four", tuple(Layer(f"l{i}", 30, 2, 1) for i in range(4)), input_bytes=2)
+
+
+def test_fewest_cards_then_balanced() -> None:
+    plan = make_plan(FOUR, [70])                       # two layers (65) fit, three (95) do not
+    assert plan.feasible and plan.cards == 2 and plan.optimal
+    assert [(p.first, p.last, p.footprint_bytes) for p in plan.partitions] == [(0, 1, 65), (2, 3, 65)]
+    assert plan.bottleneck_bytes == 65 and plan.lower_bound_bytes == 65   # ceil(120/2) + 5
+    part = plan.partitions[0]
+    assert (part.weight_bytes, part.activation_bytes, part.workspace_bytes, part.kv_cache_bytes) == (60, 4, 1, 0)
+
+
+def test_greedy_front_fills_and_balanced_spreads() -> None:
+    # sum model: each layer 30 + 2 + 1 = 33. Capacity 100 holds three (99). On exactly 2 cards greedy fills the
+    # first card (3 layers, 99) and leaves one (33); balanced splits 2 + 2 (66 each).
+    greedy = make_plan(FOUR, [100], cards=2, memory_model="sum", strategy="greedy")
+    balanced = make_plan(FOUR, [100], cards=2, memory_model="sum")
+    assert [p.footprint_bytes for p in greedy.partitions] == [99, 33] and not greedy.optimal
+    assert [p.footprint_bytes for p in balanced.partitions] == [66, 66]
+
+
+def test_a_layer_over_capacity_is_diagnosed_with_numbers() -> None:
+    plan = make_plan(FOUR, [34])
+    assert not plan.feasible and plan.partitions == ()
+    text = "\n".join(plan.diagnosis)
+    assert "layer 0 (l0) needs 35 B" in text and "over by 1 B" in text
+    assert "weights 85.7%" in text                     # 30 of 35
+    assert "a card holding at least 35 B" in text
+
+
+def test_too_few_cards_says_how_many_are_needed() -> None:
+    plan = make_plan(FOUR, [70], cards=1)
+    assert not plan.feasible
+    assert "best split over 1 cards puts 125 B" in plan.diagnosis[0]
+    assert "use at least 2 cards" in plan.diagnosis[1]
+
+
+def test_seed_on_h100_does_not_fit_and_says_why() -> None:
+    plan = cachefit.plan("seed-dense16", device="h100")
+    assert not plan.feasible
+    text = "\n".join(plan.diagnosis)
+    assert "layer 0 (layers.0)" in text and "KV cache 99.4%" in text
+    assert "split the layer across at least 41 cards" in text      # 1.61 GB / 37.5 MiB usable = 40.96
+    decode_batch_1 = cachefit.plan("seed-dense16", device="h100", batch=1)
+    assert "weights alone (1.5 GiB) exceed the card" in "\n".join(decode_batch_1.diagnosis)
+
+
+def test_smaller_batch_is_suggested_when_weights_fit() -> None:
+    # Weights 10, activation 50 per batch-4 layer (input 50): peak = 10 + 50 + 50 + 0 = 110 > 60.
+    table = LayerTable("b", (Layer("l0", 10, 50, 0),), input_bytes=50, batch=4, seq=8)
+    text = "\n".join(make_plan(table, [60]).diagnosis)
+    assert "batch <= 2 (now 4)" in text                 # room 50 of 100 batch-scaled bytes
+
+
+def test_cards_of_different_sizes() -> None:
+    plan = make_plan(FOUR, [70, 35, 35])
+    assert plan.feasible and [p.footprint_bytes for p in plan.partitions] == [65, 35, 35]
+    assert plan.capacity_bytes == (70, 35, 35)
+    unused = make_plan(FOUR, [200, 35])
+    assert unused.cards == 1 and "not needed" in unused.diagnosis[0]
+    short = make_plan(FOUR, [35, 35, 35])
+    assert not short.feasible and "layers 3..3" in short.diagnosis[0]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"capacity_bytes": [0]}, "capacity must be one or more positive"),
+    ({"capacity_bytes": [10], "cards": 9}, r"cards \(9\) must not exceed the number of layers \(4\)"),
+    ({"capacity_bytes": [10, 20], "cards": 3}, r"cards \(3\) must match the 2 capacities"),
+    ({"capacity_bytes": [10], "strategy": "best"}, "strategy must be"),
+    ({"capacity_bytes": [10], "memory_model": "max"}, "memory_model must be"),
+])
+def test_bad_arguments_raise_with_the_value(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_plan(FOUR, **kwargs)  # type: ignore[arg-type]
+
+
+@given(tables(max_layers=6), st.sampled_from(["sum", "peak"]), st.integers(1, 120), st.booleans())
+def test_plans_are_consistent_and_round_trip(table: LayerTable, model: str, capacity: int, balanced: bool) -> None:
+    plan = make_plan(table, [capacity], memory_model=model, strategy="balanced" if balanced else "greedy")  # type: ignore[arg-type]
+    assert Plan.from_dict(json.loads(plan.to_json())) == plan
+    fewest = reference.fewest_cards(table, model, capacity)
+    assert plan.feasible == (fewest is not None)
+    if plan.feasible:
+        assert plan.cards == fewest
+        for part in plan.partitions:
+            assert part.footprint_bytes == reference.footprint(table, model, part.first, part.last)
+        if balanced:
+            assert plan.bottleneck_bytes == reference.best_bottleneck(table, model, plan.cards)
+
+
+def test_plan_files_are_validated(tmp_path: Path) -> None:
+    plan = make_plan(FOUR, [70])
+    plan.write(tmp_path / "plan.json")
+    assert Plan.read(tmp_path / "plan.json") == plan
+    document = plan.to_dict()
+    document["partitions"][1]["first"] = 3
+    with pytest.raises(ValueError, match=r"partitions\[1\] must be card 1 starting at layer 2"):
+        Plan.from_dict(document)
+    document = plan.to_dict()
+    document["partitions"][0]["footprint_bytes"] = 64
+    with pytest.raises(ValueError, match="must equal the sum of its parts"):
+        Plan.from_dict(document)
+    with pytest.raises(ValueError, match=r"schema must be 'cachefit\.plan/v1'"):
+        Plan.from_dict({**plan.to_dict(), "schema": "cachefit.plan/v0"})
