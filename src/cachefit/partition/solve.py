@@ -9,7 +9,7 @@ from fractions import Fraction
 import numpy as np
 
 from cachefit.memory import IntervalCost
-from cachefit.partition.probe import Probe, fill_exactly, greedy_probe
+from cachefit.partition.probe import Probe, common_cards, fill_exactly, greedy_probe
 
 __all__ = [
     "Solution",
@@ -35,10 +35,11 @@ class Solution:
 
 
 def single_layer_footprints(cost: IntervalCost) -> np.ndarray:
-    """F(l, l) for every layer l, vectorised."""
-    singles = cost.additive.copy()
-    if cost.transient is not None:
-        singles += cost.transient
+    """F(l, l) for every layer l, vectorised (read-only: it may be ``cost.additive`` itself)."""
+    singles = cost.additive if cost.transient is None else cost.additive + cost.transient
+    if not cost.shared:
+        return singles
+    singles = singles.copy()
     for use in cost.shared:
         singles[list(use.users)] += use.bytes
     return singles
@@ -89,14 +90,18 @@ def min_max(cost: IntervalCost, cards: int) -> Solution:
     low, high = lower_bound(cost, cards), _upper_bound(cost, cards)
     best: Probe | None = None
     probes = 0
+    below: Probe | None = None      # the probe at the largest limit that failed
     while best is None or low < high:
         limit = (low + high) // 2 if low < high else high
-        probe = greedy_probe(cost, limit, cards)
+        fixed = common_cards(below, best) if below is not None and best is not None else 0
+        probe = greedy_probe(cost, limit, cards, known=below, known_cards=fixed)
         probes += 1
         if probe.covered:
             best, high = probe, max(probe.footprints)
         else:
-            low = max(limit + 1, min(e for e in probe.extensions if e >= 0))
+            below, low = probe, max(limit + 1, min(e for e in probe.extensions if e >= 0))
+    if len(best.lasts) == cards:
+        return Solution(best.lasts, best.footprints, probes)
     lasts = fill_exactly(cost, high, cards)
     return Solution(lasts, _footprints(cost, lasts), probes)
 
