@@ -11,7 +11,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) --upgrade pip
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[dev,torch,hf]"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -38,6 +38,7 @@ class Partition:
     workspace_bytes: int
     kv_cache_bytes: int
     footprint_bytes: int
+    modules: tuple[str, ...] = ()   # module FQNs / checkpoint prefixes of its layers (for exports)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,8 @@ class Plan:
         document = {"schema": SCHEMA, **asdict(self)}
         document["capacity_bytes"] = list(self.capacity_bytes)
         document["model"] = asdict(self.model)
-        document["partitions"] = [{**asdict(p), "layers": list(p.layers)} for p in self.partitions]
+        document["partitions"] = [{**asdict(p), "layers": list(p.layers), "modules": list(p.modules)}
+                                  for p in self.partitions]
         document["diagnosis"] = list(self.diagnosis)
         return document
 
@@ -96,7 +98,8 @@ class Plan:
             model = _PlanModel.model_validate(document)
         except ValidationError as error:
             raise ValueError(describe_validation_error(error, source)) from error
-        partitions = tuple(Partition(**{**p.model_dump(), "layers": tuple(p.layers)}) for p in model.partitions)
+        partitions = tuple(Partition(**{**p.model_dump(), "layers": tuple(p.layers), "modules": tuple(p.modules)})
+                           for p in model.partitions)
         plan = cls(feasible=model.feasible, memory_model=model.memory_model, strategy=model.strategy,
                    capacity_bytes=tuple(model.capacity_bytes), cards=model.cards,
                    bottleneck_bytes=model.bottleneck_bytes, lower_bound_bytes=model.lower_bound_bytes,
@@ -179,9 +182,10 @@ def _feasible(table: LayerTable, base: dict[str, Any], capacities: tuple[int, ..
     first = 0
     for card, last in enumerate(solution.lasts):
         parts = breakdown(table, base["memory_model"], first, last)
-        partitions.append(Partition(card, first, last, tuple(x.name for x in table.layers[first:last + 1]),
-                                    parts.weight_bytes, parts.activation_bytes, parts.workspace_bytes,
-                                    parts.kv_cache_bytes, parts.footprint_bytes))
+        layers = table.layers[first:last + 1]
+        partitions.append(Partition(card, first, last, tuple(x.name for x in layers), parts.weight_bytes,
+                                    parts.activation_bytes, parts.workspace_bytes, parts.kv_cache_bytes,
+                                    parts.footprint_bytes, tuple(m for x in layers for m in (x.modules or (x.name,)))))
         first = last + 1
     return Plan(feasible=True, capacity_bytes=capacities, cards=len(partitions),
                 bottleneck_bytes=solution.bottleneck, lower_bound_bytes=lower_bound(cost, len(partitions)),
@@ -253,6 +257,7 @@ class _PartitionModel(BaseModel):
     workspace_bytes: _Bytes
     kv_cache_bytes: _Bytes
     footprint_bytes: _Bytes
+    modules: list[str] = []
 
 
 class _ModelInfoModel(BaseModel):

@@ -7,6 +7,7 @@ import click
 from cachefit import __version__
 from cachefit.cli.demo import demo_command
 from cachefit.cli.devices import devices_command
+from cachefit.cli.export import export_command
 from cachefit.cli.plan import plan_command
 from cachefit.cli.profile import profile_command
 
@@ -27,7 +28,7 @@ def cli() -> None:
     """
 
 
-for command in (devices_command, profile_command, plan_command, demo_command):
+for command in (devices_command, profile_command, plan_command, export_command, demo_command):
     cli.add_command(command)
 
 

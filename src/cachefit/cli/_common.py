@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
+from cachefit.sources import TorchOptions
+
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_INFEASIBLE = 0, 1, 2, 3
 
 # Rich falls back to 80 columns when output is not a terminal (pipes, CI logs); the plan tables need more.
@@ -53,6 +55,12 @@ def model_options(function: F) -> F:
                      help="naive keeps the score matrix as workspace; flash only a 128-key tile."),
         click.option("--input-bytes", type=click.IntRange(min=0),
                      help="For CSV layer tables: bytes of the activation entering layer 0."),
+        click.option("--measure", is_flag=True,
+                     help="Presets/specs: profile the reference torch module on meta instead of the closed form."),
+        click.option("--granularity", type=click.Choice(["block", "leaf"]), default="block", show_default=True,
+                     help="Torch/HF models: one layer per repeated block, or per leaf module."),
+        click.option("--input-shape", help="package.module:factory without example inputs: e.g. 1,128."),
+        click.option("--input-dtype", default="int64", show_default=True, help="dtype of --input-shape's tensor."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -61,7 +69,15 @@ def model_options(function: F) -> F:
 
 def model_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Pop the model options out of a verb's keyword arguments, as ``load_model`` takes them."""
-    return {key: kwargs.pop(key) for key in ("batch", "seq", "phase", "dtype", "attention", "input_bytes")}
+    arguments = {key: kwargs.pop(key) for key in ("batch", "seq", "phase", "dtype", "attention", "input_bytes")}
+    shape_text = kwargs.pop("input_shape")
+    try:
+        shape = tuple(int(part) for part in shape_text.split(",")) if shape_text else None
+    except ValueError:
+        raise ValueError(f"--input-shape must be integers joined by commas, e.g. 1,128; got {shape_text!r}") from None
+    arguments["torch_options"] = TorchOptions(granularity=kwargs.pop("granularity"), input_shape=shape,
+                                              input_dtype=kwargs.pop("input_dtype"), measure=kwargs.pop("measure"))
+    return arguments
 
 
 def emit_json(document: dict[str, Any]) -> None:

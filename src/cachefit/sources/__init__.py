@@ -1,13 +1,15 @@
 """Model sources: everything that turns a MODEL argument into a :class:`~cachefit.layers.LayerTable`.
 
-MODEL (DESIGN.md): a layer table (``.json``/``.csv``), a spec (``.toml``), or a bundled preset name.
+MODEL (DESIGN.md): a layer table (``.json``/``.csv``), a spec (``.toml``), a bundled preset name, a Hugging Face
+``config.json`` (or a folder holding one, or a bundled ``hf/NAME``), or ``package.module:factory``. The last three
+and ``measure=True`` need torch (and transformers for HF); they are imported only then.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -17,7 +19,7 @@ from cachefit.layers import LayerTable
 from cachefit.sources.families import Workload
 from cachefit.sources.spec import ModelSpec, build_table, parse_spec_text, read_spec
 
-__all__ = ["WORKLOAD_OPTIONS", "Preset", "load_model", "presets"]
+__all__ = ["WORKLOAD_OPTIONS", "Preset", "TorchOptions", "hf_preset_names", "load_model", "presets"]
 
 WORKLOAD_OPTIONS = ("batch", "seq", "phase", "dtype", "attention")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -31,6 +33,26 @@ class Preset:
     workload: Workload
 
 
+@dataclass(frozen=True, slots=True)
+class TorchOptions:
+    """How to profile a torch-backed source: layer granularity, factory inputs, and measuring specs' modules."""
+
+    granularity: str = "block"
+    input_shape: tuple[int, ...] | None = None
+    input_dtype: str = "int64"
+    measure: bool = False
+
+
+HF_WORKLOAD = Workload(batch=1, seq=4096, phase="decode", dtype="bfloat16")
+
+
+def hf_preset_names() -> list[str]:
+    """The bundled Hugging Face configs (``data/hf/*.json``), as MODEL names ``hf/NAME``."""
+    folder = resources.files("cachefit").joinpath("data/hf")
+    return sorted(f"hf/{entry.name.removesuffix('.json')}" for entry in folder.iterdir()
+                  if entry.name.endswith(".json"))
+
+
 @cache
 def presets() -> dict[str, Preset]:
     """The bundled presets by name (``data/presets/*.toml``)."""
@@ -42,9 +64,11 @@ def presets() -> dict[str, Preset]:
     return dict(sorted(found.items()))
 
 
-def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None, **workload: Any) -> LayerTable:
+def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None,
+               torch_options: TorchOptions | None = None, **workload: Any) -> LayerTable:
     """Any MODEL the CLI takes, as a layer table. ``workload``: batch, seq, phase, dtype, attention (None = the
     model's default); they apply to presets and specs, whose sizes depend on them, not to fixed layer tables."""
+    options = torch_options or TorchOptions()
     unknown = set(workload) - set(WORKLOAD_OPTIONS)
     if unknown:
         raise ValueError(f"unknown model option(s) {', '.join(sorted(unknown))}; known: {', '.join(WORKLOAD_OPTIONS)}")
@@ -55,27 +79,51 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     text = str(model)
     path = Path(text)
     suffix = path.suffix.lower()
-    if suffix in (".json", ".csv") or (path.is_dir() and (path / "config.json").exists()):
+    if (path.is_dir() and (path / "config.json").exists()) or _is_hf_config(path):
+        table: LayerTable = _torch().profile_hf(path, path.stem if path.is_file() else path.name,
+                                                replace(HF_WORKLOAD, **chosen), options.granularity)
+        return table
+    if suffix in (".json", ".csv"):
         return _load_table_file(path, input_bytes, chosen)
     if input_bytes is not None:
         raise ValueError("--input-bytes applies to CSV layer tables only")
     if suffix == ".toml":
         spec, work, _ = read_spec(path)
-        return build_table(spec, work, **chosen)
+        return _spec_table(spec, work, chosen, options)
     if text in presets():
         preset = presets()[text]
-        return build_table(preset.spec, preset.workload, **chosen)
+        return _spec_table(preset.spec, preset.workload, chosen, options)
+    if text in hf_preset_names():
+        from cachefit.sources.hf import hf_presets
+        table = _torch().profile_hf(hf_presets()[text], text, replace(HF_WORKLOAD, **chosen), options.granularity)
+        return table
     if _FACTORY.match(text):
-        raise ValueError(f"{text}: profiling torch modules (package.module:factory) is not available in this "
-                         "version; describe the model as a .toml spec or a layer table")
-    raise ValueError(f"model {text!r} is not a file, nor a preset; presets: {', '.join(presets())} "
-                     "(or give a layer table .json/.csv or a model spec .toml)")
+        _refuse_options({k: v for k, v in chosen.items() if k != "phase"}, f"factory {text}")
+        table = _torch().profile_factory(text, options.input_shape, options.input_dtype, chosen.get("phase"),
+                                         options.granularity)
+        return table
+    raise ValueError(f"model {text!r} is not a file, nor a preset; presets: {', '.join(presets())}, "
+                     f"{', '.join(hf_preset_names())} (or a layer table .json/.csv, a model spec .toml, a Hugging "
+                     "Face config.json, or package.module:factory)")
+
+
+def _spec_table(spec: ModelSpec, work: Workload, chosen: dict[str, Any], options: TorchOptions) -> LayerTable:
+    if not options.measure:
+        return build_table(spec, work, **chosen)
+    table: LayerTable = _torch().measure_spec(spec, replace(work, **chosen), options.granularity)
+    return table
+
+
+def _torch() -> Any:
+    """The torch-backed sources, imported on first use (planning from tables and specs never imports torch)."""
+    try:
+        from cachefit.sources import torch_sources
+    except ImportError as error:
+        raise ValueError(f"this model source needs torch: pip install 'cachefit[torch]' ({error})") from error
+    return torch_sources
 
 
 def _load_table_file(path: Path, input_bytes: int | None, chosen: dict[str, Any]) -> LayerTable:
-    if path.is_dir() or _is_hf_config(path):
-        raise ValueError(f"{path}: Hugging Face configs are not supported in this version; describe the model as a "
-                         ".toml spec (family = \"llama\") or a layer table")
     if not path.exists():
         raise ValueError(f"layer table {path} does not exist")
     _refuse_options(chosen, f"layer table {path}")

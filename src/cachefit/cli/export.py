@@ -1,0 +1,36 @@
+"""``cachefit export``: a plan in the formats of accelerate, torchtitan and vLLM."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import click
+
+from cachefit._files import atomic_write_text
+from cachefit.cli._common import err, handle_errors
+from cachefit.export import TARGETS, Target, export_plan
+from cachefit.plan import Plan
+
+
+@click.command("export")
+@click.argument("plan_file", metavar="PLAN")
+@click.option("--to", "target", type=click.Choice(TARGETS), required=True, help="The peer's format.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to this file instead of stdout.")
+@handle_errors
+def export_command(plan_file: str, target: str, output: str | None) -> None:
+    """Write PLAN for a peer: accelerate's device_map (JSON), torchtitan's module FQNs per stage (JSON), or vLLM's
+    VLLM_PP_LAYER_PARTITION.
+
+    \b
+    Examples:
+      cachefit plan hf/llama-3-8b --capacity 4GB -o plan.json
+      cachefit export plan.json --to accelerate -o device_map.json
+      cachefit export plan.json --to torchtitan
+      export $(cachefit export plan.json --to vllm)
+    """
+    text = export_plan(Plan.read(plan_file), cast(Target, target))
+    if output:
+        atomic_write_text(output, text)
+        err.print(f"wrote {output}")
+    else:
+        click.echo(text, nl=False)

@@ -1,0 +1,58 @@
+"""A plan in the formats peers read: accelerate/transformers ``device_map``, torchtitan stage FQNs, vLLM's
+``VLLM_PP_LAYER_PARTITION``. Pure functions of the plan's partitions and their module FQNs."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+from cachefit.plan import Plan
+
+__all__ = ["TARGETS", "Target", "device_map", "export_plan", "torchtitan_stages", "vllm_partition"]
+
+Target = Literal["accelerate", "torchtitan", "vllm"]
+TARGETS: tuple[Target, ...] = ("accelerate", "torchtitan", "vllm")
+_BLOCK = re.compile(r"(^|\.)(layers|h|blocks|decoder\.layers)\.\d+$")
+
+
+def _require_feasible(plan: Plan) -> None:
+    if not plan.feasible or not plan.partitions:
+        raise ValueError("this plan has no feasible partitions to export; re-plan with more or larger cards")
+
+
+def device_map(plan: Plan) -> dict[str, int]:
+    """{module FQN: card}: what ``from_pretrained(..., device_map=...)`` and ``dispatch_model`` take (cards are
+    GPU ordinals)."""
+    _require_feasible(plan)
+    return {module: part.card for part in plan.partitions for module in (part.modules or part.layers)}
+
+
+def torchtitan_stages(plan: Plan) -> list[list[str]]:
+    """Module FQNs per pipeline stage (torchtitan's ``module_fqns_per_model_part``)."""
+    _require_feasible(plan)
+    return [list(part.modules or part.layers) for part in plan.partitions]
+
+
+def vllm_partition(plan: Plan) -> str:
+    """Decoder layers per pipeline stage, comma-separated (vLLM puts the embedding on the first stage and the
+    head on the last itself). Every stage must hold at least one decoder layer."""
+    _require_feasible(plan)
+    counts = [sum(1 for module in (part.modules or part.layers) if _BLOCK.search(module)) for part in plan.partitions]
+    if sum(counts) == 0:
+        raise ValueError("no decoder layers (names like model.layers.N) in this plan: vLLM cannot use it")
+    empty = [index for index, count in enumerate(counts) if count == 0]
+    if empty:
+        raise ValueError(f"cards {empty} hold no decoder layer (only the embedding or the head); vLLM needs at least "
+                         "one per stage: plan with fewer cards (--cards) for vLLM")
+    return ",".join(str(count) for count in counts)
+
+
+def export_plan(plan: Plan, target: Target) -> str:
+    if target == "accelerate":
+        return json.dumps(device_map(plan), indent=1) + "\n"
+    if target == "torchtitan":
+        return json.dumps({"module_fqns_per_model_part": torchtitan_stages(plan)}, indent=1) + "\n"
+    if target == "vllm":
+        return f"VLLM_PP_LAYER_PARTITION={vllm_partition(plan)}\n"
+    raise ValueError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")

@@ -1,0 +1,275 @@
+"""Profile a real ``torch.nn.Module`` into a layer table, on the meta device: no weight memory is allocated.
+
+- Layers: the repeated blocks (the largest ModuleList of one class) and the modules beside them on the path from
+  the root (embeddings, final norm, head), in execution order; parameter-less ones join a neighbour. With
+  ``granularity="leaf"`` every executed leaf module is a layer.
+- Weights: each parameter or buffer once, by identity, with its first user; later users list it as shared.
+- Activations: at each boundary, every tensor made before it and used after it (hidden state, residual, rotary
+  tables...), from a dispatch mode that sees every op's outputs and module hooks that see every layer's inputs.
+- Workspace: the peak of the bytes a layer allocated and still held, minus its outputs (so input + output +
+  workspace bounds what the layer held at its peak), with frees seen through storage weak references.
+- KV cache (decode): modules with ``k_proj`` and ``v_proj`` hold keys and values of ``seq`` tokens.
+- FLOPs: torch's FlopCounterMode, per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from cachefit.layers import Layer, LayerTable, Phase, SharedTensor
+
+__all__ = ["Granularity", "find_blocks", "profile_module"]
+
+Granularity = str  # "block" | "leaf"
+
+
+@dataclass
+class _Unit:
+    """A layer being measured: one or more modules that run as one."""
+
+    name: str
+    modules: list[str]
+    module_objects: list[nn.Module]
+    order: int = 1 << 60                 # first time it ran
+    peak_created: int = 0                # peak bytes it allocated and still held
+    created_live: int = 0
+    output_bytes: int = 0
+    flops: float = 0.0
+    weight_bytes: int = 0
+    shared: list[SharedTensor] = field(default_factory=list)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The repeated blocks: the ModuleList of one class (two or more) holding the most parameters."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, module)
+    return None if best is None else (best[1], best[2])
+
+
+def _units(model: nn.Module, granularity: Granularity) -> list[_Unit]:
+    modules = dict(model.named_modules())
+    if granularity == "leaf":
+        return [_Unit(name, [name], [module]) for name, module in modules.items()
+                if name and not list(module.children())]
+    found = find_blocks(model)
+    if found is None:
+        return [_Unit(name, [name], [module]) for name, module in model.named_children()]
+    path, blocks = found
+    units = [_Unit(f"{path}.{index}", [f"{path}.{index}"], [block]) for index, block in enumerate(blocks)]
+    ancestors = [""] + [".".join(path.split(".")[:depth]) for depth in range(1, path.count(".") + 1)]
+    on_path = set(ancestors) | {path}
+    for ancestor in ancestors:
+        for child_name, child in modules[ancestor].named_children():
+            full = f"{ancestor}.{child_name}" if ancestor else child_name
+            if full not in on_path:
+                units.append(_Unit(full, [full], [child]))
+    return units
+
+
+class _Tracker(TorchDispatchMode):
+    """Every storage an op creates: its size, the layer that made it, the last layer that reads it, its death."""
+
+    def __init__(self, ignored: set[int]) -> None:
+        super().__init__()
+        self.ignored = ignored                      # parameters and buffers
+        self.storages: dict[int, list[Any]] = {}    # cdata -> [weakref, bytes, producer, last consumer, maker]
+        self.units: list[_Unit] = []
+        self.active: int | None = None
+        self.finished = -1                          # the last layer that ran to its end (-1: before any)
+        self.history: list[tuple[int, int, int]] = []   # (producer, last consumer, bytes) of freed storages
+
+    def see(self, tensor: torch.Tensor, consumer: int | None = None) -> None:
+        storage = tensor.untyped_storage()
+        reference = StorageWeakRef(storage)
+        key = reference.cdata
+        if key in self.ignored:
+            return
+        record = self.storages.get(key)
+        if record is None:
+            producer = self.active if self.active is not None else self.finished
+            record = [reference, storage.nbytes(), producer, -1, self.active]
+            self.storages[key] = record
+            if self.active is not None:
+                unit = self.units[self.active]
+                unit.created_live += record[1]
+                unit.peak_created = max(unit.peak_created, unit.created_live)
+        if consumer is not None:
+            record[3] = consumer          # layers run one after another: the latest reader is the last one
+
+    def collect(self) -> None:
+        for key in [key for key, record in self.storages.items() if record[0].expired()]:
+            record = self.storages.pop(key)
+            self.history.append((record[2], record[3], record[1]))
+            if record[4] is not None and record[4] == self.active:
+                self.units[record[4]].created_live -= record[1]
+
+    def existing(self, tensor: torch.Tensor) -> None:
+        """A storage an op reads that no op made while tracking: state from before the forward (a pre-allocated
+        KV cache, say). It is not an allocation and crosses no boundary unless a layer takes it as input."""
+        reference = StorageWeakRef(tensor.untyped_storage())
+        if reference.cdata not in self.ignored and reference.cdata not in self.storages:
+            self.storages[reference.cdata] = [reference, tensor.untyped_storage().nbytes(), -2, -1, None]
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        for leaf in tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor):
+                self.existing(leaf)
+        result = func(*args, **(kwargs or {}))
+        self.collect()
+        for leaf in tree_leaves(result):
+            if isinstance(leaf, torch.Tensor):
+                self.see(leaf)
+        return result
+
+    def flow(self, rank: dict[int, int]) -> list[tuple[int, int, int]]:
+        """(producer, last consumer, bytes) of every storage seen, as execution ranks (-1: a model input)."""
+        alive = [(record[2], record[3], record[1]) for record in self.storages.values()]
+        # State from before the forward that a layer takes as input (token ids read by a .view first, say)
+        # crosses every boundary up to that layer, as a model input does; state no layer takes stays out.
+        return [(rank.get(producer, -1), rank.get(consumer, -1), size)
+                for producer, consumer, size in self.history + alive if producer != -2 or consumer >= 0]
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    for leaf in tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            yield leaf
+
+
+def profile_module(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None, *,
+                   name: str, batch: int | None = None, seq: int | None = None, phase: Phase | None = None,
+                   dtype: str | None = None, granularity: Granularity = "block",
+                   kv_bytes_per_token: Callable[[nn.Module], int] | None = None) -> LayerTable:
+    """Run ``model(*args, **kwargs)`` once (on meta tensors, normally) and measure each layer."""
+    if granularity not in ("block", "leaf"):
+        raise ValueError(f"granularity must be 'block' or 'leaf', got {granularity!r}")
+    units = _units(model, granularity)
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    tracker = _Tracker({StorageWeakRef(t.untyped_storage()).cdata for t in tensors.values()})
+    tracker.units = units
+    handles = _hook(units, tracker)
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), tracker, counter:
+            model(*args, **(kwargs or {}))
+    finally:
+        for handle in handles:
+            handle.remove()
+    ran = sorted((unit for unit in units if unit.order < 1 << 60), key=lambda unit: unit.order)
+    if not ran:
+        raise ValueError(f"{name}: no layer of the module ran in its forward")
+    rank = {units.index(unit): position for position, unit in enumerate(ran)}
+    flow = tracker.flow(rank)
+    flops = {key.split(".", 1)[1]: float(sum(ops.values())) for key, ops in counter.get_flop_counts().items()
+             if "." in key}
+    _assign_weights(model, ran)
+    kv_size = kv_bytes_per_token or _kv_from_projections
+    layers = [_layer(group, first, flow, flops, (batch or 1) * (seq or 0) if phase == "decode" else 0, kv_size,
+                     last=first + len(group) == len(ran)) for first, group in _groups(ran)]
+    return LayerTable(name=name, layers=tuple(layers), input_bytes=_boundary(flow, -1), dtype=dtype,
+                      batch=batch, seq=seq, phase=phase)
+
+
+def _hook(units: list[_Unit], tracker: _Tracker) -> list[Any]:
+    clock = iter(range(1 << 60))
+    handles = []
+    for index, unit in enumerate(units):
+        def before(module: nn.Module, args: Any, kwargs: Any, index: int = index, unit: _Unit = unit) -> None:
+            for tensor in _tensors((args, kwargs)):
+                tracker.see(tensor, consumer=index)
+            unit.order = min(unit.order, next(clock))
+            unit.created_live, tracker.active = 0, index
+
+        def after(module: nn.Module, args: Any, kwargs: Any, output: Any, index: int = index,
+                  unit: _Unit = unit) -> None:
+            tracker.collect()
+            seen: dict[int, int] = {}
+            for tensor in _tensors(output):
+                tracker.see(tensor)
+                storage = tensor.untyped_storage()
+                seen[StorageWeakRef(storage).cdata] = storage.nbytes()
+            unit.output_bytes = sum(seen.values())
+            tracker.active, tracker.finished = None, index
+
+        for module in unit.module_objects:
+            handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(module.register_forward_hook(after, with_kwargs=True))
+    return handles
+
+
+def _kv_from_projections(module: nn.Module) -> int:
+    """Bytes of keys and values per token: the outputs of every ``k_proj`` and ``v_proj`` Linear inside."""
+    total = 0
+    for child in module.modules():
+        for attribute in ("k_proj", "v_proj"):
+            projection = getattr(child, attribute, None)
+            if isinstance(projection, nn.Linear):
+                total += projection.out_features * projection.weight.element_size()
+    return total
+
+
+def _boundary(flow: list[tuple[int, int, int]], after: int) -> int:
+    """Bytes of the tensors made at or before layer rank ``after`` (-1: model inputs) and read after it."""
+    return sum(size for producer, consumer, size in flow if producer <= after < consumer)
+
+
+def _assign_weights(model: nn.Module, ran: list[_Unit]) -> None:
+    """Each parameter or buffer counts once, with the first layer to run that holds it; later holders share it."""
+    names = {id(t): n for n, t in [*model.named_parameters(remove_duplicate=False),
+                                   *model.named_buffers(remove_duplicate=False)]}
+    owners: dict[int, str] = {}
+    for unit in ran:
+        held = {id(t): t for module in unit.module_objects for t in [*module.parameters(), *module.buffers()]}
+        for key, tensor in held.items():
+            size = tensor.numel() * tensor.element_size()
+            if key not in owners:
+                owners[key] = unit.name
+                unit.weight_bytes += size
+            elif owners[key] != unit.name:
+                unit.shared.append(SharedTensor(names.get(key, unit.name), owners[key], size))
+
+
+def _groups(ran: list[_Unit]) -> Iterator[tuple[int, list[_Unit]]]:
+    """Runs of units that become one layer: a unit without weights joins the layer before it (or after it)."""
+    groups: list[list[_Unit]] = []
+    def weightless(unit: _Unit) -> bool:   # no parameters of its own (buffers such as rotary tables do not count)
+        return not unit.shared and not any(True for m in unit.module_objects for _ in m.parameters())
+
+    for unit in ran:
+        if groups and (weightless(unit) or all(weightless(u) for u in groups[-1])):
+            groups[-1].append(unit)
+        else:
+            groups.append([unit])
+    first = 0
+    for group in groups:
+        yield first, group
+        first += len(group)
+
+
+def _layer(group: list[_Unit], first: int, flow: list[tuple[int, int, int]], flops: dict[str, float],
+           kv_tokens: int, kv_bytes_per_token: Callable[[nn.Module], int], last: bool) -> Layer:
+    """One layer from units ranked first..first+len-1: input + activation + workspace bound its peak."""
+    incoming = _boundary(flow, first - 1)
+    activation = group[-1].output_bytes if last else _boundary(flow, first + len(group) - 1)
+    held = max(_boundary(flow, first + offset - 1) + unit.peak_created for offset, unit in enumerate(group))
+    named = next((unit for unit in group if unit.weight_bytes), group[0])
+    inside = {unit.name for unit in group}
+    return Layer(name=named.name, weight_bytes=sum(unit.weight_bytes for unit in group),
+                 activation_bytes=activation, workspace_bytes=max(0, held - incoming - activation),
+                 kv_cache_bytes=kv_tokens * sum(kv_bytes_per_token(m) for u in group for m in u.module_objects),
+                 flops=sum(flops.get(module, 0.0) for unit in group for module in unit.modules),
+                 modules=tuple(module for unit in group for module in unit.modules),
+                 shared=tuple(s for unit in group for s in unit.shared if s.owner not in inside))

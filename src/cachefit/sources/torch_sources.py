@@ -1,0 +1,90 @@
+"""Model sources that need torch: the reference module of a spec, a ``pkg.module:factory``, a HF config.
+
+Imported only when such a source is asked for, so planning from tables and specs never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cachefit.layers import LayerTable
+from cachefit.sources.families import Workload, dtype_bytes
+from cachefit.sources.hf import TORCH_DTYPES, hf_table, read_hf_config
+from cachefit.sources.spec import ModelSpec
+from cachefit.sources.torch_profile import Granularity, profile_module
+
+__all__ = ["measure_spec", "profile_factory", "profile_hf"]
+
+
+def measure_spec(spec: ModelSpec, work: Workload, granularity: Granularity = "block") -> LayerTable:
+    """Profile the reference module (cachefit.nn) of ``spec`` on meta, for the same workload as its closed form."""
+    from cachefit.nn import KVCache, build_model
+
+    torch_dtype = TORCH_DTYPES[dtype_bytes(work.dtype)[0]]
+    model = build_model(spec, dtype=torch_dtype, device="meta")
+    config = model.config
+    tokens = work.new_tokens
+    shape = (work.batch, tokens) if config.vocab else (work.batch, tokens, config.hidden)
+    inputs = torch.zeros(shape, dtype=torch.long if config.vocab else torch_dtype, device="meta")
+    kwargs: dict[str, Any] = {}
+    if work.phase == "decode":
+        kwargs = {"caches": [KVCache(work.batch, config.kv_heads, work.seq, config.head_dim, torch_dtype, "meta")
+                             for _ in range(config.layers)], "position": work.seq - 1}
+    if work.attention != "naive":
+        raise ValueError("--measure profiles the reference module, whose attention is naive; drop --attention")
+    return profile_module(model, (inputs,), kwargs, name=spec.name, batch=work.batch, seq=work.seq,
+                          phase=work.phase, dtype=dtype_bytes(work.dtype)[0], granularity=granularity)
+
+
+def profile_factory(target: str, input_shape: tuple[int, ...] | None, input_dtype: str, phase: str | None,
+                    granularity: Granularity = "block") -> LayerTable:
+    """``pkg.module:factory`` returns a module, or (module, inputs) with inputs a tuple of args or a dict of
+    kwargs. It is called under ``torch.device("meta")``, so its weights take no memory."""
+    module_name, _, attribute = target.partition(":")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import {target}: {error}") from error
+    finally:
+        sys.path.pop(0)
+    with torch.device("meta"):
+        made = factory()
+    model, inputs = made if isinstance(made, tuple) else (made, None)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{target} must return a torch.nn.Module (or a module and its inputs), got "
+                         f"{type(model).__name__}")
+    args, kwargs = _inputs(target, inputs, input_shape, input_dtype)
+    first = next(iter(args), None)
+    batch = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else None
+    seq = int(first.shape[1]) if isinstance(first, torch.Tensor) and first.dim() > 1 else None
+    dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters()), None)
+    return profile_module(model.eval(), args, kwargs, name=target, batch=batch, seq=seq,
+                          phase=phase if phase in ("prefill", "decode") else None,  # type: ignore[arg-type]
+                          dtype=dtype, granularity=granularity)
+
+
+def _inputs(target: str, inputs: Any, shape: tuple[int, ...] | None, dtype: str
+            ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if inputs is None:
+        if shape is None:
+            raise ValueError(f"{target} returned no example inputs: give --input-shape (e.g. 1,128) and "
+                             "--input-dtype (default int64)")
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise ValueError(f"--input-dtype must be a torch dtype such as int64 or float16, got {dtype!r}")
+        return (torch.zeros(shape, dtype=torch_dtype, device="meta"),), {}
+    if isinstance(inputs, dict):
+        return (), inputs
+    return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
+
+
+def profile_hf(config: dict[str, Any] | Path, name: str, work: Workload, granularity: Granularity) -> LayerTable:
+    document = read_hf_config(config) if isinstance(config, Path) else config
+    return hf_table(document, name, work, granularity)

@@ -1,0 +1,85 @@
+"""Hugging Face configs, offline: bundled presets and local config.json files, built on meta."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from cachefit.sources import hf_preset_names, load_model
+from cachefit.sources.families import LlamaSpec, Workload, llama_table
+
+# Published parameter counts; the tables add buffers (rotary frequencies), which the check below accounts for.
+PUBLISHED = {"hf/gpt2": 124_439_808, "hf/llama-3-8b": 8_030_261_248, "hf/llama-3-70b": 70_553_706_496,
+             "hf/mistral-7b": 7_241_732_096, "hf/qwen2.5-7b": 7_615_616_512, "hf/mixtral-8x7b": 46_702_792_704,
+             "hf/phi-3-mini": 3_821_079_552}
+
+
+def test_bundled_presets_cover_the_issue() -> None:
+    assert set(PUBLISHED) <= set(hf_preset_names())
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_presets_have_their_published_size(name: str) -> None:
+    table = load_model(name, seq=256, dtype="bfloat16")
+    params = sum(x.weight_bytes for x in table.layers) // 2
+    assert params - PUBLISHED[name] <= 65 * len(table.layers) * 8      # at most the rotary / mask buffers
+    assert params >= PUBLISHED[name]
+    blocks = [x for x in table.layers if x.kv_cache_bytes]
+    assert len(blocks) >= 12
+
+
+def tiny_llama_config(tied: bool) -> dict[str, object]:
+    return {"model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": tied}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_transformers_llama_agrees_with_the_llama_family(tmp_path: Path, tied: bool, phase: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(tiny_llama_config(tied)))
+    table = load_model(tmp_path, batch=2, seq=32, phase=phase, dtype="float32")
+    spec = LlamaSpec("tiny", layers=3, hidden=64, heads=4, kv_heads=2, ffn_hidden=96, vocab=100, tie_embeddings=tied)
+    formula = llama_table(spec, Workload(batch=2, seq=32, phase=phase, dtype="float32"))  # type: ignore[arg-type]
+    # transformers splits the head into the final norm and lm_head; the family keeps them as one layer.
+    assert [x.name for x in table.layers] == ["model.embed_tokens", "model.layers.0", "model.layers.1",
+                                              "model.layers.2", "model.norm", "lm_head"]
+    rotary = 16 * 4                                                  # inv_freq buffer, float32
+    assert table.layers[0].weight_bytes == formula.layers[0].weight_bytes + rotary
+    for mine, theirs in zip(table.layers[1:4], formula.layers[1:4]):
+        assert mine.weight_bytes == theirs.weight_bytes
+        assert mine.kv_cache_bytes == theirs.kv_cache_bytes
+        # The hidden state crosses, and so do the rotary tables and masks every layer reads.
+        assert mine.activation_bytes >= theirs.activation_bytes
+    assert table.layers[4].weight_bytes + table.layers[5].weight_bytes == formula.layers[4].weight_bytes
+    assert table.layers[-1].activation_bytes == formula.layers[-1].activation_bytes    # last-position logits
+    if tied:
+        assert table.layers[-1].shared[0].owner == "model.embed_tokens"
+
+
+@pytest.mark.parametrize(("phase", "extra"), [
+    # prefill: RoPE cos and sin (2 x 4096 tokens x 128 x 2 bytes) + position ids (4096 x 8 bytes)
+    ("prefill", 2 * 4096 * 128 * 2 + 4096 * 8),
+    # decode: cos and sin of one token (2 x 128 x 2) + the boolean mask over 4096 keys + position and cache ids
+    ("decode", 2 * 128 * 2 + 4096 + 8 + 8),
+])
+def test_transformers_activations_are_the_family_plus_what_it_passes_every_layer(phase: str, extra: int) -> None:
+    """Weights match exactly; activations are the family's hidden state plus exactly the tensors transformers'
+    Llama hands to every decoder layer (not an error of the family: a pipeline stage of it must receive them)."""
+    table = load_model("hf/llama-3-8b", batch=2, seq=4096, phase=phase, dtype="bfloat16")
+    formula = load_model("llama-3-8b", batch=2, seq=4096, phase=phase, dtype="bfloat16")
+    for index in range(1, 33):
+        mine, theirs = table.layers[index], formula.layers[index]
+        assert mine.weight_bytes == theirs.weight_bytes
+        assert mine.kv_cache_bytes == theirs.kv_cache_bytes
+        # After the last decoder layer nothing reads the rotary tables or the mask: only the hidden state crosses.
+        assert mine.activation_bytes - theirs.activation_bytes == (extra if index < 32 else 0)
+
+
+def test_bad_configs(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-arch", "hidden_size": 8}')
+    with pytest.raises(ValueError, match="transformers does not know model_type 'no-such-arch'"):
+        load_model(tmp_path)

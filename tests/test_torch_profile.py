@@ -1,0 +1,110 @@
+"""Profiling real modules: the reference transformer against the closed-form families, the workspace tracker
+against torch.profiler on a real CPU forward, factories, granularity, and no weight memory for big models."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cachefit.layers import LayerTable  # noqa: E402
+from cachefit.sources import TorchOptions, load_model, presets  # noqa: E402
+from cachefit.sources.families import DenseSpec, LlamaSpec, Workload, dense_table, llama_table  # noqa: E402
+from cachefit.sources.torch_profile import profile_module  # noqa: E402
+from cachefit.sources.torch_sources import measure_spec  # noqa: E402
+
+SPECS = [
+    LlamaSpec("llama-tied", layers=3, hidden=64, heads=4, kv_heads=2, ffn_hidden=96, vocab=100, tie_embeddings=True),
+    LlamaSpec("llama-untied", layers=2, hidden=64, heads=8, kv_heads=8, ffn_hidden=128, vocab=50),
+    DenseSpec("dense-vocab", layers=2, heads=4, head_dim=16, mlp_hidden=256, vocab=70),
+    DenseSpec("dense-hidden", layers=3, heads=2, head_dim=32, mlp_hidden=128),
+]
+WORKLOADS = [Workload(batch=2, seq=24, phase="decode", dtype="float32"),
+             Workload(batch=3, seq=16, phase="prefill", dtype="bfloat16")]
+
+
+def closed_form(spec: DenseSpec | LlamaSpec, work: Workload) -> LayerTable:
+    return dense_table(spec, work) if isinstance(spec, DenseSpec) else llama_table(spec, work)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.name)
+@pytest.mark.parametrize("work", WORKLOADS, ids=lambda work: work.phase)
+def test_reference_module_agrees_with_its_family(spec: DenseSpec | LlamaSpec, work: Workload) -> None:
+    measured, formula = measure_spec(spec, work), closed_form(spec, work)
+    assert [x.name for x in measured.layers] == [x.name for x in formula.layers]
+    assert measured.input_bytes == formula.input_bytes
+    for mine, theirs in zip(measured.layers, formula.layers):
+        assert mine.weight_bytes == theirs.weight_bytes, mine.name
+        assert mine.activation_bytes == pytest.approx(theirs.activation_bytes, rel=0.01), mine.name
+        assert mine.kv_cache_bytes == theirs.kv_cache_bytes, mine.name
+        assert mine.flops == pytest.approx(theirs.flops, rel=0.01), mine.name
+        assert [s.owner for s in mine.shared] == [s.owner for s in theirs.shared]
+
+
+def test_weights_are_the_unique_tensor_bytes() -> None:
+    from cachefit.nn import build_model
+
+    spec = SPECS[0]
+    model = build_model(spec, device="meta")
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    table = measure_spec(spec, WORKLOADS[0])
+    assert sum(x.weight_bytes for x in table.layers) == sum(t.numel() * t.element_size() for t in unique.values())
+    assert table.layers[-1].shared[0].bytes == 100 * 64 * 4       # the tied embedding, needed by the head too
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-dense4"])
+def test_workspace_tracker_matches_a_real_cpu_forward(name: str) -> None:
+    """torch.profiler's allocator events on a real CPU forward give the same peak as the tracker on meta."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from cachefit.nn import build_model
+
+    spec = presets()[name].spec
+    block = build_model(spec, device="cpu").layers[0]
+    x = torch.randn(2, 16, block.attn.q_proj.in_features)
+    with torch.no_grad():
+        block(x)                                                     # warm-up: lazy initialisation
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as trace:
+            block(x)
+    live = peak = 0
+    for event in sorted((e for e in trace.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    meta_block = build_model(spec, device="meta").layers[0]
+    layer = profile_module(torch.nn.Sequential(meta_block), (x.to("meta"),), name="block").layers[0]
+    assert layer.activation_bytes + layer.workspace_bytes == peak
+
+
+def test_factory_with_two_streams_counts_both(tmp_path: object) -> None:
+    table = load_model("toy_models:two_stream", torch_options=TorchOptions(input_shape=(2, 5, 16),
+                                                                           input_dtype="float32"))
+    names = [x.name for x in table.layers]
+    assert names == ["stem", "blocks.0", "blocks.1", "blocks.2", "out"]
+    hidden = 2 * 5 * 16 * 4
+    # After a block both hidden state and residual cross to the next one.
+    assert table.layers[1].activation_bytes == 2 * hidden
+    assert table.input_bytes == hidden
+    assert table.layers[1].weight_bytes == (16 * 16 + 16) * 4
+    same = load_model("toy_models:two_stream_with_inputs")
+    assert same.layers == table.layers
+
+
+def test_leaf_granularity_and_factory_errors() -> None:
+    leaf = load_model("toy_models:two_stream", torch_options=TorchOptions(granularity="leaf", input_shape=(1, 16),
+                                                                          input_dtype="float32"))
+    assert [x.name for x in leaf.layers] == ["stem", "blocks.0.linear", "blocks.1.linear", "blocks.2.linear", "out"]
+    with pytest.raises(ValueError, match="give --input-shape"):
+        load_model("toy_models:two_stream")
+    with pytest.raises(ValueError, match="cannot import"):
+        load_model("toy_models:missing")
+
+
+def test_profiling_70b_allocates_no_weight_memory() -> None:
+    pytest.importorskip("transformers")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    table = load_model("hf/llama-3-70b", seq=4096)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert sum(x.weight_bytes for x in table.layers) > 140e9       # 70.6B parameters in bf16
+    assert grown_mib < 1024                                          # the weights alone would be 131 GiB
