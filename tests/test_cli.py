@@ -113,3 +113,25 @@ def test_demo_writes_plans_and_plots(tmp_path: Path) -> None:
     written = sorted(path.name for path in tmp_path.iterdir())
     assert "seed-dense16-h100.json" in written and "llama-3-8b-dmatrix-corsair.png" in written
     assert Plan.read(tmp_path / "seed-dense16-dmatrix-corsair-batch1.json").cards == 16
+
+
+def test_profile_torch_sources_from_the_cli() -> None:
+    pytest.importorskip("transformers")
+    code, stdout, _ = run("profile", "hf/gpt2", "--seq", "128", "--format", "json")
+    table = LayerTable.from_dict(json.loads(stdout))
+    assert code == 0 and table.layers[0].name == "transformer.wte" and table.layers[-1].shared
+    code, stdout, _ = run("profile", "toy_models:two_stream", "--input-shape", "2,5,16", "--input-dtype", "float32",
+                          "--format", "json")
+    assert code == 0 and json.loads(stdout)["layers"][0]["name"] == "stem"
+    code, stdout, _ = run("profile", "tiny-llama", "--measure", "--format", "json")
+    assert code == 0 and json.loads(stdout)["layers"][1]["workspace_bytes"] > 0
+
+
+@pytest.mark.parametrize("args", [
+    ("profile", "toy_models:two_stream", "--input-shape", "2,x"),
+    ("profile", "toy_models:two_stream"),
+    ("profile", "toy_models:two_stream", "--input-shape", "2,16", "--input-dtype", "float99"),
+])
+def test_bad_torch_source_options_exit_2(args: tuple[str, ...]) -> None:
+    code, _, stderr = run(*args)
+    assert code == 2 and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1

@@ -83,3 +83,11 @@ def test_bad_configs(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "no-such-arch", "hidden_size": 8}')
     with pytest.raises(ValueError, match="transformers does not know model_type 'no-such-arch'"):
         load_model(tmp_path)
+
+
+def test_sliding_window_layers_hold_only_their_window() -> None:
+    """Mistral-7B's 4096-token window: at 8192 tokens of context each layer keeps 4096 tokens of keys/values."""
+    table = load_model("hf/mistral-7b", batch=2, seq=8192, phase="decode", dtype="bfloat16")
+    window = 2 * 2 * 4096 * 8 * 128 * 2                             # K and V, batch 2, 8 KV heads x 128, bf16
+    assert [layer.kv_cache_bytes for layer in table.layers[1:33]] == [window] * 32
+    assert table.layers[0].kv_cache_bytes == 0 and table.layers[-1].kv_cache_bytes == 0

@@ -20,7 +20,8 @@ from cachefit.cli._common import emit_json, err, handle_errors, model_arguments,
 def profile_command(model: str, output_format: str, output: str | None, **kwargs: Any) -> None:
     """Profile MODEL: weights, activations, workspace, KV cache and FLOPs of every layer.
 
-    MODEL is a preset (seed-dense16, llama-3-8b, ...), a model spec (.toml) or a layer table (.json/.csv).
+    MODEL is a preset (seed-dense16, llama-3-8b, ...), a model spec (.toml), a layer table (.json/.csv), a Hugging
+    Face config.json / folder / bundled hf/NAME, or package.module:factory (torch models are measured on meta).
 
     \b
     Examples:
@@ -28,6 +29,10 @@ def profile_command(model: str, output_format: str, output: str | None, **kwargs
       cachefit profile llama-3-8b --batch 8 --seq 4096 --phase prefill --attention flash
       cachefit profile seed-dense16 --format json -o seed.json
       cachefit profile layers.csv --input-bytes 16384 --format json
+      cachefit profile hf/mixtral-8x7b --seq 8192
+      cachefit profile path/to/config.json --phase prefill --seq 2048
+      cachefit profile mypkg.models:build --input-shape 1,128 --input-dtype int64 --granularity leaf
+      cachefit profile tiny-llama --measure
     """
     table = api.load_model(model, **model_arguments(kwargs))
     if output:

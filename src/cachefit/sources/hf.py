@@ -51,13 +51,20 @@ def read_hf_config(path: Path) -> dict[str, Any]:
 
 def hf_table(config: dict[str, Any], name: str, work: Workload, granularity: Granularity = "block") -> LayerTable:
     model, hf_config = _build(config, work.dtype)
-    kv_per_token = _kv_bytes_per_token(hf_config, work.dtype)
-    blocks = find_blocks(model)
-    block_types = {type(blocks[1][0])} if blocks else set()
     args, kwargs = _inputs(model, hf_config, work)
+    blocks = find_blocks(model)
+    # The KV cache each decoder layer holds, read off the pre-allocated cache itself: sliding-window layers
+    # (Mistral, Phi-3) keep only their window, which a formula from the config would miss.
+    held = _cache_bytes(kwargs.get(_cache_argument(model))) if work.phase == "decode" else []
+    index = {id(block): position for position, block in enumerate(blocks[1])} if blocks else {}
     return profile_module(model, args, kwargs, name=name, batch=work.batch, seq=work.seq, phase=work.phase,
                           dtype=dtype_bytes(work.dtype)[0], granularity=granularity,
-                          kv_bytes_per_token=lambda module: kv_per_token if type(module) in block_types else 0)
+                          kv_cache_bytes=lambda module: held[index[id(module)]] if id(module) in index else 0)
+
+
+def _cache_bytes(cache: Any) -> list[int]:
+    """Bytes of keys and values per layer of an initialised transformers cache."""
+    return [sum(t.numel() * t.element_size() for t in (layer.keys, layer.values)) for layer in cache.layers]
 
 
 def _build(config: dict[str, Any], dtype: str) -> tuple[nn.Module, Any]:
@@ -74,15 +81,6 @@ def _build(config: dict[str, Any], dtype: str) -> tuple[nn.Module, Any]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[dtype_bytes(dtype)[0]])
     return model.eval(), hf_config
-
-
-def _kv_bytes_per_token(hf_config: Any, dtype: str) -> int:
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    heads = getattr(text, "num_attention_heads", None) or text.n_head
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    hidden = getattr(text, "hidden_size", None) or text.n_embd
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    return 2 * kv_heads * head_dim * dtype_bytes(dtype)[1]
 
 
 def _inputs(model: nn.Module, hf_config: Any, work: Workload) -> tuple[tuple[Any, ...], dict[str, Any]]:

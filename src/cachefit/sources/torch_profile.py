@@ -152,8 +152,12 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
 def profile_module(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None, *,
                    name: str, batch: int | None = None, seq: int | None = None, phase: Phase | None = None,
                    dtype: str | None = None, granularity: Granularity = "block",
-                   kv_bytes_per_token: Callable[[nn.Module], int] | None = None) -> LayerTable:
-    """Run ``model(*args, **kwargs)`` once (on meta tensors, normally) and measure each layer."""
+                   kv_cache_bytes: Callable[[nn.Module], int] | None = None) -> LayerTable:
+    """Run ``model(*args, **kwargs)`` once (on meta tensors, normally) and measure each layer.
+
+    ``kv_cache_bytes(module)``: the keys and values a module holds in decode; by default ``batch * seq`` tokens of
+    its ``k_proj`` and ``v_proj`` outputs.
+    """
     if granularity not in ("block", "leaf"):
         raise ValueError(f"granularity must be 'block' or 'leaf', got {granularity!r}")
     units = _units(model, granularity)
@@ -176,9 +180,10 @@ def profile_module(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping
     flops = {key.split(".", 1)[1]: float(sum(ops.values())) for key, ops in counter.get_flop_counts().items()
              if "." in key}
     _assign_weights(model, ran)
-    kv_size = kv_bytes_per_token or _kv_from_projections
-    layers = [_layer(group, first, flow, flops, (batch or 1) * (seq or 0) if phase == "decode" else 0, kv_size,
-                     last=first + len(group) == len(ran)) for first, group in _groups(ran)]
+    tokens = (batch or 1) * (seq or 0)
+    kv_size = kv_cache_bytes or (lambda module: tokens * _kv_from_projections(module))
+    layers = [_layer(group, first, flow, flops, phase == "decode", kv_size, last=first + len(group) == len(ran))
+              for first, group in _groups(ran)]
     return LayerTable(name=name, layers=tuple(layers), input_bytes=_boundary(flow, -1), dtype=dtype,
                       batch=batch, seq=seq, phase=phase)
 
@@ -260,7 +265,7 @@ def _groups(ran: list[_Unit]) -> Iterator[tuple[int, list[_Unit]]]:
 
 
 def _layer(group: list[_Unit], first: int, flow: list[tuple[int, int, int]], flops: dict[str, float],
-           kv_tokens: int, kv_bytes_per_token: Callable[[nn.Module], int], last: bool) -> Layer:
+           decode: bool, kv_cache_bytes: Callable[[nn.Module], int], last: bool) -> Layer:
     """One layer from units ranked first..first+len-1: input + activation + workspace bound its peak."""
     incoming = _boundary(flow, first - 1)
     activation = group[-1].output_bytes if last else _boundary(flow, first + len(group) - 1)
@@ -269,7 +274,7 @@ def _layer(group: list[_Unit], first: int, flow: list[tuple[int, int, int]], flo
     inside = {unit.name for unit in group}
     return Layer(name=named.name, weight_bytes=sum(unit.weight_bytes for unit in group),
                  activation_bytes=activation, workspace_bytes=max(0, held - incoming - activation),
-                 kv_cache_bytes=kv_tokens * sum(kv_bytes_per_token(m) for u in group for m in u.module_objects),
+                 kv_cache_bytes=sum(kv_cache_bytes(m) for u in group for m in u.module_objects) if decode else 0,
                  flops=sum(flops.get(module, 0.0) for unit in group for module in unit.modules),
                  modules=tuple(module for unit in group for module in unit.modules),
                  shared=tuple(s for unit in group for s in unit.shared if s.owner not in inside))
