@@ -10,6 +10,8 @@ from cachefit.cli.devices import devices_command
 from cachefit.cli.export import export_command
 from cachefit.cli.plan import plan_command
 from cachefit.cli.profile import profile_command
+from cachefit.cli.shard import shard_command
+from cachefit.cli.weights import init_weights_command
 
 __all__ = ["cli", "main"]
 
@@ -28,7 +30,8 @@ def cli() -> None:
     """
 
 
-for command in (devices_command, profile_command, plan_command, export_command, demo_command):
+for command in (devices_command, profile_command, plan_command, export_command, init_weights_command, shard_command,
+                demo_command):
     cli.add_command(command)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "dense_table",
     "dtype_bytes",
     "llama_table",
+    "spec_record",
 ]
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
@@ -178,15 +179,20 @@ def llama_table(spec: LlamaSpec, work: Workload) -> LayerTable:
                    max(_attention_transient(work, spec.heads, p), 2 * tokens * f * p),
                    _kv_cache(work, spec.kv_heads * e, p),
                    float(2 * tokens * matmul_params + _attention_flops(work, spec.heads, e)),
-                   (f"model.layers.{index}",)) for index in range(spec.layers)]
-    layers = [_embedding("embed", spec.vocab, d, work, p, ("model.embed_tokens",)), *block,
-              _head(spec.vocab, d, d, spec.tie_embeddings, work, p, ("model.norm", "lm_head"), "embed",
-                    "model.embed_tokens.weight")]
+                   (f"layers.{index}",)) for index in range(spec.layers)]
+    # Module names are those of the reference implementation (cachefit.nn), whose checkpoints shards are cut from.
+    layers = [_embedding("embed", spec.vocab, d, work, p, ("embed",)), *block,
+              _head(spec.vocab, d, d, spec.tie_embeddings, work, p, ("head",), "embed", "embed.weight")]
     return _table(spec, work, dtype, layers, tokens * TOKEN_ID_BYTES, "llama")
+
+
+def spec_record(spec: DenseSpec | LlamaSpec, work: Workload) -> dict[str, object]:
+    """What a layer table keeps of the model it describes, so a runtime can rebuild it."""
+    return {"family": "dense" if isinstance(spec, DenseSpec) else "llama", **asdict(spec),
+            "attention": work.attention}
 
 
 def _table(spec: DenseSpec | LlamaSpec, work: Workload, dtype: str, layers: list[Layer], input_bytes: int,
            family: str) -> LayerTable:
-    record = {"family": family, **asdict(spec), "attention": work.attention}
     return LayerTable(name=spec.name, layers=tuple(layers), input_bytes=input_bytes, dtype=dtype,
-                      batch=work.batch, seq=work.seq, phase=work.phase, spec=record)
+                      batch=work.batch, seq=work.seq, phase=work.phase, spec=spec_record(spec, work))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from cachefit.layers import LayerTable
-from cachefit.sources.families import Workload, dtype_bytes
+from cachefit.sources.families import Workload, dtype_bytes, spec_record
 from cachefit.sources.hf import TORCH_DTYPES, hf_table, read_hf_config
 from cachefit.sources.spec import ModelSpec
 from cachefit.sources.torch_profile import Granularity, profile_module
@@ -38,8 +39,9 @@ def measure_spec(spec: ModelSpec, work: Workload, granularity: Granularity = "bl
                              for _ in range(config.layers)], "position": work.seq - 1}
     if work.attention != "naive":
         raise ValueError("--measure profiles the reference module, whose attention is naive; drop --attention")
-    return profile_module(model, (inputs,), kwargs, name=spec.name, batch=work.batch, seq=work.seq,
-                          phase=work.phase, dtype=dtype_bytes(work.dtype)[0], granularity=granularity)
+    table = profile_module(model, (inputs,), kwargs, name=spec.name, batch=work.batch, seq=work.seq,
+                           phase=work.phase, dtype=dtype_bytes(work.dtype)[0], granularity=granularity)
+    return replace(table, spec=spec_record(spec, work))
 
 
 def profile_factory(target: str, input_shape: tuple[int, ...] | None, input_dtype: str, phase: str | None,

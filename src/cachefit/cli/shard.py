@@ -1,0 +1,35 @@
+"""``cachefit shard``: one safetensors file per card, holding only that card's tensors, and a manifest."""
+
+from __future__ import annotations
+
+import click
+
+from cachefit.cli._common import handle_errors, out
+from cachefit.plan import Plan
+from cachefit.units import format_size
+
+
+@click.command("shard")
+@click.argument("plan_file", metavar="PLAN")
+@click.argument("checkpoint", metavar="CHECKPOINT")
+@click.option("--out", "folder", required=True, type=click.Path(file_okay=False), help="Folder for the shards.")
+@handle_errors
+def shard_command(plan_file: str, checkpoint: str, folder: str) -> None:
+    """Cut CHECKPOINT into one file per card of PLAN, plus manifest.json (plan fingerprint, tensors per card,
+    sha256 of each file). A tensor two cards need (a tied embedding) is written to both, and the manifest says so.
+
+    \b
+    Example:
+      cachefit plan tiny-llama --capacity 1MiB -o plan.json
+      cachefit init-weights tiny-llama --out tiny.safetensors
+      cachefit shard plan.json tiny.safetensors --out shards/
+    """
+    from cachefit.runtime.shard import shard_checkpoint
+
+    manifest = shard_checkpoint(Plan.read(plan_file), checkpoint, folder)
+    for card in manifest.cards:
+        out.print(f"card {card.card}: {card.file}, {len(card.tensors)} tensors, {format_size(card.bytes)}")
+    for shared in manifest.shared:
+        out.print(f"{shared.tensor} is written to cards {', '.join(map(str, shared.cards))} "
+                  f"(as {', '.join(shared.names)})")
+    out.print(f"manifest: {folder}/manifest.json")

@@ -1,0 +1,169 @@
+"""Per-card shards: each card's safetensors file holds only its partition's tensors, and a manifest binds them to
+the plan (its fingerprint) and to their bytes (sha256), so a rank can refuse a tampered or mismatched shard."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cachefit._files import atomic_write_text, describe_validation_error, read_json_object
+from cachefit.plan import Plan
+from cachefit.runtime.weights import read_checkpoint_info, spec_from_record, tensor_sources
+
+__all__ = [
+    "MANIFEST",
+    "CardShard",
+    "Manifest",
+    "SharedWeight",
+    "plan_fingerprint",
+    "shard_checkpoint",
+    "verify_card",
+]
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True, slots=True)
+class CardShard:
+    card: int
+    file: str
+    sha256: str
+    bytes: int
+    tensors: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SharedWeight:
+    """One stored tensor written to several cards (a tied embedding): its name in the checkpoint, the names it
+    takes on each card, and the cards."""
+
+    tensor: str
+    names: tuple[str, ...]
+    cards: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    plan_fingerprint: str
+    model_fingerprint: str
+    checkpoint_sha256: str
+    dtype: str
+    cards: tuple[CardShard, ...]
+    shared: tuple[SharedWeight, ...] = ()
+
+    def write(self, folder: Path) -> None:
+        document = {"schema": "cachefit.shards/v1", **asdict(self)}
+        atomic_write_text(folder / MANIFEST, json.dumps(document, indent=1) + "\n")
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        source = str(folder / MANIFEST)
+        try:
+            model = _ManifestModel.model_validate(read_json_object(folder / MANIFEST, "shard manifest"))
+        except ValidationError as error:
+            raise ValueError(describe_validation_error(error, source)) from error
+        return cls(model.plan_fingerprint, model.model_fingerprint, model.checkpoint_sha256, model.dtype,
+                   tuple(CardShard(c.card, c.file, c.sha256, c.bytes, tuple(c.tensors)) for c in model.cards),
+                   tuple(SharedWeight(s.tensor, tuple(s.names), tuple(s.cards)) for s in model.shared))
+
+
+def plan_fingerprint(plan: Plan) -> str:
+    canonical = json.dumps(plan.to_dict(), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def shard_checkpoint(plan: Plan, checkpoint: str | Path, out: str | Path) -> Manifest:
+    """Write ``out/card-K.safetensors`` for every card of ``plan`` and ``out/manifest.json``."""
+    if not plan.feasible:
+        raise ValueError("the plan is not feasible: there are no partitions to shard")
+    info = read_checkpoint_info(checkpoint)
+    spec = spec_from_record(plan.model.spec)
+    if spec_from_record(info["spec"]) != spec:
+        raise ValueError(f"checkpoint {checkpoint} holds {info['spec'].get('name')!r} with other dimensions than "
+                         f"the plan's model {plan.model.name!r}")
+    if plan.model.dtype is not None and plan.model.dtype != info["dtype"]:
+        raise ValueError(f"the plan counted {plan.model.dtype} weights but the checkpoint holds {info['dtype']}; "
+                         f"make one with cachefit init-weights --dtype {plan.model.dtype}")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        sources = tensor_sources(spec, set(handle.keys()))
+        cards: list[CardShard] = []
+        users: dict[str, list[tuple[str, int]]] = {}
+        for part in plan.partitions:
+            names = [name for name in sources if any(name.startswith(prefix + ".") for prefix in part.modules)]
+            tensors = {name: handle.get_tensor(sources[name]).contiguous() for name in names}
+            path = folder / f"card-{part.card}.safetensors"
+            save_file(tensors, str(path), metadata={"card": str(part.card)})
+            cards.append(CardShard(part.card, path.name, file_sha256(path), path.stat().st_size, tuple(names)))
+            for name in names:
+                users.setdefault(sources[name], []).append((name, part.card))
+    shared = tuple(SharedWeight(tensor, tuple(n for n, _ in uses), tuple(c for _, c in uses))
+                   for tensor, uses in users.items() if len({card for _, card in uses}) > 1)
+    manifest = Manifest(plan_fingerprint(plan), plan.model.fingerprint, file_sha256(Path(checkpoint)),
+                        str(info["dtype"]), tuple(cards), shared)
+    manifest.write(folder)
+    return manifest
+
+
+def verify_card(folder: str | Path, card: int, plan: Plan) -> CardShard:
+    """Check, before any compute, that ``folder`` holds card ``card``'s shard of this very plan, untouched."""
+    directory = Path(folder)
+    manifest = Manifest.read(directory)
+    if manifest.plan_fingerprint != plan_fingerprint(plan):
+        raise ValueError(f"{directory}/{MANIFEST} was made for another plan (fingerprint "
+                         f"{manifest.plan_fingerprint[:19]}..., this plan {plan_fingerprint(plan)[:19]}...); "
+                         "re-run cachefit shard with this plan")
+    entry = next((shard for shard in manifest.cards if shard.card == card), None)
+    if entry is None:
+        raise ValueError(f"{directory}/{MANIFEST} has no shard for card {card}")
+    path = directory / entry.file
+    if not path.is_file():
+        raise ValueError(f"card {card}: shard {path} is missing")
+    digest = file_sha256(path)
+    if digest != entry.sha256:
+        raise ValueError(f"card {card}: shard {path} does not match its manifest (sha256 {digest[:19]}..., expected "
+                         f"{entry.sha256[:19]}...): tampered or truncated; re-run cachefit shard")
+    return entry
+
+
+class _CardModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    card: int
+    file: str
+    sha256: str
+    bytes: int
+    tensors: list[str]
+
+
+class _SharedModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    tensor: str
+    names: list[str]
+    cards: list[int]
+
+
+class _ManifestModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    schema_: Annotated[Literal["cachefit.shards/v1"], Field(alias="schema")]
+    plan_fingerprint: str
+    model_fingerprint: str
+    checkpoint_sha256: str
+    dtype: str
+    cards: list[_CardModel]
+    shared: list[_SharedModel] = []

@@ -1,0 +1,89 @@
+"""Checkpoints of the reference model: deterministic, seeded, safetensors (no pickle), with the spec inside."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from cachefit.nn import build_model
+from cachefit.sources.families import DenseSpec, LlamaSpec, Workload, dtype_bytes, spec_record
+from cachefit.sources.hf import TORCH_DTYPES
+
+__all__ = ["METADATA_KEY", "init_weights", "read_checkpoint_info", "spec_from_record"]
+
+METADATA_KEY = "cachefit"
+
+
+def spec_from_record(record: Mapping[str, Any] | None) -> DenseSpec | LlamaSpec:
+    """The spec a layer table or plan recorded (``spec`` field); ValueError if it has none."""
+    if not record or record.get("family") not in ("dense", "llama"):
+        raise ValueError("this plan's model has no dense/llama spec to build (it came from a layer table or a "
+                         "torch/HF profile); run plans made from a preset or a .toml spec")
+    fields = {key: value for key, value in record.items() if key not in ("family", "attention")}
+    return DenseSpec(**fields) if record["family"] == "dense" else LlamaSpec(**fields)
+
+
+def init_weights(spec: DenseSpec | LlamaSpec, work: Workload, out: str | Path, seed: int = 0) -> dict[str, Any]:
+    """Write the seeded reference model of ``spec`` to ``out`` (safetensors). A tied weight is stored once; the
+    metadata keeps the spec, seed and dtype. Returns the metadata."""
+    dtype = dtype_bytes(work.dtype)[0]
+    model = build_model(spec, dtype=TORCH_DTYPES[dtype], device="cpu", seed=seed)
+    info = {"spec": spec_record(spec, work), "seed": seed, "dtype": dtype}
+    target = Path(out)
+    if not target.parent.is_dir():
+        raise ValueError(f"cannot write {target}: folder {target.parent} does not exist")
+    temporary = target.with_name(f".{target.name}.partial")
+    # Tied parameters are stored once, under their first name in state-dict order; one metadata key, so the
+    # file is the same byte for byte in every process (safetensors' save_model orders aliases by hash seed).
+    stored: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            stored[name] = tensor.detach().contiguous()
+    try:
+        save_file(stored, str(temporary), metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
+        temporary.replace(target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return info
+
+
+def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """The metadata ``init_weights`` wrote; ValueError for a file that is not such a checkpoint."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{path} is not a cachefit checkpoint (no '{METADATA_KEY}' metadata); make one with "
+                         "cachefit init-weights")
+    info: dict[str, Any] = json.loads(metadata[METADATA_KEY])
+    return info
+
+
+def tensor_sources(spec: DenseSpec | LlamaSpec, stored: set[str]) -> dict[str, str]:
+    """{state-dict name: name stored in the checkpoint}: tied parameters appear under every name they have,
+    pointing at the one name the file keeps."""
+    model = build_model(spec, device="meta")
+    names: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(name)
+    sources = {}
+    for aliases in names.values():
+        kept = [name for name in aliases if name in stored]
+        if not kept:
+            raise ValueError(f"the checkpoint lacks {aliases[0]}: it does not match this plan's model")
+        sources.update({name: kept[0] for name in aliases})
+    return sources
+
+
+def checkpoint_dtype(info: Mapping[str, Any]) -> torch.dtype:
+    return TORCH_DTYPES[str(info["dtype"])]
