@@ -10,6 +10,7 @@ from cachefit.cli.devices import devices_command
 from cachefit.cli.export import export_command
 from cachefit.cli.plan import plan_command
 from cachefit.cli.profile import profile_command
+from cachefit.cli.run import run_command
 from cachefit.cli.shard import shard_command
 from cachefit.cli.weights import init_weights_command
 
@@ -31,7 +32,7 @@ def cli() -> None:
 
 
 for command in (devices_command, profile_command, plan_command, export_command, init_weights_command, shard_command,
-                demo_command):
+                run_command, demo_command):
     cli.add_command(command)
 
 

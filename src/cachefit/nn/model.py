@@ -58,6 +58,12 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.keys.numel() * self.keys.element_size()
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """The cache of sequences ``start..stop-1``: a view, no copy (micro-batches share one allocation)."""
+        view = KVCache.__new__(KVCache)
+        view.keys, view.values = self.keys[start:stop], self.values[start:stop]
+        return view
+
 
 def _rope(x: torch.Tensor, position: int) -> torch.Tensor:
     """Rotary position embedding (rotate-half form) for x of shape [..., q, e] at positions position.."""

@@ -1,0 +1,97 @@
+"""``cachefit run``: one process per card (torch.distributed.run), checked and measured."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+
+import click
+from rich.table import Table
+
+from cachefit._files import atomic_write_text
+from cachefit.cli._common import err, fail, handle_errors, out
+from cachefit.units import format_size
+
+
+@click.command("run")
+@click.argument("plan_file", metavar="PLAN")
+@click.option("--weights", required=True, type=click.Path(file_okay=False), help="The shard folder (cachefit shard).")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--micro-batches", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Micro-batches in flight (must divide the plan's batch).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the prompt tokens.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Threads per rank.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds a rank waits for a peer.")
+@click.option("--check", is_flag=True, help="Compare with the unpartitioned model: identical tokens required.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write the measurements as JSON.")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="Hosts (with torchrun).")
+@click.option("--rdzv-endpoint", help="HOST:PORT of the rendezvous for several hosts (default: loopback).")
+@click.option("--print-torchrun", is_flag=True, help="Print the torchrun command to run on each host, and stop.")
+@handle_errors
+def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, micro_batches: int, seed: int,
+                threads: int, timeout: float, check: bool, report: str | None, nnodes: int,
+                rdzv_endpoint: str | None, print_torchrun: bool) -> None:
+    """Run PLAN: one process per card (gloo on CPU, NCCL on CUDA), each loading only its shard, prefill in
+    micro-batches, then greedy decoding with the last card's tokens returning to the first.
+
+    \b
+    Examples:
+      cachefit run plan.json --weights shards/ --check
+      cachefit run plan.json --weights shards/ --prompt-len 32 --new-tokens 16 --micro-batches 4 --report run.json
+      cachefit run plan.json --weights shards/ --nnodes 2 --rdzv-endpoint 10.0.0.1:29500 --print-torchrun
+    """
+    from cachefit.plan import Plan
+    from cachefit.runtime.launch import RunOptions, check_run, run_plan, torchrun_command
+    from cachefit.runtime.summary import summarise
+
+    options = RunOptions(prompt_len, new_tokens, micro_batches, seed, threads, timeout, check, nnodes, rdzv_endpoint)
+    plan = Plan.read(plan_file)
+    if print_torchrun:
+        check_run(plan, weights, options)
+        click.echo(shlex.join(torchrun_command(plan_file, weights, "OUT_DIR", options, plan.cards)) +
+                   "   # on each host, with --node-rank N")
+        return
+    started = time.monotonic()
+    with err.status(f"running {plan.cards} ranks ...") as status:
+        try:
+            result = run_plan(plan_file, weights, options,
+                              progress=lambda now: status.update(f"running {plan.cards} ranks: "
+                                                                 f"{now - started:.0f} s"))
+        except RuntimeError as error:
+            fail(str(error), code=1)
+            return
+    summary = summarise(result.ranks, int(plan.model.batch or 1), prompt_len, new_tokens)
+    _print(summary, result.checked)
+    if report:
+        document = {"schema": "cachefit.run/v1", "plan": plan_file, "options": {
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "micro_batches": micro_batches, "seed": seed,
+            "threads": threads}, "check": result.checked, **summary}
+        atomic_write_text(report, json.dumps(document, indent=1) + "\n")
+        err.print(f"wrote {report}")
+
+
+def _print(summary: dict, checked: dict | None) -> None:
+    def number(value: float | None, digits: str = ".1f") -> str:
+        return "-" if value is None else format(value, digits)
+    out.print(f"prefill {number(summary['prefill_tokens_per_s'])} tokens/s (chunks of {summary['prefill_chunk']}); "
+              f"decode {number(summary['decode_tokens_per_s'])} tokens/s; TPOT median "
+              f"{number(summary['tpot_median_ms'], '.2f')} ms, p90 {number(summary['tpot_p90_ms'], '.2f')} ms")
+    view = Table(title="per card")
+    for header in ("card", "layers", "compute s", "wait s", "send s", "planned", "measured", "over plan"):
+        view.add_column(header, justify="right")
+    for card in summary["cards"]:
+        view.add_row(str(card["card"]), f"{card['layers'][0]}-{card['layers'][1]}", f"{card['compute_s']:.3f}",
+                     f"{card['wait_s']:.3f}", f"{card['send_s']:.3f}", format_size(card["planned_bytes"]),
+                     format_size(card["measured_bytes"]),
+                     format_size(card["over_plan_bytes"]) if card["over_plan_bytes"] else "-")
+    out.print(view)
+    if checked is not None:
+        out.print(f"check: tokens identical to the unpartitioned model; largest logit difference "
+                  f"{checked['max_logit_difference']:.3g}")
+    if any(card["over_plan_bytes"] for card in summary["cards"]):
+        out.print("note: measured bytes exceed the plan by each card's pre-allocated receive buffer, which the "
+                  "peak memory model does not count yet (docs/runtime.md)")
+    sys.stdout.flush()

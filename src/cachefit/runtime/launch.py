@@ -1,0 +1,208 @@
+"""``cachefit run``: start one process per card with PyTorch's launcher, watch it, gather and check the results."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from cachefit.plan import Plan
+from cachefit.runtime.shard import Manifest, verify_card
+from cachefit.runtime.weights import spec_from_record
+
+__all__ = ["RunOptions", "RunResult", "run_plan", "torchrun_command"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    prompt_len: int = 16
+    new_tokens: int = 8
+    micro_batches: int = 2
+    seed: int = 0
+    threads: int = 1
+    timeout: float = 30.0
+    check: bool = False
+    nnodes: int = 1
+    rdzv_endpoint: str | None = None
+
+
+@dataclass
+class RunResult:
+    ranks: list[dict[str, Any]]
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    checked: dict[str, Any] | None = None
+    log: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def torchrun_command(plan_file: str, weights: str, out: str, options: RunOptions, cards: int) -> list[str]:
+    """The torch.distributed.run command line; across hosts, run it on each with --node-rank set."""
+    endpoint = options.rdzv_endpoint or f"127.0.0.1:{_free_port()}"
+    per_node = cards // options.nnodes
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(options.nnodes),
+            "--nproc-per-node", str(per_node), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+            "--max-restarts", "0", "--monitor-interval", "0.2", "-m", "cachefit.runtime.worker",
+            "--plan", plan_file, "--weights", weights, "--out", out, "--prompt-len", str(options.prompt_len),
+            "--new-tokens", str(options.new_tokens), "--micro-batches", str(options.micro_batches),
+            "--seed", str(options.seed), "--timeout", str(options.timeout), "--threads", str(options.threads)]
+
+
+def check_run(plan: Plan, weights: str | Path, options: RunOptions) -> None:
+    """Everything that can be refused before a process starts: the plan, the sizes, every shard."""
+    if not plan.feasible:
+        raise ValueError("the plan is not feasible: nothing to run")
+    spec = spec_from_record(plan.model.spec)
+    vocab = getattr(spec, "vocab", 0)
+    if not vocab:
+        raise ValueError(f"{plan.model.name} has no vocabulary (embedding and head): cachefit run generates tokens")
+    batch, seq = int(plan.model.batch or 1), int(plan.model.seq or 0)
+    if options.prompt_len + options.new_tokens > seq + 1:
+        raise ValueError(f"prompt ({options.prompt_len}) + new tokens ({options.new_tokens}) exceed the {seq} tokens "
+                         "of KV cache the plan counted; plan with a larger --seq or generate fewer")
+    if options.micro_batches < 1 or batch % options.micro_batches:
+        raise ValueError(f"--micro-batches ({options.micro_batches}) must divide the plan's batch ({batch})")
+    if options.nnodes < 1 or plan.cards % options.nnodes:
+        raise ValueError(f"--nnodes ({options.nnodes}) must divide the plan's {plan.cards} cards")
+    Manifest.read(Path(weights))
+    for card in range(plan.cards):
+        verify_card(weights, card, plan)
+
+
+def run_plan(plan_file: str, weights: str, options: RunOptions,
+             progress: Callable[[float], None] | None = None) -> RunResult:
+    plan = Plan.read(plan_file)
+    check_run(plan, weights, options)
+    with tempfile.TemporaryDirectory(prefix="cachefit-run-") as out:
+        command = torchrun_command(str(Path(plan_file).resolve()), str(Path(weights).resolve()), out, options,
+                                   plan.cards)
+        env = {**os.environ, "OMP_NUM_THREADS": str(options.threads), "GLOO_SOCKET_IFNAME": "lo"}
+        log = _launch(command, env, plan, options, progress)
+        ranks = [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(plan.cards)]
+        outputs = load_file(str(Path(out, "outputs.safetensors")))
+    result = RunResult(ranks, outputs["tokens"], outputs["logits"], log=log)
+    if options.check:
+        result.checked = reference_check(plan, weights, options, result)
+    return result
+
+
+def _launch(command: list[str], env: dict[str, str], plan: Plan, options: RunOptions,
+            progress: Callable[[float], None] | None) -> str:
+    """Run torchrun in its own process group; any failure ends the whole job, naming the rank and its error."""
+    out = Path(command[command.index("--out") + 1])
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    limit = time.monotonic() + options.timeout * 4 + 60
+    try:
+        while process.poll() is None:
+            if progress is not None:
+                progress(time.monotonic())
+            if time.monotonic() > limit:
+                _stop(process)
+                raise RuntimeError(f"the run did not finish within {options.timeout * 4 + 60:.0f} s; stopped it")
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        _stop(process)
+        raise
+    log = process.stdout.read() if process.stdout else ""
+    if process.returncode != 0:
+        raise RuntimeError(_failure(out, log, process.returncode))
+    return log
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    """SIGTERM the whole process group (torchrun and its workers), then SIGKILL what is left: no orphans."""
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _failure(out: Path, log: str, code: int) -> str:
+    """Which rank failed first and how: torchrun's root cause (the first observed failure), with that rank's
+    own error when it wrote one; a killed rank writes nothing, and its peers only see a reset connection."""
+    root = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", log, re.S)
+    if root:
+        rank, exit_code = root.group(1), int(root.group(2))
+        own = out / f"error-rank{rank}.txt"
+        if own.exists():
+            return f"rank {rank} failed: {own.read_text().strip()}"
+        how = f"killed by signal {-exit_code}" if exit_code < 0 else f"exited with code {exit_code}"
+        return f"rank {rank} failed: {how}"
+    errors = sorted(out.glob("error-rank*.txt"))
+    if errors:
+        return f"{errors[0].stem.replace('error-rank', 'rank ')} failed: {errors[0].read_text().strip()}"
+    tail = "\n".join(log.strip().splitlines()[-5:])
+    return f"the run failed (launcher exit code {code}):\n{tail}"
+
+
+def reference_check(plan: Plan, weights: str | Path, options: RunOptions, result: RunResult) -> dict[str, Any]:
+    """The unpartitioned model, in this process, on the same prompts and micro-batch shapes: identical tokens,
+    logits within tolerance, or an error."""
+    from cachefit.nn import KVCache, build_model
+    from cachefit.runtime.worker import prompts
+    from cachefit.sources.hf import TORCH_DTYPES
+
+    spec, dtype = spec_from_record(plan.model.spec), TORCH_DTYPES[str(plan.model.dtype)]
+    model = build_model(spec, dtype=dtype, seed=None)
+    state = {}
+    for card in Manifest.read(Path(weights)).cards:
+        state.update(load_file(str(Path(weights) / card.file)))
+    model.load_state_dict(state)
+    batch, seq = int(plan.model.batch or 1), int(plan.model.seq or 0)
+    size = batch // options.micro_batches
+    prompt = prompts(spec.vocab, batch, options.prompt_len, options.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(options.threads)
+    try:
+        tokens, logits = _generate(model, prompt, size, seq, options.new_tokens, dtype, KVCache)
+    finally:
+        torch.set_num_threads(threads)
+    same = bool(torch.equal(tokens, result.tokens))
+    difference = float((logits.float() - result.logits).abs().max())
+    if not same or difference > 1e-3:
+        raise RuntimeError(f"--check failed: tokens {'match' if same else 'differ'}, largest logit difference "
+                           f"{difference:.3g} against the unpartitioned model")
+    return {"tokens_identical": same, "max_logit_difference": difference}
+
+
+@torch.no_grad()
+def _generate(model: Any, prompt: torch.Tensor, size: int, seq: int, steps: int, dtype: torch.dtype,
+              cache_type: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    config = model.config
+    tokens, logits = [], []
+    for start in range(0, prompt.shape[0], size):
+        caches = [cache_type(size, config.kv_heads, seq, config.head_dim, dtype) for _ in range(config.layers)]
+        out = model(prompt[start:start + size], caches, 0)
+        chosen = [out.argmax(dim=-1)]
+        for step in range(1, steps):
+            out = model(chosen[-1].unsqueeze(1), caches, prompt.shape[1] + step - 1)
+            chosen.append(out.argmax(dim=-1))
+        tokens.append(torch.stack(chosen, dim=1))
+        logits.append(out)
+    return torch.cat(tokens), torch.cat(logits)

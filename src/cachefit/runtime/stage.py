@@ -1,0 +1,55 @@
+"""One card's partition of the reference model: only its layers, loaded from its shard, with its KV cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from cachefit.nn.model import Block, Head, KVCache, ModelConfig
+from cachefit.plan import Partition
+from cachefit.sources.families import DenseSpec, LlamaSpec
+
+__all__ = ["Stage"]
+
+
+class Stage(nn.Module):
+    """Layers ``first..last`` of the plan's model. Module names follow the full model (``embed``,
+    ``layers.N``, ``head``), so the shard's tensor names load as they are."""
+
+    def __init__(self, spec: DenseSpec | LlamaSpec, part: Partition, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        config = ModelConfig.of(spec)
+        self.config = config
+        names = set(part.modules or part.layers)
+        with torch.device(device):
+            self.embed = nn.Embedding(config.vocab, config.hidden) if "embed" in names else None
+            self.layers = nn.ModuleDict({name.split(".")[1]: Block(config) for name in part.layers
+                                         if name.startswith("layers.")})
+            self.head = Head(config, None) if "head" in names else None
+        self.to(dtype)
+        self.first = part.first == 0
+        self.last = self.head is not None
+
+    def load_shard(self, path: Path) -> None:
+        tensors = load_file(str(path))
+        missing, unexpected = self.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"shard {path} does not fit this card's layers: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+
+    def make_caches(self, batch: int, length: int, dtype: torch.dtype, device: str = "cpu") -> dict[str, KVCache]:
+        """KV caches of this card's blocks for ``batch`` sequences of ``length`` tokens, allocated now."""
+        config = self.config
+        return {index: KVCache(batch, config.kv_heads, length, config.head_dim, dtype, device)
+                for index in self.layers}
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, caches: dict[str, KVCache] | None, position: int) -> torch.Tensor:
+        hidden = self.embed(x) if self.embed is not None else x
+        for index, block in self.layers.items():
+            hidden = block(hidden, caches[index] if caches is not None else None, position)
+        return self.head(hidden) if self.head is not None else hidden

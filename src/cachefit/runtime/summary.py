@@ -1,0 +1,39 @@
+"""The measured numbers of a run, from each rank's report: throughput, time per output token, time split, memory."""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from typing import Any
+
+__all__ = ["summarise"]
+
+
+def _percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def summarise(ranks: list[dict[str, Any]], batch: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
+    """Prefill tokens/s (prompt tokens over the time to the first generated token), decode tokens/s and time per
+    output token (gaps between a sequence's consecutive tokens, at the last card), and per card: compute, wait,
+    send seconds and measured bytes against the plan."""
+    last = ranks[-1]
+    gaps = [later - earlier for times in last["token_times"] for earlier, later in itertools.pairwise(times)]
+    decode_s = last["total_s"] - last["prefill_s"]
+    cards = []
+    for rank in ranks:
+        measured = sum(rank["memory"].values())
+        cards.append({"card": rank["card"], "layers": [rank["first"], rank["last"]], "compute_s": rank["compute_s"],
+                      "wait_s": rank["wait_s"], "send_s": rank["send_s"], "planned_bytes": rank["planned_bytes"],
+                      "measured_bytes": measured, "over_plan_bytes": max(0, measured - rank["planned_bytes"]),
+                      "memory": rank["memory"]})
+    return {
+        "prefill_tokens_per_s": batch * prompt_len / last["prefill_s"] if last["prefill_s"] else None,
+        "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None,
+        "tpot_median_ms": statistics.median(gaps) * 1e3 if gaps else None,
+        "tpot_p90_ms": _percentile(gaps, 0.9) * 1e3 if gaps else None,
+        "total_s": max(rank["total_s"] for rank in ranks),
+        "prefill_chunk": last.get("prefill_chunk"),
+        "cards": cards,
+    }

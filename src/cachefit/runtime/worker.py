@@ -1,0 +1,202 @@
+"""One rank of ``cachefit run``, started by torch.distributed.run: verify, load, pre-allocate, then pipeline.
+
+Schedule (point-to-point, forward only): prefill sends each micro-batch's hidden state on as soon as it is done,
+so card k works on micro-batch m while card k+1 works on m-1; decode sends one token per sequence card to card,
+and the last card's greedy token returns to the first, with every micro-batch in flight. Sends are non-blocking
+(a rank never waits on a peer that is itself sending); receives block, and that time is reported as waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from cachefit.plan import Plan
+from cachefit.runtime.measure import PeakTracker, tensor_bytes
+from cachefit.runtime.shard import verify_card
+from cachefit.runtime.stage import Stage
+from cachefit.runtime.weights import spec_from_record
+from cachefit.sources.hf import TORCH_DTYPES
+
+__all__ = ["main", "prompts"]
+
+FAULT_VARIABLE = "CACHEFIT_INJECT_FAULT"   # tests only: "RANK:kill" or "RANK:raise" after the prefill
+
+
+def prompts(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
+    """The prompt token ids every run (and its --check) uses: seeded, the same on every rank."""
+    return torch.randint(vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.compute = self.wait = self.send = 0.0
+
+    def timed(self, kind: str, function: Any, *args: Any) -> Any:
+        start = time.perf_counter()
+        result = function(*args)
+        setattr(self, kind, getattr(self, kind) + time.perf_counter() - start)
+        return result
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="cachefit-worker")
+    parser.add_argument("--plan", required=True)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--prompt-len", type=int, required=True)
+    parser.add_argument("--new-tokens", type=int, required=True)
+    parser.add_argument("--micro-batches", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--threads", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _arguments(argv)
+    rank = int(os.environ["RANK"])
+    try:
+        _run(args, rank, int(os.environ["WORLD_SIZE"]))
+    except Exception as error:
+        Path(args.out, f"error-rank{rank}.txt").write_text(f"{type(error).__name__}: {error}\n")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int, world: int) -> None:
+    plan = Plan.read(args.plan)
+    if world != plan.cards:
+        raise ValueError(f"{world} processes for a plan of {plan.cards} cards")
+    entry = verify_card(args.weights, rank, plan)             # before any compute: tampered or foreign shards
+    torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
+    spec, dtype = spec_from_record(plan.model.spec), TORCH_DTYPES[str(plan.model.dtype)]
+    stage = Stage(spec, plan.partitions[rank], device, dtype).eval()
+    stage.load_shard(Path(args.weights) / entry.file)
+    batch, micro, seq = int(plan.model.batch or 1), args.micro_batches, int(plan.model.seq or 0)
+    size = batch // micro
+    chunk = prefill_chunk(plan, size, args.prompt_len)
+    caches = stage.make_caches(batch, seq, dtype, device)
+    rows = [{index: cache.rows(m * size, (m + 1) * size) for index, cache in caches.items()} for m in range(micro)]
+    hidden = stage.config.hidden
+    # One receive buffer serves every micro-batch: each message is consumed before the next one is received.
+    inbox = {"hidden": torch.empty(size * chunk * hidden, dtype=dtype, device=device),
+             "token": torch.empty(size, dtype=torch.long, device=device)}
+    transient = _transient_peak(stage, rows[0], size, chunk, seq, hidden, dtype, device)
+    memory = {"weights": tensor_bytes(list(stage.state_dict().values())), "kv_cache": tensor_bytes(
+        [t for cache in caches.values() for t in (cache.keys, cache.values)]), "buffers": tensor_bytes(inbox),
+        "transient_peak": transient}
+    outcome = _pipeline(args, rank, world, stage, rows, inbox, prompts(stage.config.vocab, batch, args.prompt_len,
+                                                                       args.seed).to(device), size, chunk, device)
+    report = {"rank": rank, "card": rank, "first": plan.partitions[rank].first, "last": plan.partitions[rank].last,
+              "planned_bytes": plan.partitions[rank].footprint_bytes, "memory": memory, **outcome["timing"]}
+    Path(args.out, f"rank{rank}.json").write_text(json.dumps(report))
+    if stage.last:
+        save_file({"tokens": outcome["tokens"].cpu(), "logits": outcome["logits"].float().cpu()},
+                  str(Path(args.out, "outputs.safetensors")))
+
+
+def prefill_chunk(plan: Plan, size: int, prompt_len: int) -> int:
+    """Prompt tokens per sequence per pass, so that a pass of ``size`` sequences carries no more tokens than the
+    plan counted (batch x 1 for a decode plan, batch x seq for a prefill plan): the run then holds no larger
+    activations or workspace than the plan, and a decode plan's cards run its prompts in chunks."""
+    per_pass = int(plan.model.batch or 1) * (1 if plan.model.phase == "decode" else int(plan.model.seq or 1))
+    return max(1, min(prompt_len, per_pass // size))
+
+
+def _transient_peak(stage: Stage, rows: dict[str, Any], size: int, chunk: int, seq: int, hidden: int,
+                    dtype: torch.dtype, device: str) -> int:
+    """Peak bytes the largest pass allocates on this card: a chunk at the end of the context (a local pass; the
+    positions it writes lie beyond the run's, or are rewritten by it)."""
+    x = (torch.zeros(size, chunk, dtype=torch.long, device=device) if stage.first
+         else torch.zeros(size, chunk, hidden, dtype=dtype, device=device))
+    with PeakTracker() as tracker:
+        stage(x, rows, seq - chunk)
+    return tracker.peak
+
+
+def _passes(prompt_len: int, steps: int, chunk: int) -> list[tuple[int, int]]:
+    """(position, tokens) of every pass: the prompt in chunks, then one token per decode step."""
+    prefill = [(start, min(chunk, prompt_len - start)) for start in range(0, prompt_len, chunk)]
+    return prefill + [(prompt_len + step - 1, 1) for step in range(1, steps)]
+
+
+def _pipeline(args: argparse.Namespace, rank: int, world: int, stage: Stage, rows: list[dict[str, Any]],
+              inbox: dict[str, torch.Tensor], prompt: torch.Tensor, size: int, chunk: int,
+              device: str) -> dict[str, Any]:
+    clock, pending = Clock(), []
+    previous, following, last_rank = rank - 1, rank + 1, world - 1
+    micro, steps, hidden = len(rows), args.new_tokens, stage.config.hidden
+    passes = _passes(args.prompt_len, steps, chunk)
+    prefill_passes = len(passes) - (steps - 1)
+    tokens = torch.zeros(micro * size, steps, dtype=torch.long, device=device)
+    logits = torch.zeros(0)
+    token_times: list[list[float]] = [[] for _ in range(micro)]
+    dist.barrier()
+    start = time.perf_counter()
+    prefill_done = 0.0
+    for index, (position, length) in enumerate(passes):
+        step = max(0, index - prefill_passes + 1)           # the token this pass produces (0: from the prompt)
+        emits = index >= prefill_passes - 1
+        for m in range(micro):
+            rows_m = slice(m * size, (m + 1) * size)
+            if stage.first and step == 0:
+                x = prompt[rows_m, position:position + length]
+            elif stage.first:
+                if world > 1:
+                    clock.timed("wait", dist.recv, inbox["token"], last_rank)
+                x = (inbox["token"] if world > 1 else tokens[rows_m, step - 1]).unsqueeze(1)
+            else:
+                x = inbox["hidden"][:size * length * hidden].view(size, length, hidden)
+                clock.timed("wait", dist.recv, x, previous)
+            out = clock.timed("compute", stage, x, rows[m], position)
+            if not stage.last:
+                pending.append(dist.isend(out.contiguous(), following))
+            elif emits:
+                chosen = out.argmax(dim=-1)
+                tokens[rows_m, step] = chosen
+                token_times[m].append(time.perf_counter() - start)
+                if step == steps - 1:
+                    logits = out if m == 0 else torch.cat((logits, out))
+                elif world > 1:
+                    pending.append(dist.isend(chosen.contiguous(), 0))
+        if index == prefill_passes - 1:
+            prefill_done = time.perf_counter() - start
+            _inject_fault(rank)
+    for handle in pending:
+        if handle is not None:
+            clock.timed("send", handle.wait)
+    dist.barrier()
+    total = time.perf_counter() - start
+    return {"tokens": tokens, "logits": logits, "timing": {
+        "compute_s": clock.compute, "wait_s": clock.wait, "send_s": clock.send, "total_s": total,
+        "prefill_s": prefill_done, "prefill_chunk": chunk, "token_times": token_times}}
+
+
+def _inject_fault(rank: int) -> None:
+    """Testing hook (CACHEFIT_INJECT_FAULT=RANK:kill|raise): fail this rank right after its prefill."""
+    target, _, how = os.environ.get(FAULT_VARIABLE, "").partition(":")
+    if target == str(rank):
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault on rank {rank}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

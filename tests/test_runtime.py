@@ -1,0 +1,89 @@
+"""cachefit run on gloo, several processes: identical tokens with 2 and 3 ranks, a killed or failing rank ends
+the job naming it, a tampered shard is refused before any process starts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from click.testing import CliRunner  # noqa: E402
+
+import cachefit  # noqa: E402
+from cachefit.cli import cli  # noqa: E402
+from cachefit.runtime import init_weights, shard_checkpoint  # noqa: E402
+from cachefit.runtime.launch import RunOptions, run_plan  # noqa: E402
+from cachefit.sources import TorchOptions, presets  # noqa: E402
+
+SHORT = RunOptions(prompt_len=6, new_tokens=4, micro_batches=2, timeout=20)
+
+
+def prepared(folder: Path, model: str, cards: int) -> tuple[Path, Path]:
+    """A measured plan over ``cards`` cards, seeded weights and their shards."""
+    preset = presets()[model]
+    table = cachefit.load_model(model, torch_options=TorchOptions(measure=True))
+    plan = cachefit.plan(table, capacity="8MiB", cards=cards)
+    assert plan.feasible and plan.cards == cards
+    plan_file, weights = folder / "plan.json", folder / "weights.safetensors"
+    plan.write(plan_file)
+    init_weights(preset.spec, preset.workload, weights, seed=2)
+    shard_checkpoint(plan, weights, folder / "shards")
+    return plan_file, folder / "shards"
+
+
+def no_workers_left() -> bool:
+    found = subprocess.run(["pgrep", "-f", "cachefit.runtime.worker"], capture_output=True, text=True)
+    return found.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(("model", "cards"), [("tiny-llama", 2), ("tiny-dense4", 3)])
+def test_pipeline_matches_the_unpartitioned_model(tmp_path: Path, model: str, cards: int) -> None:
+    plan_file, shards = prepared(tmp_path, model, cards)
+    result = run_plan(str(plan_file), str(shards), RunOptions(prompt_len=6, new_tokens=4, micro_batches=2,
+                                                              check=True, timeout=20))
+    assert result.checked is not None and result.checked["tokens_identical"]
+    assert result.checked["max_logit_difference"] <= 1e-3
+    assert result.tokens.shape == (presets()[model].workload.batch, 4)
+    assert [rank["card"] for rank in result.ranks] == list(range(cards))
+    for rank in result.ranks:
+        assert rank["memory"]["weights"] > 0 and rank["memory"]["kv_cache"] > 0 and rank["compute_s"] > 0
+
+
+@pytest.mark.parametrize(("fault", "message"), [("1:kill", "rank 1 failed: killed by signal 9"),
+                                                 ("1:raise", "rank 1 failed: RuntimeError: injected fault")])
+def test_a_failing_rank_ends_the_job_and_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str,
+                                                  message: str) -> None:
+    plan_file, shards = prepared(tmp_path, "tiny-llama", 3)
+    monkeypatch.setenv("CACHEFIT_INJECT_FAULT", fault)
+    with pytest.raises(RuntimeError, match=message):
+        run_plan(str(plan_file), str(shards), SHORT)
+    assert no_workers_left()
+
+
+def test_cli_run_reports_and_refuses_tampered_shards(tmp_path: Path) -> None:
+    plan_file, shards = prepared(tmp_path, "tiny-llama", 2)
+    report = tmp_path / "run.json"
+    result = CliRunner().invoke(cli, ["run", str(plan_file), "--weights", str(shards), "--prompt-len", "6",
+                                      "--new-tokens", "4", "--check", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(report.read_text())
+    assert document["check"]["tokens_identical"] and document["decode_tokens_per_s"] > 0
+    assert len(document["cards"]) == 2 and document["tpot_median_ms"] > 0
+    shard = shards / "card-1.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\x00")
+    result = CliRunner().invoke(cli, ["run", str(plan_file), "--weights", str(shards)])
+    assert result.exit_code == 2 and "card 1: shard" in result.stderr and "tampered" in result.stderr
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"micro_batches": 3}, r"--micro-batches \(3\) must divide the plan's batch \(2\)"),
+    ({"prompt_len": 60, "new_tokens": 10}, "exceed the 64 tokens of KV cache"),
+])
+def test_bad_run_options_are_refused_before_starting(tmp_path: Path, options: dict[str, int], message: str) -> None:
+    plan_file, shards = prepared(tmp_path, "tiny-llama", 2)
+    with pytest.raises(ValueError, match=message):
+        run_plan(str(plan_file), str(shards), RunOptions(**options))
