@@ -10,8 +10,9 @@ from cachefit.layers import LayerTable
 
 
 def footprint(table: LayerTable, model: str, first: int, last: int) -> int:
-    """DESIGN.md: sum = sum(W+K+A+B); peak = sum(W+K) + max(in_l + A_l + B_l); plus shared tensors whose owner is
-    outside the partition and which a layer inside uses (counted once each)."""
+    """DESIGN.md: sum = sum(W+K+A+B); peak = sum(W+K) + max(in_l + A_l + B_l); pipeline = peak + the largest
+    activation between layers; plus shared tensors whose owner is outside the partition and which a layer inside
+    uses (counted once each)."""
     if last < first:
         return 0
     layers = table.layers
@@ -23,7 +24,10 @@ def footprint(table: LayerTable, model: str, first: int, last: int) -> int:
         return weights_kv + sum(layers[i].activation_bytes + layers[i].workspace_bytes for i in inside)
     def incoming(i: int) -> int:
         return table.input_bytes if i == 0 else layers[i - 1].activation_bytes
-    return weights_kv + max(incoming(i) + layers[i].activation_bytes + layers[i].workspace_bytes for i in inside)
+    # pipeline: a receive buffer of the largest activation passed between layers, on every card
+    receive = max((x.activation_bytes for x in layers[:-1]), default=0) if model == "pipeline" else 0
+    return weights_kv + receive + max(incoming(i) + layers[i].activation_bytes + layers[i].workspace_bytes
+                                      for i in inside)
 
 
 def compositions(layers: int, cards: int) -> Iterator[list[tuple[int, int]]]:

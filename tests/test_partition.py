@@ -24,7 +24,7 @@ from cachefit.partition import (
 import reference
 from strategies import tables
 
-MODELS = st.sampled_from(["sum", "peak"])
+MODELS = st.sampled_from(["sum", "peak", "pipeline"])
 
 
 def runs_of(lasts: tuple[int, ...]) -> list[tuple[int, int]]:

@@ -94,7 +94,7 @@ def test_bad_arguments_raise_with_the_value(kwargs: dict[str, object], message: 
         make_plan(FOUR, **kwargs)  # type: ignore[arg-type]
 
 
-@given(tables(max_layers=6), st.sampled_from(["sum", "peak"]), st.integers(1, 120), st.booleans())
+@given(tables(max_layers=6), st.sampled_from(["sum", "peak", "pipeline"]), st.integers(1, 120), st.booleans())
 def test_plans_are_consistent_and_round_trip(table: LayerTable, model: str, capacity: int, balanced: bool) -> None:
     plan = make_plan(table, [capacity], memory_model=model, strategy="balanced" if balanced else "greedy")  # type: ignore[arg-type]
     assert Plan.from_dict(json.loads(plan.to_json())) == plan

@@ -26,7 +26,7 @@ def prepared(folder: Path, model: str, cards: int) -> tuple[Path, Path]:
     """A measured plan over ``cards`` cards, seeded weights and their shards."""
     preset = presets()[model]
     table = cachefit.load_model(model, torch_options=TorchOptions(measure=True))
-    plan = cachefit.plan(table, capacity="8MiB", cards=cards)
+    plan = cachefit.plan(table, capacity="8MiB", cards=cards, memory_model="pipeline")
     assert plan.feasible and plan.cards == cards
     plan_file, weights = folder / "plan.json", folder / "weights.safetensors"
     plan.write(plan_file)
@@ -51,6 +51,8 @@ def test_pipeline_matches_the_unpartitioned_model(tmp_path: Path, model: str, ca
     assert [rank["card"] for rank in result.ranks] == list(range(cards))
     for rank in result.ranks:
         assert rank["memory"]["weights"] > 0 and rank["memory"]["kv_cache"] > 0 and rank["compute_s"] > 0
+        # The plan never under-counts: weights + KV cache + receive buffers + the largest pass's transients.
+        assert sum(rank["memory"].values()) <= rank["planned_bytes"], rank
 
 
 @pytest.mark.parametrize(("fault", "message"), [("1:kill", "rank 1 failed: killed by signal 9"),
@@ -87,3 +89,16 @@ def test_bad_run_options_are_refused_before_starting(tmp_path: Path, options: di
     plan_file, shards = prepared(tmp_path, "tiny-llama", 2)
     with pytest.raises(ValueError, match=message):
         run_plan(str(plan_file), str(shards), RunOptions(**options))
+
+
+def test_plans_that_would_under_count_are_refused(tmp_path: Path) -> None:
+    _, shards = prepared(tmp_path, "tiny-llama", 2)
+    closed_form = cachefit.plan("tiny-llama", capacity="8MiB", cards=2, memory_model="pipeline")
+    closed_form.write(tmp_path / "closed.json")
+    with pytest.raises(ValueError, match="of closed-form sizes: re-plan with cachefit plan tiny-llama --measure"):
+        run_plan(str(tmp_path / "closed.json"), str(shards), SHORT)
+    peak = cachefit.plan(cachefit.load_model("tiny-llama", torch_options=TorchOptions(measure=True)),
+                         capacity="8MiB", cards=2)
+    peak.write(tmp_path / "peak.json")
+    with pytest.raises(ValueError, match="this plan is 'peak'"):
+        run_plan(str(tmp_path / "peak.json"), str(shards), SHORT)

@@ -5,6 +5,9 @@ With W weights, K KV cache, A output activation, B workspace of layer l and in_l
 - ``sum`` (the seed's additive model):  F(i,j) = sum_{l=i..j} (W_l + K_l + A_l + B_l)
 - ``peak`` (default; a partition runs layer by layer and reuses its buffers):
   F(i,j) = sum_{l=i..j} (W_l + K_l) + max_{l=i..j} (in_l + A_l + B_l)
+- ``pipeline`` (what ``cachefit run`` holds): ``peak`` plus the receive buffer a card keeps for the whole run,
+  sized for the largest activation passed between layers, R = max_{l<n-1} A_l, on every card. A constant per
+  card keeps footprints growing with the interval (it is added to every transient term: max(t + R) = max t + R).
 
 Because in_l depends only on l, both are "additive part + range maximum of a fixed per-layer term", and both grow
 when an interval grows; the partitioners rely on that. A tensor that a layer shares with an earlier owner (a tied
@@ -30,11 +33,12 @@ __all__ = [
     "SharedUse",
     "breakdown",
     "interval_cost",
+    "receive_buffer_bytes",
     "shared_bytes",
 ]
 
-MemoryModel = Literal["sum", "peak"]
-MEMORY_MODELS: tuple[MemoryModel, ...] = ("peak", "sum")
+MemoryModel = Literal["sum", "peak", "pipeline"]
+MEMORY_MODELS: tuple[MemoryModel, ...] = ("peak", "sum", "pipeline")
 Int64Array = npt.NDArray[np.int64]
 
 
@@ -184,13 +188,21 @@ def shared_bytes(uses: tuple[SharedUse, ...], first: int, last: int) -> int:
 def interval_cost(table: LayerTable, model: MemoryModel) -> IntervalCost:
     """The memory model ``model`` over ``table`` as arrays for the partitioners."""
     if model not in MEMORY_MODELS:
-        raise ValueError(f"memory_model must be 'peak' or 'sum', got {model!r}")
+        raise ValueError(f"memory_model must be one of {', '.join(MEMORY_MODELS)}, got {model!r}")
     columns = _columns(table)
     weights, activations, workspace, kv_cache = columns
     if model == "sum":
         return IntervalCost(weights + kv_cache + activations + workspace, None, _shared_uses(table))
     inputs = np.concatenate(([table.input_bytes], activations[:-1])).astype(np.int64)
-    return IntervalCost(weights + kv_cache, inputs + activations + workspace, _shared_uses(table))
+    transient = inputs + activations + workspace + receive_buffer_bytes(table, model)
+    return IntervalCost(weights + kv_cache, transient, _shared_uses(table))
+
+
+def receive_buffer_bytes(table: LayerTable, model: MemoryModel) -> int:
+    """``pipeline``: the receive buffer every card keeps, the largest activation passed between layers."""
+    if model != "pipeline" or len(table.layers) < 2:
+        return 0
+    return max(layer.activation_bytes for layer in table.layers[:-1])
 
 
 def breakdown(table: LayerTable, model: MemoryModel, first: int, last: int) -> Breakdown:
@@ -202,10 +214,13 @@ def breakdown(table: LayerTable, model: MemoryModel, first: int, last: int) -> B
     if model == "sum":
         return Breakdown(weights, sum(x.activation_bytes for x in layers), sum(x.workspace_bytes for x in layers),
                          kv_cache)
+    receive = receive_buffer_bytes(table, model)
+
     def transient(index: int) -> tuple[int, int]:
         layer = table.layers[index]
         incoming = table.input_bytes if index == 0 else table.layers[index - 1].activation_bytes
-        return incoming + layer.activation_bytes + layer.workspace_bytes, incoming + layer.activation_bytes
+        held = incoming + layer.activation_bytes + receive
+        return held + layer.workspace_bytes, held
     peak_index = max(range(first, last + 1), key=lambda index: transient(index)[0])
     total, activation = transient(peak_index)
     return Breakdown(weights, activation, total - activation, kv_cache)

@@ -202,7 +202,7 @@ def _infeasible(base: dict[str, Any], capacities: tuple[int, ...], count: int, c
 def _check_arguments(capacity_bytes: Sequence[int], cards: int | None, memory_model: str, strategy: str
                      ) -> tuple[int, ...]:
     if memory_model not in MEMORY_MODELS:
-        raise ValueError(f"memory_model must be 'peak' or 'sum', got {memory_model!r}")
+        raise ValueError(f"memory_model must be one of {', '.join(MEMORY_MODELS)}, got {memory_model!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be 'balanced' or 'greedy', got {strategy!r}")
     capacities = tuple(capacity_bytes)

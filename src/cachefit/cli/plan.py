@@ -29,8 +29,9 @@ from cachefit.plan import Strategy
 @click.option("--cards", type=click.IntRange(min=1), help="Exactly K cards (default: the fewest that fit).")
 @click.option("--strategy", type=click.Choice(["balanced", "greedy"]), default="balanced", show_default=True,
               help="balanced: least bottleneck (proven); greedy: the seed's fill-in-order.")
-@click.option("--memory-model", type=click.Choice(["peak", "sum"]), default="peak", show_default=True,
-              help="peak: buffers reused layer by layer; sum: the seed's additive model.")
+@click.option("--memory-model", type=click.Choice(["peak", "sum", "pipeline"]), default="peak", show_default=True,
+              help="peak: buffers reused layer by layer; sum: the seed's additive model; pipeline: peak plus the "
+                   "receive buffer cachefit run keeps on each card.")
 @model_options
 @click.option("--devices-file", type=click.Path(dir_okay=False), help="TOML adding devices or overriding figures.")
 @click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True)

@@ -72,6 +72,14 @@ def check_run(plan: Plan, weights: str | Path, options: RunOptions) -> None:
     if not plan.feasible:
         raise ValueError("the plan is not feasible: nothing to run")
     spec = spec_from_record(plan.model.spec)
+    if plan.model.phase != "decode":
+        raise ValueError(f"cachefit run generates tokens, which needs the KV cache a decode plan counts; this plan "
+                         f"is for {plan.model.phase}: re-plan with --phase decode")
+    if plan.memory_model != "pipeline" or not (plan.model.spec or {}).get("measured"):
+        raise ValueError(f"cachefit run holds what a 'pipeline' plan of the measured reference module counts (its "
+                         f"receive buffers, its real transients); this plan is '{plan.memory_model}'"
+                         f"{'' if (plan.model.spec or {}).get('measured') else ' of closed-form sizes'}: re-plan "
+                         f"with cachefit plan {plan.model.name} --measure --memory-model pipeline ...")
     vocab = getattr(spec, "vocab", 0)
     if not vocab:
         raise ValueError(f"{plan.model.name} has no vocabulary (embedding and head): cachefit run generates tokens")

@@ -91,13 +91,16 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> None:
     stage.load_shard(Path(args.weights) / entry.file)
     batch, micro, seq = int(plan.model.batch or 1), args.micro_batches, int(plan.model.seq or 0)
     size = batch // micro
-    chunk = prefill_chunk(plan, size, args.prompt_len)
+    # A decode plan counts one token per sequence per pass (its activations, and its measured workspace with no
+    # causal mask); the prompt goes through the pipeline the same way, one token per pass, so no pass holds more.
+    chunk = 1
     caches = stage.make_caches(batch, seq, dtype, device)
     rows = [{index: cache.rows(m * size, (m + 1) * size) for index, cache in caches.items()} for m in range(micro)]
     hidden = stage.config.hidden
     # One receive buffer serves every micro-batch: each message is consumed before the next one is received.
-    inbox = {"hidden": torch.empty(size * chunk * hidden, dtype=dtype, device=device),
-             "token": torch.empty(size, dtype=torch.long, device=device)}
+    # The first card receives only tokens (from the last); the others only hidden states.
+    inbox = ({"token": torch.empty(size, dtype=torch.long, device=device)} if stage.first and world > 1 else
+             {} if stage.first else {"hidden": torch.empty(size * chunk * hidden, dtype=dtype, device=device)})
     transient = _transient_peak(stage, rows[0], size, chunk, seq, hidden, dtype, device)
     memory = {"weights": tensor_bytes(list(stage.state_dict().values())), "kv_cache": tensor_bytes(
         [t for cache in caches.values() for t in (cache.keys, cache.values)]), "buffers": tensor_bytes(inbox),
@@ -110,14 +113,6 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> None:
     if stage.last:
         save_file({"tokens": outcome["tokens"].cpu(), "logits": outcome["logits"].float().cpu()},
                   str(Path(args.out, "outputs.safetensors")))
-
-
-def prefill_chunk(plan: Plan, size: int, prompt_len: int) -> int:
-    """Prompt tokens per sequence per pass, so that a pass of ``size`` sequences carries no more tokens than the
-    plan counted (batch x 1 for a decode plan, batch x seq for a prefill plan): the run then holds no larger
-    activations or workspace than the plan, and a decode plan's cards run its prompts in chunks."""
-    per_pass = int(plan.model.batch or 1) * (1 if plan.model.phase == "decode" else int(plan.model.seq or 1))
-    return max(1, min(prompt_len, per_pass // size))
 
 
 def _transient_peak(stage: Stage, rows: dict[str, Any], size: int, chunk: int, seq: int, hidden: int,

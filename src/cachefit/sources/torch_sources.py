@@ -41,7 +41,7 @@ def measure_spec(spec: ModelSpec, work: Workload, granularity: Granularity = "bl
         raise ValueError("--measure profiles the reference module, whose attention is naive; drop --attention")
     table = profile_module(model, (inputs,), kwargs, name=spec.name, batch=work.batch, seq=work.seq,
                            phase=work.phase, dtype=dtype_bytes(work.dtype)[0], granularity=granularity)
-    return replace(table, spec=spec_record(spec, work))
+    return replace(table, spec={**spec_record(spec, work), "measured": True})
 
 
 def profile_factory(target: str, input_shape: tuple[int, ...] | None, input_dtype: str, phase: str | None,
