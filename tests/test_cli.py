@@ -106,13 +106,21 @@ def test_help_shows_an_example(verb: str) -> None:
     assert code == 0 and "Example" in stdout and f"cachefit {verb}" in stdout
 
 
-def test_demo_writes_plans_and_plots(tmp_path: Path) -> None:
+def test_demo_runs_the_whole_path(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
     code, stdout, _ = run("demo", "--out-dir", str(tmp_path))
     assert code == 0
+    assert "tokens identical to the unpartitioned model" in stdout
+    assert Plan.read(tmp_path / "plan.json").cards == 3 and (tmp_path / "shards" / "manifest.json").exists()
     assert "30.7x an H100's whole L2" in stdout
     written = sorted(path.name for path in tmp_path.iterdir())
     assert "seed-dense16-h100.json" in written and "llama-3-8b-dmatrix-corsair.png" in written
     assert Plan.read(tmp_path / "seed-dense16-dmatrix-corsair-batch1.json").cards == 16
+
+
+def test_demo_plans_only_needs_no_run(tmp_path: Path) -> None:
+    code, stdout, _ = run("demo", "--plans-only", "--out-dir", str(tmp_path))
+    assert code == 0 and "tokens identical" not in stdout and (tmp_path / "seed-dense16-h100.json").exists()
 
 
 def test_profile_torch_sources_from_the_cli() -> None:

@@ -1,4 +1,4 @@
-"""``cachefit demo``: the main job behind ``make demo`` -- profile and plan bundled models, end to end."""
+"""``cachefit demo``: the main job behind ``make demo``: the whole path on a bundled model, then the seed's case."""
 
 from __future__ import annotations
 
@@ -10,13 +10,18 @@ from cachefit import api, report
 from cachefit.cli._common import handle_errors, out
 from cachefit.units import format_size
 
+MODEL, CARDS = "tiny-llama", 3
+
 
 @click.command("demo")
 @click.option("--out-dir", type=click.Path(file_okay=False), default="cachefit-demo", show_default=True,
-              help="Where the plans (JSON) and plots (PNG) go.")
+              help="Where the weights, shards, plans (JSON), plots (PNG) and run report go.")
+@click.option("--plans-only", is_flag=True, help="Skip the run (no torch needed).")
 @handle_errors
-def demo_command(out_dir: str) -> None:
-    """Profile and plan bundled models: one that fits, the seed's network that does not, and where it would.
+def demo_command(out_dir: str, plans_only: bool) -> None:
+    """Make a bundled model's weights, plan it for cards that need 3 of them, shard it, run it on 3 local CPU
+    processes checked against the unpartitioned model; then show why the seed's network does not fit an H100's
+    L2 and where whole-layer residency does pay.
 
     \b
     Example:
@@ -24,20 +29,48 @@ def demo_command(out_dir: str) -> None:
     """
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    out.rule("1. profile: tiny-llama, every layer's bytes")
-    out.print(report.layer_table(api.load_model("tiny-llama")))
-    _show("2. a model that fits: Llama-3-8B (decode, batch 1, 8k context) on d-Matrix Corsair SRAM",
+    if not plans_only:
+        _run_section(folder)
+    _show("a model that fits: Llama-3-8B (decode, batch 1, 8k context) on d-Matrix Corsair SRAM",
           "llama-3-8b", folder, device="dmatrix-corsair")
-    _show("3. the seed's own network on H100 L2 (batch 1024, seq 10000): it does not fit", "seed-dense16", folder,
+    _show("the seed's own network on H100 L2 (batch 1024, seq 10000): it does not fit", "seed-dense16", folder,
           device="h100")
     table = api.load_model("seed-dense16", batch=1)
     per_layer = table.layers[0].weight_bytes
     h100 = api.devices()["h100"]
     out.print(f"Even one layer's weights ({format_size(per_layer)}) are {per_layer / h100.on_chip_bytes:.1f}x an "
               f"H100's whole L2 ({format_size(h100.on_chip_bytes)}): whole-layer residency cannot work there.")
-    _show("4. where it pays: the seed's network at batch 1 (decode) on 2 GB-SRAM cards, one layer per card",
+    _show("where it pays: the seed's network at batch 1 (decode) on 2 GB-SRAM cards, one layer per card",
           "seed-dense16", folder, device="dmatrix-corsair", batch=1)
-    out.print(f"\nplans and plots are in {folder}/")
+    out.print(f"\nplans, plots, weights, shards and the run report are in {folder}/")
+
+
+def _run_section(folder: Path) -> None:
+    from cachefit.cli.run import print_summary
+    from cachefit.runtime import init_weights, shard_checkpoint
+    from cachefit.runtime.launch import RunOptions, run_plan
+    from cachefit.runtime.summary import summarise
+    from cachefit.sources import TorchOptions, presets
+
+    out.rule(f"1. {MODEL}: measured on meta, planned for cards that need {CARDS}, sharded, run with --check")
+    table = api.load_model(MODEL, torch_options=TorchOptions(measure=True))
+    best = api.plan(table, capacity=1 << 40, cards=CARDS, memory_model="pipeline").bottleneck_bytes
+    capacity = -(-best // 65536) * 65536                        # the least 64 KiB multiple that holds 3 cards
+    plan = api.plan(table, capacity=capacity, memory_model="pipeline")
+    plan_file, weights, shards = folder / "plan.json", folder / f"{MODEL}.safetensors", folder / "shards"
+    plan.write(plan_file)
+    report.plot_plan(plan, table, folder / "plan.png")
+    out.print(report.plan_summary(plan))
+    out.print(report.plan_table(plan))
+    preset = presets()[MODEL]
+    init_weights(preset.spec, preset.workload, weights, seed=0)
+    shard_checkpoint(plan, weights, shards)
+    options = RunOptions(prompt_len=16, new_tokens=16, micro_batches=2, check=True)
+    out.print(f"running {plan.cards} processes (torch.distributed, gloo on loopback) ...")
+    result = run_plan(str(plan_file), str(shards), options)
+    print_summary(summarise(result.ranks, int(plan.model.batch or 1), options.prompt_len, options.new_tokens),
+                  result.checked)
+    out.print(f"plot: {folder / 'plan.png'}")
 
 
 def _show(title: str, model: str, folder: Path, device: str, batch: int | None = None) -> None:

@@ -64,7 +64,7 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
             fail(str(error), code=1)
             return
     summary = summarise(result.ranks, int(plan.model.batch or 1), prompt_len, new_tokens)
-    _print(summary, result.checked)
+    print_summary(summary, result.checked)
     if report:
         document = {"schema": "cachefit.run/v1", "plan": plan_file, "options": {
             "prompt_len": prompt_len, "new_tokens": new_tokens, "micro_batches": micro_batches, "seed": seed,
@@ -73,10 +73,11 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
         err.print(f"wrote {report}")
 
 
-def _print(summary: dict, checked: dict | None) -> None:
+def print_summary(summary: dict, checked: dict | None) -> None:
     def number(value: float | None, digits: str = ".1f") -> str:
         return "-" if value is None else format(value, digits)
-    out.print(f"prefill {number(summary['prefill_tokens_per_s'])} tokens/s (chunks of {summary['prefill_chunk']}); "
+    out.print(f"prefill {number(summary['prefill_tokens_per_s'])} tokens/s ({summary['prefill_chunk']} token per "
+              "sequence per pass, as the decode plan counts); "
               f"decode {number(summary['decode_tokens_per_s'])} tokens/s; TPOT median "
               f"{number(summary['tpot_median_ms'], '.2f')} ms, p90 {number(summary['tpot_p90_ms'], '.2f')} ms")
     view = Table(title="per card")
