@@ -11,6 +11,7 @@ Target: k = 2 on the 2 cores reaches >= 1.7x one rank's prefill throughput, toke
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -31,44 +32,43 @@ from cachefit.sources import TorchOptions
 from cachefit.sources.families import DenseSpec, Workload
 
 SPEC = DenseSpec("bench-dense8", layers=8, heads=8, head_dim=128, mlp_hidden=4096, vocab=2048)
-WORK = Workload(batch=16, seq=96, phase="decode", dtype="float32")
 PROMPT, NEW, MICRO = 48, 32, 4
 
 
-def pipeline(cards: int, folder: Path) -> dict[str, Any]:
-    table = cachefit.load_model(_spec_file(folder), torch_options=TorchOptions(measure=True))
+def pipeline(cards: int, folder: Path, work: Workload) -> dict[str, Any]:
+    table = cachefit.load_model(_spec_file(folder, work), torch_options=TorchOptions(measure=True))
     plan = cachefit.plan(table, capacity=1 << 40, cards=cards, memory_model="pipeline")
     plan_file, weights, shards = folder / f"plan{cards}.json", folder / "w.safetensors", folder / f"shards{cards}"
     plan.write(plan_file)
     if not weights.exists():
-        init_weights(SPEC, WORK, weights, seed=0)
+        init_weights(SPEC, work, weights, seed=0)
     shard_checkpoint(plan, weights, shards)
     result = run_plan(str(plan_file), str(shards), RunOptions(PROMPT, NEW, MICRO, check=True, timeout=120))
-    summary = summarise(result.ranks, WORK.batch, PROMPT, NEW)
+    summary = summarise(result.ranks, work.batch, PROMPT, NEW)
     passes = PROMPT + NEW - 1
     summary["comm_ms_per_pass"] = [1e3 * (r["wait_s"] + r["send_s"]) / (passes * MICRO) for r in result.ranks]
     summary["tokens"] = result.tokens
     return summary
 
 
-def _spec_file(folder: Path) -> Path:
+def _spec_file(folder: Path, work: Workload) -> Path:
     path = folder / "bench.toml"
     path.write_text(f'family = "dense"\nname = "{SPEC.name}"\nlayers = {SPEC.layers}\nheads = {SPEC.heads}\n'
                     f'head_dim = {SPEC.head_dim}\nmlp_hidden = {SPEC.mlp_hidden}\nvocab = {SPEC.vocab}\n'
-                    f'[workload]\nbatch = {WORK.batch}\nseq = {WORK.seq}\nphase = "decode"\ndtype = "float32"\n')
+                    f'[workload]\nbatch = {work.batch}\nseq = {work.seq}\nphase = "decode"\ndtype = "float32"\n')
     return path
 
 
 @torch.no_grad()
-def unpartitioned(threads: int) -> dict[str, Any]:
+def unpartitioned(threads: int, work: Workload) -> dict[str, Any]:
     """The whole model in this process, the same passes: one token per sequence, micro-batch by micro-batch."""
     torch.set_num_threads(threads)
     model = build_model(SPEC, seed=0)
-    size = WORK.batch // MICRO
-    prompt = prompts(SPEC.vocab, WORK.batch, PROMPT, 0)
-    caches = [[KVCache(size, SPEC.heads, WORK.seq, SPEC.head_dim, torch.float32) for _ in range(SPEC.layers)]
+    size = work.batch // MICRO
+    prompt = prompts(SPEC.vocab, work.batch, PROMPT, 0)
+    caches = [[KVCache(size, SPEC.heads, work.seq, SPEC.head_dim, torch.float32) for _ in range(SPEC.layers)]
               for _ in range(MICRO)]
-    tokens = torch.zeros(WORK.batch, NEW, dtype=torch.long)
+    tokens = torch.zeros(work.batch, NEW, dtype=torch.long)
     start = time.perf_counter()
     for position in range(PROMPT):
         for m in range(MICRO):
@@ -84,24 +84,33 @@ def unpartitioned(threads: int) -> dict[str, Any]:
             tokens[rows, step] = model(tokens[rows, step - 1:step], caches[m], PROMPT + step - 1).argmax(-1)
         steps.append(time.perf_counter() - began)
     steps.sort()
-    return {"prefill_tokens_per_s": WORK.batch * PROMPT / prefill, "tpot_median_ms": 1e3 * steps[len(steps) // 2],
+    return {"prefill_tokens_per_s": work.batch * PROMPT / prefill, "tpot_median_ms": 1e3 * steps[len(steps) // 2],
             "tokens": tokens}
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="16,64", help="batch sizes, one table each (4 micro-batches)")
+    for batch in (int(text) for text in parser.parse_args().batches.split(",")):
+        table(Workload(batch=batch, seq=96, phase="decode", dtype="float32"))
+
+
+def table(work: Workload) -> None:
     console = Console(width=150)
-    console.print(f"{platform.machine()}, {torch.get_num_threads()} threads available, torch {torch.__version__}, "
-                  f"{time.strftime('%Y-%m-%d')}; {SPEC}; batch {WORK.batch}, prompt {PROMPT}, new {NEW}, "
+    console.print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                  f"{time.strftime('%Y-%m-%d')}; {SPEC}; batch {work.batch}, prompt {PROMPT}, new {NEW}, "
                   f"micro-batches {MICRO}")
     view = Table(title="prefill throughput and decode TPOT: cachefit run (k ranks x 1 thread) vs one process")
     for header in ("setup", "prefill tokens/s", "vs 1 rank", "decode TPOT median ms", "decode TPOT p90 ms",
                    "comm ms per pass (per rank)", "tokens identical"):
         view.add_column(header, justify="right")
     with tempfile.TemporaryDirectory() as scratch:
-        runs = {cards: pipeline(cards, Path(scratch)) for cards in (1, 2, 4)}
+        runs = {cards: pipeline(cards, Path(scratch), work) for cards in (1, 2, 4)}
+    for cards, summary in runs.items():
+        console.print(f"k = {cards}: compute / wait / send seconds per rank: " + "; ".join(
+            f"{card['compute_s']:.2f} / {card['wait_s']:.2f} / {card['send_s']:.2f}" for card in summary["cards"]))
     base = runs[1]["prefill_tokens_per_s"]
-    reference = unpartitioned(1)
+    reference = unpartitioned(1, work)
     for cards, summary in runs.items():
         view.add_row(f"cachefit run, k = {cards}{' (oversubscribed)' if cards > 2 else ''}",
                      f"{summary['prefill_tokens_per_s']:.0f}", f"{summary['prefill_tokens_per_s'] / base:.2f}x",
@@ -109,7 +118,7 @@ def main() -> None:
                      ", ".join(f"{value:.3f}" for value in summary["comm_ms_per_pass"]),
                      str(bool(torch.equal(summary["tokens"], reference["tokens"]))))
     for threads in (1, 2, 4):
-        single = reference if threads == 1 else unpartitioned(threads)
+        single = reference if threads == 1 else unpartitioned(threads, work)
         view.add_row(f"one process, {threads} thread{'s' if threads > 1 else ''}",
                      f"{single['prefill_tokens_per_s']:.0f}", f"{single['prefill_tokens_per_s'] / base:.2f}x",
                      f"{single['tpot_median_ms']:.2f}", "", "", str(bool(torch.equal(single["tokens"],

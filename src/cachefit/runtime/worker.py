@@ -83,6 +83,7 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> None:
         raise ValueError(f"{world} processes for a plan of {plan.cards} cards")
     entry = verify_card(args.weights, rank, plan)             # before any compute: tampered or foreign shards
     torch.set_num_threads(args.threads)
+    _pin(int(os.environ.get("LOCAL_RANK", rank)), int(os.environ.get("LOCAL_WORLD_SIZE", world)), args.threads)
     cuda = torch.cuda.is_available()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
@@ -113,6 +114,14 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> None:
     if stage.last:
         save_file({"tokens": outcome["tokens"].cpu(), "logits": outcome["logits"].float().cpu()},
                   str(Path(args.out, "outputs.safetensors")))
+
+
+def _pin(local_rank: int, local_world: int, threads: int) -> None:
+    """One rank per core when the host has a core per rank's threads: the OS then does not move ranks around
+    (nor stack two on one core while another idles). Oversubscribed hosts are left to the scheduler."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if cores and local_world * threads <= len(cores):
+        os.sched_setaffinity(0, set(cores[local_rank * threads:(local_rank + 1) * threads]))
 
 
 def _transient_peak(stage: Stage, rows: dict[str, Any], size: int, chunk: int, seq: int, hidden: int,
