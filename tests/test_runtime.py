@@ -4,7 +4,11 @@ the job naming it, a tampered shard is refused before any process starts."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +106,21 @@ def test_plans_that_would_under_count_are_refused(tmp_path: Path) -> None:
     peak.write(tmp_path / "peak.json")
     with pytest.raises(ValueError, match="this plan is 'peak'"):
         run_plan(str(tmp_path / "peak.json"), str(shards), SHORT)
+
+
+def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    plan_file, shards = prepared(tmp_path, "tiny-llama", 2)
+    env = {**os.environ, "CACHEFIT_INJECT_FAULT": "1:hang"}
+    launcher = subprocess.Popen([sys.executable, "-m", "cachefit", "run", str(plan_file), "--weights", str(shards),
+                                 "--prompt-len", "4", "--new-tokens", "4", "--timeout", "120"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while no_workers_left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not no_workers_left(), "the workers never started"
+    time.sleep(2)                                                    # let rank 1 reach its stall
+    started = time.monotonic()
+    launcher.send_signal(signal.SIGINT)
+    launcher.communicate(timeout=30)
+    assert launcher.returncode != 0 and time.monotonic() - started < 30
+    assert no_workers_left()

@@ -31,7 +31,7 @@ from cachefit.sources.hf import TORCH_DTYPES
 
 __all__ = ["main", "prompts"]
 
-FAULT_VARIABLE = "CACHEFIT_INJECT_FAULT"   # tests only: "RANK:kill" or "RANK:raise" after the prefill
+FAULT_VARIABLE = "CACHEFIT_INJECT_FAULT"   # tests only: "RANK:kill|raise|hang" after the prefill
 
 
 def prompts(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
@@ -194,11 +194,13 @@ def _pipeline(args: argparse.Namespace, rank: int, world: int, stage: Stage, row
 
 
 def _inject_fault(rank: int) -> None:
-    """Testing hook (CACHEFIT_INJECT_FAULT=RANK:kill|raise): fail this rank right after its prefill."""
+    """Testing hook (CACHEFIT_INJECT_FAULT=RANK:kill|raise|hang): fail or stall this rank after its prefill."""
     target, _, how = os.environ.get(FAULT_VARIABLE, "").partition(":")
     if target == str(rank):
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if how == "hang":
+            time.sleep(3600)
         raise RuntimeError(f"injected fault on rank {rank}")
 
 
