@@ -102,4 +102,4 @@ def test_cli_init_weights_and_shard(tmp_path: Path) -> None:
     assert Manifest.read(folder).plan_fingerprint.startswith("sha256:")
     assert Plan.read(plan_file).cards == len(Manifest.read(folder).cards)
     result = runner.invoke(cli, ["init-weights", "no-such-model", "--out", str(weights)])
-    assert result.exit_code == 2 and "init-weights takes a preset" in result.stderr
+    assert result.exit_code == 2 and "expected a preset" in result.stderr

@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from cachefit.cli._common import err, handle_errors
-from cachefit.sources import presets
-from cachefit.sources.spec import read_spec
+from cachefit.sources import spec_of
 
 
 @click.command("init-weights")
@@ -24,16 +23,10 @@ def init_weights_command(model: str, out: str, seed: int, dtype: str | None) -> 
       cachefit init-weights my-model.toml --out ckpt.safetensors --seed 7 --dtype bfloat16
     """
     from dataclasses import replace
-    from pathlib import Path
 
     from cachefit.runtime.weights import init_weights
 
-    if model.endswith(".toml"):
-        spec, work, _ = read_spec(Path(model))
-    elif model in presets():
-        spec, work = presets()[model].spec, presets()[model].workload
-    else:
-        raise ValueError(f"init-weights takes a preset ({', '.join(presets())}) or a .toml spec, got {model!r}")
+    spec, work = spec_of(model)
     if dtype:
         work = replace(work, dtype=dtype)
     info = init_weights(spec, work, out, seed)

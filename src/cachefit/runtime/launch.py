@@ -133,22 +133,35 @@ def _launch(command: list[str], env: dict[str, str], plan: Plan, options: RunOpt
         raise
     log = process.stdout.read() if process.stdout else ""
     if process.returncode != 0:
+        _stop(process)                 # torchrun stopped its workers; make sure none is left before reporting
         raise RuntimeError(_failure(out, log, process.returncode))
     return log
 
 
 def _stop(process: subprocess.Popen[str]) -> None:
-    """SIGTERM the whole process group (torchrun and its workers), then SIGKILL what is left: no orphans."""
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+    """SIGTERM the whole process group (torchrun and its workers), then SIGKILL what is left, and return only
+    once the group is empty: workers outlive torchrun by a moment, and none may outlive the launcher."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            break
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            if process.poll() is not None and not _group_alive(process.pid):
+                return
+            time.sleep(0.05)
+    process.wait()
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _failure(out: Path, log: str, code: int) -> str:

@@ -19,7 +19,7 @@ from cachefit.layers import LayerTable
 from cachefit.sources.families import Workload
 from cachefit.sources.spec import ModelSpec, build_table, parse_spec_text, read_spec
 
-__all__ = ["WORKLOAD_OPTIONS", "Preset", "TorchOptions", "hf_preset_names", "load_model", "presets"]
+__all__ = ["WORKLOAD_OPTIONS", "Preset", "TorchOptions", "hf_preset_names", "load_model", "presets", "spec_of"]
 
 WORKLOAD_OPTIONS = ("batch", "seq", "phase", "dtype", "attention")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -87,12 +87,9 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
         return _load_table_file(path, input_bytes, chosen)
     if input_bytes is not None:
         raise ValueError("--input-bytes applies to CSV layer tables only")
-    if suffix == ".toml":
-        spec, work, _ = read_spec(path)
+    if suffix == ".toml" or text in presets():
+        spec, work = spec_of(text)
         return _spec_table(spec, work, chosen, options)
-    if text in presets():
-        preset = presets()[text]
-        return _spec_table(preset.spec, preset.workload, chosen, options)
     if text in hf_preset_names():
         from cachefit.sources.hf import hf_presets
         table = _torch().profile_hf(hf_presets()[text], text, replace(HF_WORKLOAD, **chosen), options.granularity)
@@ -105,6 +102,16 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     raise ValueError(f"model {text!r} is not a file, nor a preset; presets: {', '.join(presets())}, "
                      f"{', '.join(hf_preset_names())} (or a layer table .json/.csv, a model spec .toml, a Hugging "
                      "Face config.json, or package.module:factory)")
+
+
+def spec_of(model: str | Path) -> tuple[ModelSpec, Workload]:
+    """The spec and default workload of a preset name or a ``.toml`` spec file."""
+    if str(model).lower().endswith(".toml"):
+        spec, work, _ = read_spec(Path(model))
+        return spec, work
+    if str(model) in presets():
+        return presets()[str(model)].spec, presets()[str(model)].workload
+    raise ValueError(f"expected a preset ({', '.join(presets())}) or a .toml spec, got {str(model)!r}")
 
 
 def _spec_table(spec: ModelSpec, work: Workload, chosen: dict[str, Any], options: TorchOptions) -> LayerTable:
