@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -120,6 +121,9 @@ def _launch(command: list[str], env: dict[str, str], plan: Plan, options: RunOpt
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     limit = time.monotonic() + options.timeout * 4 + 60
+    # Ctrl-C (and SIGTERM) must stop the run even where SIGINT came in ignored, as it does for background jobs
+    # of non-interactive shells: Python installs no KeyboardInterrupt handler then.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while process.poll() is None:
             if progress is not None:
@@ -131,6 +135,9 @@ def _launch(command: list[str], env: dict[str, str], plan: Plan, options: RunOpt
     except KeyboardInterrupt:
         _stop(process)
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     log = process.stdout.read() if process.stdout else ""
     if process.returncode != 0:
         _stop(process)                 # torchrun stopped its workers; make sure none is left before reporting
@@ -138,30 +145,50 @@ def _launch(command: list[str], env: dict[str, str], plan: Plan, options: RunOpt
     return log
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _stop(process: subprocess.Popen[str]) -> None:
-    """SIGTERM the whole process group (torchrun and its workers), then SIGKILL what is left, and return only
-    once the group is empty: workers outlive torchrun by a moment, and none may outlive the launcher."""
+    """SIGTERM torchrun and its workers, then SIGKILL what is left, and return only when all are gone. torchrun
+    starts each worker in a session of its own, so they are found as its children (before it dies and they are
+    re-parented) and signalled one by one."""
+    processes = [process.pid, *_children(process.pid)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
-            if process.poll() is not None and not _group_alive(process.pid):
+            process.poll()
+            if not [pid for pid in processes if _alive(pid, process)]:
                 return
             time.sleep(0.05)
     process.wait()
 
 
-def _group_alive(group: int) -> bool:
+def _children(parent: int) -> list[int]:
+    """Process ids whose parent is ``parent`` (Linux /proc; none elsewhere)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            found.append(int(entry.parent.name))
+    return found
+
+
+def _alive(pid: int, launched: subprocess.Popen[str]) -> bool:
+    if pid == launched.pid:
+        return launched.returncode is None
     try:
-        os.killpg(group, 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
-    return True
+    state = Path(f"/proc/{pid}/stat")
+    return not (state.exists() and state.read_text().rsplit(")", 1)[1].split()[0] == "Z")   # a zombie is gone
 
 
 def _failure(out: Path, log: str, code: int) -> str:
