@@ -112,6 +112,7 @@ def test_demo_runs_the_whole_path(tmp_path: Path) -> None:
     assert code == 0
     assert "tokens identical to the unpartitioned model" in stdout
     assert Plan.read(tmp_path / "plan.json").cards == 3 and (tmp_path / "shards" / "manifest.json").exists()
+    assert json.loads((tmp_path / "run.json").read_text())["check"]["tokens_identical"]
     assert "30.7x an H100's whole L2" in stdout
     written = sorted(path.name for path in tmp_path.iterdir())
     assert "seed-dense16-h100.json" in written and "llama-3-8b-dmatrix-corsair.png" in written

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
 from cachefit import api, report
+from cachefit._files import atomic_write_text
 from cachefit.cli._common import handle_errors, out
 from cachefit.units import format_size
 
@@ -68,9 +70,11 @@ def _run_section(folder: Path) -> None:
     options = RunOptions(prompt_len=16, new_tokens=16, micro_batches=2, check=True)
     out.print(f"running {plan.cards} processes (torch.distributed, gloo on loopback) ...")
     result = run_plan(str(plan_file), str(shards), options)
-    print_summary(summarise(result.ranks, int(plan.model.batch or 1), options.prompt_len, options.new_tokens),
-                  result.checked)
-    out.print(f"plot: {folder / 'plan.png'}")
+    summary = summarise(result.ranks, int(plan.model.batch or 1), options.prompt_len, options.new_tokens)
+    print_summary(summary, result.checked)
+    atomic_write_text(folder / "run.json", json.dumps({"schema": "cachefit.run/v1", "plan": str(plan_file),
+                                                       "check": result.checked, **summary}, indent=1) + "\n")
+    out.print(f"plot: {folder / 'plan.png'}; run report: {folder / 'run.json'}")
 
 
 def _show(title: str, model: str, folder: Path, device: str, batch: int | None = None) -> None:
