@@ -51,7 +51,7 @@ def _run_section(folder: Path) -> None:
     from cachefit.cli.run import print_summary
     from cachefit.runtime import init_weights, shard_checkpoint
     from cachefit.runtime.launch import RunOptions, run_plan
-    from cachefit.runtime.summary import summarise
+    from cachefit.runtime.summary import run_report, summarise
     from cachefit.sources import TorchOptions, presets
 
     out.rule(f"1. {MODEL}: measured on meta, planned for cards that need {CARDS}, sharded, run with --check")
@@ -72,8 +72,10 @@ def _run_section(folder: Path) -> None:
     result = run_plan(str(plan_file), str(shards), options)
     summary = summarise(result.ranks, int(plan.model.batch or 1), options.prompt_len, options.new_tokens)
     print_summary(summary, result.checked)
-    atomic_write_text(folder / "run.json", json.dumps({"schema": "cachefit.run/v1", "plan": str(plan_file),
-                                                       "check": result.checked, **summary}, indent=1) + "\n")
+    document = run_report(str(plan_file), {"prompt_len": options.prompt_len, "new_tokens": options.new_tokens,
+                                            "micro_batches": options.micro_batches, "seed": options.seed,
+                                            "threads": options.threads}, result.checked, summary)
+    atomic_write_text(folder / "run.json", json.dumps(document, indent=1) + "\n")
     out.print(f"plot: {folder / 'plan.png'}; run report: {folder / 'run.json'}")
 
 

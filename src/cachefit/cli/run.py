@@ -45,7 +45,7 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
     """
     from cachefit.plan import Plan
     from cachefit.runtime.launch import RunOptions, check_run, run_plan, torchrun_command
-    from cachefit.runtime.summary import summarise
+    from cachefit.runtime.summary import run_report, summarise
 
     options = RunOptions(prompt_len, new_tokens, micro_batches, seed, threads, timeout, check, nnodes, rdzv_endpoint)
     plan = Plan.read(plan_file)
@@ -66,9 +66,9 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
     summary = summarise(result.ranks, int(plan.model.batch or 1), prompt_len, new_tokens)
     print_summary(summary, result.checked)
     if report:
-        document = {"schema": "cachefit.run/v1", "plan": plan_file, "options": {
-            "prompt_len": prompt_len, "new_tokens": new_tokens, "micro_batches": micro_batches, "seed": seed,
-            "threads": threads}, "check": result.checked, **summary}
+        document = run_report(plan_file, {"prompt_len": prompt_len, "new_tokens": new_tokens,
+                                          "micro_batches": micro_batches, "seed": seed, "threads": threads},
+                              result.checked, summary)
         atomic_write_text(report, json.dumps(document, indent=1) + "\n")
         err.print(f"wrote {report}")
 

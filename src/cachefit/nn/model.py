@@ -16,8 +16,10 @@ from torch.nn import functional
 
 from cachefit.sources.families import DenseSpec, LlamaSpec
 
-__all__ = ["KVCache", "ModelConfig", "Transformer", "build_model"]
+__all__ = ["TORCH_DTYPES", "KVCache", "ModelConfig", "Transformer", "build_model"]
 
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2, "int8": torch.int8}
 ROPE_THETA = 10000.0   # RoFormer (Su et al. 2021); Llama-3 uses 500000, which changes no byte count
 
 

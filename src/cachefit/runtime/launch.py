@@ -213,8 +213,8 @@ def reference_check(plan: Plan, weights: str | Path, options: RunOptions, result
     """The unpartitioned model, in this process, on the same prompts and micro-batch shapes: identical tokens,
     logits within tolerance, or an error."""
     from cachefit.nn import KVCache, build_model
+    from cachefit.nn.model import TORCH_DTYPES
     from cachefit.runtime.worker import prompts
-    from cachefit.sources.hf import TORCH_DTYPES
 
     spec, dtype = spec_from_record(plan.model.spec), TORCH_DTYPES[str(plan.model.dtype)]
     model = build_model(spec, dtype=dtype, seed=None)

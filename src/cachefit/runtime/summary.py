@@ -6,7 +6,7 @@ import itertools
 import statistics
 from typing import Any
 
-__all__ = ["summarise"]
+__all__ = ["run_report", "summarise"]
 
 
 def _percentile(values: list[float], share: float) -> float:
@@ -37,3 +37,9 @@ def summarise(ranks: list[dict[str, Any]], batch: int, prompt_len: int, new_toke
         "prefill_chunk": last.get("prefill_chunk"),
         "cards": cards,
     }
+
+
+def run_report(plan_file: str, options: dict[str, Any], check: dict[str, Any] | None,
+               summary: dict[str, Any]) -> dict[str, Any]:
+    """The ``--report`` JSON of a run: what ran, with which options, whether it matched, what was measured."""
+    return {"schema": "cachefit.run/v1", "plan": plan_file, "options": options, "check": check, **summary}

@@ -12,8 +12,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cachefit.nn import build_model
+from cachefit.nn.model import TORCH_DTYPES
 from cachefit.sources.families import DenseSpec, LlamaSpec, Workload, dtype_bytes, spec_record
-from cachefit.sources.hf import TORCH_DTYPES
 
 __all__ = ["METADATA_KEY", "init_weights", "read_checkpoint_info", "spec_from_record"]
 

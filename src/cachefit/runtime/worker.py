@@ -22,12 +22,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from cachefit.nn.model import TORCH_DTYPES
 from cachefit.plan import Plan
 from cachefit.runtime.measure import PeakTracker, tensor_bytes
 from cachefit.runtime.shard import verify_card
 from cachefit.runtime.stage import Stage
 from cachefit.runtime.weights import spec_from_record
-from cachefit.sources.hf import TORCH_DTYPES
 
 __all__ = ["main", "prompts"]
 

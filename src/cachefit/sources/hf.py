@@ -18,13 +18,12 @@ import torch
 from torch import nn
 
 from cachefit.layers import LayerTable
+from cachefit.nn.model import TORCH_DTYPES
 from cachefit.sources.families import Workload, dtype_bytes
 from cachefit.sources.torch_profile import Granularity, find_blocks, profile_module
 
-__all__ = ["TORCH_DTYPES", "hf_presets", "hf_table", "read_hf_config"]
+__all__ = ["hf_presets", "hf_table", "read_hf_config"]
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2, "int8": torch.int8}
 
 
 def hf_presets() -> dict[str, dict[str, Any]]:

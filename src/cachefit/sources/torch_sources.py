@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from cachefit.layers import LayerTable
+from cachefit.nn.model import TORCH_DTYPES
 from cachefit.sources.families import Workload, dtype_bytes, spec_record
-from cachefit.sources.hf import TORCH_DTYPES, hf_table, read_hf_config
+from cachefit.sources.hf import hf_table, read_hf_config
 from cachefit.sources.spec import ModelSpec
 from cachefit.sources.torch_profile import Granularity, profile_module
 
