@@ -26,10 +26,10 @@ from cachefit.sources import TorchOptions, presets  # noqa: E402
 SHORT = RunOptions(prompt_len=6, new_tokens=4, micro_batches=2, timeout=20)
 
 
-def prepared(folder: Path, model: str, cards: int) -> tuple[Path, Path]:
+def prepared(folder: Path, model: str, cards: int, chunk: int | None = None) -> tuple[Path, Path]:
     """A measured plan over ``cards`` cards, seeded weights and their shards."""
     preset = presets()[model]
-    table = cachefit.load_model(model, torch_options=TorchOptions(measure=True))
+    table = cachefit.load_model(model, torch_options=TorchOptions(measure=True, prefill_chunk=chunk))
     plan = cachefit.plan(table, capacity="8MiB", cards=cards, memory_model="pipeline")
     assert plan.feasible and plan.cards == cards
     plan_file, weights = folder / "plan.json", folder / "weights.safetensors"
@@ -49,15 +49,17 @@ def no_workers_left() -> bool:
     return running() == 0
 
 
-@pytest.mark.parametrize(("model", "cards"), [("tiny-llama", 2), ("tiny-dense4", 3)])
-def test_pipeline_matches_the_unpartitioned_model(tmp_path: Path, model: str, cards: int) -> None:
-    plan_file, shards = prepared(tmp_path, model, cards)
+@pytest.mark.parametrize(("model", "cards", "chunk"), [("tiny-llama", 2, None), ("tiny-dense4", 3, None),
+                                                       ("tiny-llama", 3, 4)])
+def test_pipeline_matches_the_unpartitioned_model(tmp_path: Path, model: str, cards: int, chunk: int | None) -> None:
+    plan_file, shards = prepared(tmp_path, model, cards, chunk)
     result = run_plan(str(plan_file), str(shards), RunOptions(prompt_len=6, new_tokens=4, micro_batches=2,
                                                               check=True, timeout=20))
     assert result.checked is not None and result.checked["tokens_identical"]
     assert result.checked["max_logit_difference"] <= 1e-3
     assert result.tokens.shape == (presets()[model].workload.batch, 4)
     assert [rank["card"] for rank in result.ranks] == list(range(cards))
+    assert result.ranks[-1]["prefill_chunk"] == (chunk or 1)
     for rank in result.ranks:
         assert rank["memory"]["weights"] > 0 and rank["memory"]["kv_cache"] > 0 and rank["compute_s"] > 0
         # The plan never under-counts: weights + KV cache + receive buffers + the largest pass's transients.

@@ -108,3 +108,16 @@ def test_profiling_70b_allocates_no_weight_memory() -> None:
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert sum(x.weight_bytes for x in table.layers) > 140e9       # 70.6B parameters in bf16
     assert grown_mib < 1024                                          # the weights alone would be 131 GiB
+
+
+def test_a_prefill_chunk_is_counted_on_top_of_decode() -> None:
+    work = Workload(batch=2, seq=32, phase="decode", dtype="float32")
+    decode, chunked = measure_spec(SPECS[0], work), measure_spec(SPECS[0], work, prefill_chunk=8)
+    assert chunked.spec is not None and chunked.spec["prefill_chunk"] == 8
+    for plain, both in zip(decode.layers, chunked.layers):
+        assert both.weight_bytes == plain.weight_bytes and both.kv_cache_bytes == plain.kv_cache_bytes
+        assert both.activation_bytes >= plain.activation_bytes and both.workspace_bytes >= plain.workspace_bytes
+    block = chunked.layers[1]
+    assert block.activation_bytes == 2 * 8 * 64 * 4                 # 8 prompt tokens x 2 sequences x d=64, fp32
+    with pytest.raises(ValueError, match="--prefill-chunk needs --phase decode"):
+        measure_spec(SPECS[0], Workload(batch=2, seq=32, phase="prefill"), prefill_chunk=4)

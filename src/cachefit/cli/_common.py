@@ -59,6 +59,9 @@ def model_options(function: F) -> F:
                      help="Presets/specs: profile the reference torch module on meta instead of the closed form."),
         click.option("--granularity", type=click.Choice(["block", "leaf"]), default="block", show_default=True,
                      help="Torch/HF models: one layer per repeated block, or per leaf module."),
+        click.option("--prefill-chunk", type=click.IntRange(min=1),
+                     help="With --measure (decode): also count a pass of this many prompt tokens per sequence, "
+                          "so cachefit run sends prompts in such chunks."),
         click.option("--input-shape", help="package.module:factory without example inputs: e.g. 1,128."),
         click.option("--input-dtype", default="int64", show_default=True, help="dtype of --input-shape's tensor."),
     ]
@@ -76,7 +79,8 @@ def model_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
     except ValueError:
         raise ValueError(f"--input-shape must be integers joined by commas, e.g. 1,128; got {shape_text!r}") from None
     arguments["torch_options"] = TorchOptions(granularity=kwargs.pop("granularity"), input_shape=shape,
-                                              input_dtype=kwargs.pop("input_dtype"), measure=kwargs.pop("measure"))
+                                              input_dtype=kwargs.pop("input_dtype"), measure=kwargs.pop("measure"),
+                                              prefill_chunk=kwargs.pop("prefill_chunk"))
     return arguments
 
 

@@ -54,8 +54,9 @@ def _run_section(folder: Path) -> None:
     from cachefit.runtime.summary import run_report, summarise
     from cachefit.sources import TorchOptions, presets
 
-    out.rule(f"1. {MODEL}: measured on meta, planned for cards that need {CARDS}, sharded, run with --check")
-    table = api.load_model(MODEL, torch_options=TorchOptions(measure=True))
+    out.rule(f"1. {MODEL}: measured on meta (decode + 8-token prompt chunks), planned for cards that need {CARDS}, "
+             "sharded, run with --check")
+    table = api.load_model(MODEL, torch_options=TorchOptions(measure=True, prefill_chunk=8))
     best = api.plan(table, capacity=1 << 40, cards=CARDS, memory_model="pipeline").bottleneck_bytes
     capacity = -(-best // 65536) * 65536                        # the least 64 KiB multiple that holds 3 cards
     plan = api.plan(table, capacity=capacity, memory_model="pipeline")

@@ -76,8 +76,8 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
 def print_summary(summary: dict, checked: dict | None) -> None:
     def number(value: float | None, digits: str = ".1f") -> str:
         return "-" if value is None else format(value, digits)
-    out.print(f"prefill {number(summary['prefill_tokens_per_s'])} tokens/s ({summary['prefill_chunk']} token per "
-              "sequence per pass, as the decode plan counts); "
+    out.print(f"prefill {number(summary['prefill_tokens_per_s'])} tokens/s ({summary['prefill_chunk']} prompt "
+              "token(s) per sequence per pass, as the plan counts); "
               f"decode {number(summary['decode_tokens_per_s'])} tokens/s; TPOT median "
               f"{number(summary['tpot_median_ms'], '.2f')} ms, p90 {number(summary['tpot_p90_ms'], '.2f')} ms")
     view = Table(title="per card")

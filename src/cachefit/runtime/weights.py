@@ -25,7 +25,8 @@ def spec_from_record(record: Mapping[str, Any] | None) -> DenseSpec | LlamaSpec:
     if not record or record.get("family") not in ("dense", "llama"):
         raise ValueError("this plan's model has no dense/llama spec to build (it came from a layer table or a "
                          "torch/HF profile); run plans made from a preset or a .toml spec")
-    fields = {key: value for key, value in record.items() if key not in ("family", "attention", "measured")}
+    fields = {key: value for key, value in record.items()
+              if key not in ("family", "attention", "measured", "prefill_chunk")}
     return DenseSpec(**fields) if record["family"] == "dense" else LlamaSpec(**fields)
 
 

@@ -92,9 +92,10 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> None:
     stage.load_shard(Path(args.weights) / entry.file)
     batch, micro, seq = int(plan.model.batch or 1), args.micro_batches, int(plan.model.seq or 0)
     size = batch // micro
-    # A decode plan counts one token per sequence per pass (its activations, and its measured workspace with no
-    # causal mask); the prompt goes through the pipeline the same way, one token per pass, so no pass holds more.
-    chunk = 1
+    # A decode plan counts one token per sequence per pass, and, when measured with --prefill-chunk C, a pass of C
+    # prompt tokens per sequence too (its larger activations and workspace, causal mask included): prompts go
+    # through the pipeline in passes the plan counted, so no pass holds more.
+    chunk = int((plan.model.spec or {}).get("prefill_chunk", 1))
     caches = stage.make_caches(batch, seq, dtype, device)
     rows = [{index: cache.rows(m * size, (m + 1) * size) for index, cache in caches.items()} for m in range(micro)]
     hidden = stage.config.hidden

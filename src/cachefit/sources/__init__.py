@@ -41,6 +41,7 @@ class TorchOptions:
     input_shape: tuple[int, ...] | None = None
     input_dtype: str = "int64"
     measure: bool = False
+    prefill_chunk: int | None = None
 
 
 HF_WORKLOAD = Workload(batch=1, seq=4096, phase="decode", dtype="bfloat16")
@@ -116,8 +117,11 @@ def spec_of(model: str | Path) -> tuple[ModelSpec, Workload]:
 
 def _spec_table(spec: ModelSpec, work: Workload, chosen: dict[str, Any], options: TorchOptions) -> LayerTable:
     if not options.measure:
+        if options.prefill_chunk is not None:
+            raise ValueError("--prefill-chunk measures a prompt chunk: use it with --measure")
         return build_table(spec, work, **chosen)
-    table: LayerTable = _torch().measure_spec(spec, replace(work, **chosen), options.granularity)
+    table: LayerTable = _torch().measure_spec(spec, replace(work, **chosen), options.granularity,
+                                              options.prefill_chunk)
     return table
 
 

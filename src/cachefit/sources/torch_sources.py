@@ -24,25 +24,45 @@ from cachefit.sources.torch_profile import Granularity, profile_module
 __all__ = ["measure_spec", "profile_factory", "profile_hf"]
 
 
-def measure_spec(spec: ModelSpec, work: Workload, granularity: Granularity = "block") -> LayerTable:
-    """Profile the reference module (cachefit.nn) of ``spec`` on meta, for the same workload as its closed form."""
+def measure_spec(spec: ModelSpec, work: Workload, granularity: Granularity = "block",
+                 prefill_chunk: int | None = None) -> LayerTable:
+    """Profile the reference module (cachefit.nn) of ``spec`` on meta, for the same workload as its closed form.
+
+    ``prefill_chunk`` (decode only): also measure a pass of that many prompt tokens per sequence at the end of the
+    context, and keep each layer's larger activations and workspace, so a run may send prompts in such chunks.
+    """
+    if work.attention != "naive":
+        raise ValueError("--measure profiles the reference module, whose attention is naive; drop --attention")
+    if prefill_chunk is not None and (work.phase != "decode" or not 1 <= prefill_chunk <= work.seq):
+        raise ValueError(f"--prefill-chunk needs --phase decode and 1 <= chunk <= seq ({work.seq}), got "
+                         f"{prefill_chunk} for {work.phase}")
+    table = _measure_pass(spec, work, granularity, work.new_tokens)
+    record: dict[str, Any] = {**spec_record(spec, work), "measured": True}
+    if prefill_chunk is not None and prefill_chunk > 1:
+        chunk = _measure_pass(spec, work, granularity, prefill_chunk)
+        table = replace(table, layers=tuple(
+            replace(layer, activation_bytes=max(layer.activation_bytes, other.activation_bytes),
+                    workspace_bytes=max(layer.workspace_bytes, other.workspace_bytes))
+            for layer, other in zip(table.layers, chunk.layers)))
+        record["prefill_chunk"] = prefill_chunk
+    return replace(table, spec=record)
+
+
+def _measure_pass(spec: ModelSpec, work: Workload, granularity: Granularity, tokens: int) -> LayerTable:
+    """One measured forward of ``tokens`` new tokens per sequence; in decode, at the end of a full context."""
     from cachefit.nn import KVCache, build_model
 
     torch_dtype = TORCH_DTYPES[dtype_bytes(work.dtype)[0]]
     model = build_model(spec, dtype=torch_dtype, device="meta")
     config = model.config
-    tokens = work.new_tokens
     shape = (work.batch, tokens) if config.vocab else (work.batch, tokens, config.hidden)
     inputs = torch.zeros(shape, dtype=torch.long if config.vocab else torch_dtype, device="meta")
     kwargs: dict[str, Any] = {}
     if work.phase == "decode":
         kwargs = {"caches": [KVCache(work.batch, config.kv_heads, work.seq, config.head_dim, torch_dtype, "meta")
-                             for _ in range(config.layers)], "position": work.seq - 1}
-    if work.attention != "naive":
-        raise ValueError("--measure profiles the reference module, whose attention is naive; drop --attention")
-    table = profile_module(model, (inputs,), kwargs, name=spec.name, batch=work.batch, seq=work.seq,
-                           phase=work.phase, dtype=dtype_bytes(work.dtype)[0], granularity=granularity)
-    return replace(table, spec={**spec_record(spec, work), "measured": True})
+                             for _ in range(config.layers)], "position": work.seq - tokens}
+    return profile_module(model, (inputs,), kwargs, name=spec.name, batch=work.batch, seq=work.seq,
+                          phase=work.phase, dtype=dtype_bytes(work.dtype)[0], granularity=granularity)
 
 
 def profile_factory(target: str, input_shape: tuple[int, ...] | None, input_dtype: str, phase: str | None,
