@@ -138,9 +138,17 @@ def test_profile_torch_sources_from_the_cli() -> None:
 
 @pytest.mark.parametrize("args", [
     ("profile", "toy_models:two_stream", "--input-shape", "2,x"),
+    ("profile", "hf/gpt2", "--prefill-chunk", "4"),
     ("profile", "toy_models:two_stream"),
     ("profile", "toy_models:two_stream", "--input-shape", "2,16", "--input-dtype", "float99"),
 ])
 def test_bad_torch_source_options_exit_2(args: tuple[str, ...]) -> None:
     code, _, stderr = run(*args)
     assert code == 2 and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_run_across_hosts_points_to_the_torchrun_command(tmp_path: Path) -> None:
+    plan_file = tmp_path / "plan.json"
+    assert run("plan", "tiny-llama", "--capacity", "8MiB", "--cards", "2", "-o", str(plan_file))[0] == 0
+    code, _, stderr = run("run", str(plan_file), "--weights", str(tmp_path), "--nnodes", "2")
+    assert code == 2 and "--print-torchrun" in stderr

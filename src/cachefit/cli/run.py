@@ -48,6 +48,9 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
     from cachefit.runtime.summary import run_report, summarise
 
     options = RunOptions(prompt_len, new_tokens, micro_batches, seed, threads, timeout, check, nnodes, rdzv_endpoint)
+    if nnodes > 1 and not print_torchrun:
+        raise ValueError(f"--nnodes {nnodes}: start the run on each host with the command --print-torchrun prints "
+                         "(this command runs single-host jobs)")
     plan = Plan.read(plan_file)
     if print_torchrun:
         check_run(plan, weights, options)

@@ -80,6 +80,9 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     text = str(model)
     path = Path(text)
     suffix = path.suffix.lower()
+    if (options.measure or options.prefill_chunk) and not (suffix == ".toml" or text in presets()):
+        raise ValueError("--measure and --prefill-chunk apply to presets and .toml specs (torch models and Hugging "
+                         "Face configs are always measured)")
     if (path.is_dir() and (path / "config.json").exists()) or _is_hf_config(path):
         table: LayerTable = _torch().profile_hf(path, path.stem if path.is_file() else path.name,
                                                 replace(HF_WORKLOAD, **chosen), options.granularity)
