@@ -27,7 +27,8 @@ def cli() -> None:
       cachefit devices                          the cards and their on-chip capacity
       cachefit profile seed-dense16             bytes and FLOPs of each layer
       cachefit plan llama-3-8b --device dmatrix-corsair
-      cachefit demo                             all of it on bundled models
+      cachefit init-weights, shard, run         run a plan on one process per card (see cachefit run --help)
+      cachefit demo                             all of it on a bundled model
     """
 
 

@@ -37,6 +37,9 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
     """Run PLAN: one process per card (gloo on CPU, NCCL on CUDA), each loading only its shard, prefill in
     micro-batches, then greedy decoding with the last card's tokens returning to the first.
 
+    PLAN must count what a rank holds: a decode plan of the measured reference module with the pipeline memory
+    model (cachefit plan MODEL --measure --memory-model pipeline [--prefill-chunk C] ...).
+
     \b
     Examples:
       cachefit run plan.json --weights shards/ --check
