@@ -35,8 +35,9 @@ SPEC = DenseSpec("bench-dense8", layers=8, heads=8, head_dim=128, mlp_hidden=409
 PROMPT, NEW, MICRO = 48, 32, 4
 
 
-def pipeline(cards: int, folder: Path, work: Workload) -> dict[str, Any]:
-    table = cachefit.load_model(_spec_file(folder, work), torch_options=TorchOptions(measure=True))
+def pipeline(cards: int, folder: Path, work: Workload, chunk: int) -> dict[str, Any]:
+    options = TorchOptions(measure=True, prefill_chunk=chunk if chunk > 1 else None)
+    table = cachefit.load_model(_spec_file(folder, work), torch_options=options)
     plan = cachefit.plan(table, capacity=1 << 40, cards=cards, memory_model="pipeline")
     plan_file, weights, shards = folder / f"plan{cards}.json", folder / "w.safetensors", folder / f"shards{cards}"
     plan.write(plan_file)
@@ -45,7 +46,7 @@ def pipeline(cards: int, folder: Path, work: Workload) -> dict[str, Any]:
     shard_checkpoint(plan, weights, shards)
     result = run_plan(str(plan_file), str(shards), RunOptions(PROMPT, NEW, MICRO, check=True, timeout=120))
     summary = summarise(result.ranks, work.batch, PROMPT, NEW)
-    passes = PROMPT + NEW - 1
+    passes = -(-PROMPT // chunk) + NEW - 1
     summary["comm_ms_per_pass"] = [1e3 * (r["wait_s"] + r["send_s"]) / (passes * MICRO) for r in result.ranks]
     summary["tokens"] = result.tokens
     return summary
@@ -60,8 +61,9 @@ def _spec_file(folder: Path, work: Workload) -> Path:
 
 
 @torch.no_grad()
-def unpartitioned(threads: int, work: Workload) -> dict[str, Any]:
-    """The whole model in this process, the same passes: one token per sequence, micro-batch by micro-batch."""
+def unpartitioned(threads: int, work: Workload, chunk: int) -> dict[str, Any]:
+    """The whole model in this process, the same passes (prompt chunks, then one token per sequence), micro-batch
+    by micro-batch."""
     torch.set_num_threads(threads)
     model = build_model(SPEC, seed=0)
     size = work.batch // MICRO
@@ -70,10 +72,10 @@ def unpartitioned(threads: int, work: Workload) -> dict[str, Any]:
               for _ in range(MICRO)]
     tokens = torch.zeros(work.batch, NEW, dtype=torch.long)
     start = time.perf_counter()
-    for position in range(PROMPT):
+    for position in range(0, PROMPT, chunk):
         for m in range(MICRO):
-            out = model(prompt[m * size:(m + 1) * size, position:position + 1], caches[m], position)
-            if position == PROMPT - 1:
+            out = model(prompt[m * size:(m + 1) * size, position:position + chunk], caches[m], position)
+            if position + chunk >= PROMPT:
                 tokens[m * size:(m + 1) * size, 0] = out.argmax(-1)
     prefill = time.perf_counter() - start
     steps = []
@@ -91,26 +93,28 @@ def unpartitioned(threads: int, work: Workload) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="16,64", help="batch sizes, one table each (4 micro-batches)")
-    for batch in (int(text) for text in parser.parse_args().batches.split(",")):
-        table(Workload(batch=batch, seq=96, phase="decode", dtype="float32"))
+    parser.add_argument("--prefill-chunk", type=int, default=1, help="prompt tokens per sequence per pass")
+    args = parser.parse_args()
+    for batch in (int(text) for text in args.batches.split(",")):
+        table(Workload(batch=batch, seq=96, phase="decode", dtype="float32"), args.prefill_chunk)
 
 
-def table(work: Workload) -> None:
+def table(work: Workload, chunk: int) -> None:
     console = Console(width=150)
     console.print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                  f"{time.strftime('%Y-%m-%d')}; {SPEC}; batch {work.batch}, prompt {PROMPT}, new {NEW}, "
-                  f"micro-batches {MICRO}")
+                  f"{time.strftime('%Y-%m-%d')}; {SPEC}; batch {work.batch}, prompt {PROMPT} in chunks of {chunk}, "
+                  f"new {NEW}, micro-batches {MICRO}")
     view = Table(title="prefill throughput and decode TPOT: cachefit run (k ranks x 1 thread) vs one process")
     for header in ("setup", "prefill tokens/s", "vs 1 rank", "decode TPOT median ms", "decode TPOT p90 ms",
                    "comm ms per pass (per rank)", "tokens identical"):
         view.add_column(header, justify="right")
     with tempfile.TemporaryDirectory() as scratch:
-        runs = {cards: pipeline(cards, Path(scratch), work) for cards in (1, 2, 4)}
+        runs = {cards: pipeline(cards, Path(scratch), work, chunk) for cards in (1, 2, 4)}
     for cards, summary in runs.items():
         console.print(f"k = {cards}: compute / wait / send seconds per rank: " + "; ".join(
             f"{card['compute_s']:.2f} / {card['wait_s']:.2f} / {card['send_s']:.2f}" for card in summary["cards"]))
     base = runs[1]["prefill_tokens_per_s"]
-    reference = unpartitioned(1, work)
+    reference = unpartitioned(1, work, chunk)
     for cards, summary in runs.items():
         view.add_row(f"cachefit run, k = {cards}{' (oversubscribed)' if cards > 2 else ''}",
                      f"{summary['prefill_tokens_per_s']:.0f}", f"{summary['prefill_tokens_per_s'] / base:.2f}x",
@@ -118,7 +122,7 @@ def table(work: Workload) -> None:
                      ", ".join(f"{value:.3f}" for value in summary["comm_ms_per_pass"]),
                      str(bool(torch.equal(summary["tokens"], reference["tokens"]))))
     for threads in (1, 2, 4):
-        single = reference if threads == 1 else unpartitioned(threads, work)
+        single = reference if threads == 1 else unpartitioned(threads, work, chunk)
         view.add_row(f"one process, {threads} thread{'s' if threads > 1 else ''}",
                      f"{single['prefill_tokens_per_s']:.0f}", f"{single['prefill_tokens_per_s'] / base:.2f}x",
                      f"{single['tpot_median_ms']:.2f}", "", "", str(bool(torch.equal(single["tokens"],
