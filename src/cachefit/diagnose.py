@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from cachefit.layers import LayerTable
 from cachefit.memory import Breakdown, IntervalCost, MemoryModel, breakdown
+from cachefit.partition import single_layer_footprints
 from cachefit.units import format_size
 
 __all__ = ["explain_order", "explain_oversized", "explain_too_few_cards", "oversized_layers"]
@@ -14,20 +17,21 @@ _SHOWN = 3   # layers described one by one; the rest are counted
 
 
 def oversized_layers(table: LayerTable, cost: IntervalCost, capacity: int) -> list[int]:
-    """Indices of layers whose footprint alone exceeds ``capacity``, largest first."""
-    sizes = [(cost.footprint(index, index), index) for index in range(len(table.layers))]
-    return [index for size, index in sorted(sizes, key=lambda item: (-item[0], item[1])) if size > capacity]
+    """Indices of layers whose footprint alone exceeds ``capacity``, largest first (ties in layer order)."""
+    singles = single_layer_footprints(cost)
+    over = np.flatnonzero(singles > capacity)
+    return [int(index) for index in over[np.lexsort((over, -singles[over]))]]
 
 
 def explain_oversized(table: LayerTable, model: MemoryModel, cost: IntervalCost, capacity: int,
                       oversized: Sequence[int], larger_devices: Sequence[tuple[str, int]] = ()) -> list[str]:
     lines = []
     for index in oversized[:_SHOWN]:
-        parts = breakdown(table, model, index, index)
+        parts = breakdown(table, model, index, index, cost.shared)
         lines.append(_layer_line(table, index, parts, capacity))
     if len(oversized) > _SHOWN:
         lines.append(f"{len(oversized) - _SHOWN} more layers are over capacity too")
-    worst = breakdown(table, model, oversized[0], oversized[0])
+    worst = breakdown(table, model, oversized[0], oversized[0], cost.shared)
     lines += _remedies(table, worst, capacity, larger_devices)
     return lines
 

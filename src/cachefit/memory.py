@@ -205,11 +205,13 @@ def receive_buffer_bytes(table: LayerTable, model: MemoryModel) -> int:
     return max(layer.activation_bytes for layer in table.layers[:-1])
 
 
-def breakdown(table: LayerTable, model: MemoryModel, first: int, last: int) -> Breakdown:
+def breakdown(table: LayerTable, model: MemoryModel, first: int, last: int,
+              shared: tuple[SharedUse, ...] | None = None) -> Breakdown:
     """The footprint of ``first..last`` by kind. For ``peak``, activations and workspace are those of the layer
     where the transient term peaks (its input, output and workspace), so the parts add up to the footprint."""
     layers = table.layers[first:last + 1]
-    weights = sum(x.weight_bytes for x in layers) + shared_bytes(_shared_uses(table), first, last)
+    uses = _shared_uses(table) if shared is None else shared     # pass cost.shared to skip rebuilding it
+    weights = sum(x.weight_bytes for x in layers) + shared_bytes(uses, first, last)
     kv_cache = sum(x.kv_cache_bytes for x in layers)
     if model == "sum":
         return Breakdown(weights, sum(x.activation_bytes for x in layers), sum(x.workspace_bytes for x in layers),

@@ -181,7 +181,7 @@ def _feasible(table: LayerTable, base: dict[str, Any], capacities: tuple[int, ..
     partitions = []
     first = 0
     for card, last in enumerate(solution.lasts):
-        parts = breakdown(table, base["memory_model"], first, last)
+        parts = breakdown(table, base["memory_model"], first, last, cost.shared)
         layers = table.layers[first:last + 1]
         partitions.append(Partition(card, first, last, tuple(x.name for x in layers), parts.weight_bytes,
                                     parts.activation_bytes, parts.workspace_bytes, parts.kv_cache_bytes,

@@ -136,8 +136,9 @@ def _bars(plan: Plan, table: LayerTable) -> tuple[list[dict[str, int]], list[str
                  "workspace": p.workspace_bytes} for p in plan.partitions]
         return bars, [f"card {p.card}" for p in plan.partitions]
     bars = []
+    shared = interval_cost(table, plan.memory_model).shared
     for index in range(len(table.layers)):
-        parts = breakdown(table, plan.memory_model, index, index)
+        parts = breakdown(table, plan.memory_model, index, index, shared)
         bars.append({"weights": parts.weight_bytes, "KV cache": parts.kv_cache_bytes,
                      "activations": parts.activation_bytes, "workspace": parts.workspace_bytes})
     return bars, [layer.name for layer in table.layers]

@@ -73,9 +73,7 @@ def _run_section(folder: Path) -> None:
     result = run_plan(str(plan_file), str(shards), options)
     summary = summarise(result.ranks, int(plan.model.batch or 1), options.prompt_len, options.new_tokens)
     print_summary(summary, result.checked)
-    document = run_report(str(plan_file), {"prompt_len": options.prompt_len, "new_tokens": options.new_tokens,
-                                            "micro_batches": options.micro_batches, "seed": options.seed,
-                                            "threads": options.threads}, result.checked, summary)
+    document = run_report(str(plan_file), options, result.checked, summary)
     atomic_write_text(folder / "run.json", json.dumps(document, indent=1) + "\n")
     out.print(f"plot: {folder / 'plan.png'}; run report: {folder / 'run.json'}")
 

@@ -72,9 +72,7 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
     summary = summarise(result.ranks, int(plan.model.batch or 1), prompt_len, new_tokens)
     print_summary(summary, result.checked)
     if report:
-        document = run_report(plan_file, {"prompt_len": prompt_len, "new_tokens": new_tokens,
-                                          "micro_batches": micro_batches, "seed": seed, "threads": threads},
-                              result.checked, summary)
+        document = run_report(plan_file, options, result.checked, summary)
         atomic_write_text(report, json.dumps(document, indent=1) + "\n")
         err.print(f"wrote {report}")
 

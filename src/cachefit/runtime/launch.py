@@ -212,7 +212,7 @@ def _failure(out: Path, log: str, code: int) -> str:
 def reference_check(plan: Plan, weights: str | Path, options: RunOptions, result: RunResult) -> dict[str, Any]:
     """The unpartitioned model, in this process, on the same prompts and micro-batch shapes: identical tokens,
     logits within tolerance, or an error."""
-    from cachefit.nn import KVCache, build_model
+    from cachefit.nn import build_model
     from cachefit.nn.model import TORCH_DTYPES
     from cachefit.runtime.worker import prompts
 
@@ -228,7 +228,7 @@ def reference_check(plan: Plan, weights: str | Path, options: RunOptions, result
     threads = torch.get_num_threads()
     torch.set_num_threads(options.threads)
     try:
-        tokens, logits = _generate(model, prompt, size, seq, options.new_tokens, dtype, KVCache)
+        tokens, logits = _generate(model, prompt, size, seq, options.new_tokens, dtype)
     finally:
         torch.set_num_threads(threads)
     same = bool(torch.equal(tokens, result.tokens))
@@ -240,12 +240,14 @@ def reference_check(plan: Plan, weights: str | Path, options: RunOptions, result
 
 
 @torch.no_grad()
-def _generate(model: Any, prompt: torch.Tensor, size: int, seq: int, steps: int, dtype: torch.dtype,
-              cache_type: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _generate(model: Any, prompt: torch.Tensor, size: int, seq: int, steps: int, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    from cachefit.nn import KVCache
+
     config = model.config
     tokens, logits = [], []
     for start in range(0, prompt.shape[0], size):
-        caches = [cache_type(size, config.kv_heads, seq, config.head_dim, dtype) for _ in range(config.layers)]
+        caches = [KVCache(size, config.kv_heads, seq, config.head_dim, dtype) for _ in range(config.layers)]
         out = model(prompt[start:start + size], caches, 0)
         chosen = [out.argmax(dim=-1)]
         for step in range(1, steps):

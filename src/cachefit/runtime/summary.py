@@ -39,7 +39,9 @@ def summarise(ranks: list[dict[str, Any]], batch: int, prompt_len: int, new_toke
     }
 
 
-def run_report(plan_file: str, options: dict[str, Any], check: dict[str, Any] | None,
+def run_report(plan_file: str, options: Any, check: dict[str, Any] | None,
                summary: dict[str, Any]) -> dict[str, Any]:
-    """The ``--report`` JSON of a run: what ran, with which options, whether it matched, what was measured."""
-    return {"schema": "cachefit.run/v1", "plan": plan_file, "options": options, "check": check, **summary}
+    """The ``--report`` JSON of a run: what ran, with which options (a RunOptions), whether it matched, what was
+    measured."""
+    chosen = {key: getattr(options, key) for key in ("prompt_len", "new_tokens", "micro_batches", "seed", "threads")}
+    return {"schema": "cachefit.run/v1", "plan": plan_file, "options": chosen, "check": check, **summary}
