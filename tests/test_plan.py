@@ -114,7 +114,7 @@ def test_plan_files_are_validated(tmp_path: Path) -> None:
     assert Plan.read(tmp_path / "plan.json") == plan
     document = plan.to_dict()
     document["partitions"][1]["first"] = 3
-    with pytest.raises(ValueError, match=r"partitions\[1\] must be card 1 starting at layer 2"):
+    with pytest.raises(ValueError, match=r"partitions\[1\] must start at card 1 and layer 2"):
         Plan.from_dict(document)
     document = plan.to_dict()
     document["partitions"][0]["footprint_bytes"] = 64

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cachefit.hardware import Device, get_device, load_devices
 from cachefit.layers import LayerTable
 from cachefit.memory import MemoryModel
 from cachefit.plan import Plan, Strategy, make_plan
 from cachefit.sources import load_model
+from cachefit.split_plan import make_baseline_plan, make_split_plan, parse_baseline
 from cachefit.units import parse_sizes
 
-__all__ = ["devices", "load_model", "plan"]
+__all__ = ["SPLITS", "Split", "devices", "largest_micro_batch", "load_model", "plan"]
 
 Capacity = int | str | Sequence[int | str]
+Split = Literal["auto", "never", "always"]
+SPLITS: tuple[Split, ...] = ("auto", "never", "always")
 
 
 def devices(devices_file: str | Path | None = None) -> dict[str, Device]:
@@ -25,23 +29,81 @@ def devices(devices_file: str | Path | None = None) -> dict[str, Device]:
 
 def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, device: str | None = None,
          cards: int | None = None, memory_model: MemoryModel = "peak", strategy: Strategy = "balanced",
+         split: Split = "auto", baseline: str | tuple[int, int] | None = None,
          devices_file: str | Path | None = None, **model_options: Any) -> Plan:
     """Plan ``model`` (a LayerTable or any MODEL the CLI takes) onto cards of ``capacity`` (bytes, a SIZE string,
-    or one per card) or of a catalog ``device``'s usable on-chip capacity."""
+    or one per card) or of a catalog ``device``'s usable on-chip capacity.
+
+    ``split``: whether stages may be tensor groups (several cards sharing each layer): ``never``; ``auto`` only
+    when whole layers cannot fit; ``always`` (the fewest cards over every width). ``baseline`` ("tp=8,pp=2"):
+    the classic layout instead, built whether or not it fits."""
     table = model if isinstance(model, LayerTable) else load_model(model, **model_options)
     catalog = load_devices(devices_file)
+    capacities, device_record = _capacities(capacity, device, catalog)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if baseline is not None or split == "always":
+        _check_single_capacity(capacities, strategy, "--baseline" if baseline is not None else "--split always")
+    if baseline is not None:
+        tensor_parallel, stages = parse_baseline(baseline) if isinstance(baseline, str) else baseline
+        return make_baseline_plan(table, capacities[0], tensor_parallel, stages, memory_model, device_record)
+    if split == "always":
+        return make_split_plan(table, capacities[0], cards, memory_model, device_record)
+    larger = sorted(((d.name, d.capacity_bytes) for d in catalog.values()), key=lambda item: item[1])
+    whole = make_plan(table, capacities, cards, memory_model, strategy, device_record, larger)
+    if (whole.feasible or split == "never" or table.split_ways == (1,) or len(capacities) > 1
+            or strategy != "balanced"):
+        return whole
+    grouped = make_split_plan(table, capacities[0], cards, memory_model, device_record)
+    if grouped.feasible:
+        return replace(grouped, diagnosis=("whole layers do not fit, so some stages are tensor groups",
+                                           *grouped.diagnosis))
+    return replace(grouped, diagnosis=(*whole.diagnosis, "with tensor groups (layers split across cards):",
+                                       *grouped.diagnosis))
+
+
+def largest_micro_batch(model: str | Path, capacity: Capacity | None = None, **arguments: Any
+                        ) -> tuple[int, Plan] | None:
+    """The largest batch (sequences per pass, at most the model's) at which :func:`plan` finds a feasible plan,
+    and that plan; None when even one sequence does not fit. Footprints grow with the batch, so bisection is
+    exact. ``arguments``: those of :func:`plan`, model options included."""
+    if isinstance(model, LayerTable):
+        raise ValueError("--micro-batch auto re-sizes the model, so it needs a preset, spec, HF config or module, "
+                         "not a layer table")
+    batch = arguments.pop("batch", None) or load_model(model, **_model_only(arguments)).batch or 1
+    found: tuple[int, Plan] | None = None
+    low, high = 0, batch                     # low fits (0: none known), everything above high is unknown
+    while low < high:
+        middle = (low + high + 1) // 2
+        attempt = plan(model, capacity, batch=middle, **arguments)
+        if attempt.feasible:
+            low, found = middle, (middle, attempt)
+        else:
+            high = middle - 1
+    return found
+
+
+def _model_only(arguments: dict[str, Any]) -> dict[str, Any]:
+    keys = ("seq", "phase", "dtype", "attention", "input_bytes", "torch_options")
+    return {key: arguments[key] for key in keys if key in arguments}
+
+
+def _capacities(capacity: Capacity | None, device: str | None, catalog: dict[str, Device]
+                ) -> tuple[list[int], dict[str, Any] | None]:
     if (capacity is None) == (device is None):
         raise ValueError("give exactly one of capacity (e.g. '50MiB' or a list, one per card) and device")
-    device_record = None
     if device is not None:
         chosen = get_device(device, catalog)
-        capacities = [chosen.capacity_bytes]
-        device_record = {"name": chosen.name, "label": chosen.label, "memory": chosen.memory,
-                         "on_chip_bytes": chosen.on_chip_bytes, "usable_fraction": chosen.usable_fraction,
-                         "capacity_bytes": chosen.capacity_bytes}
-    else:
-        assert capacity is not None
-        capacities = parse_sizes(capacity if not isinstance(capacity, Sequence) or isinstance(capacity, str)
-                                 else list(capacity), "capacity")
-    larger = sorted(((d.name, d.capacity_bytes) for d in catalog.values()), key=lambda item: item[1])
-    return make_plan(table, capacities, cards, memory_model, strategy, device_record, larger)
+        return [chosen.capacity_bytes], {
+            "name": chosen.name, "label": chosen.label, "memory": chosen.memory, "on_chip_bytes": chosen.on_chip_bytes,
+            "usable_fraction": chosen.usable_fraction, "capacity_bytes": chosen.capacity_bytes}
+    assert capacity is not None
+    return parse_sizes(capacity if not isinstance(capacity, Sequence) or isinstance(capacity, str)
+                       else list(capacity), "capacity"), None
+
+
+def _check_single_capacity(capacities: list[int], strategy: str, what: str) -> None:
+    if len(capacities) > 1:
+        raise ValueError(f"{what} plans tensor groups of same-size cards: give one capacity, not {len(capacities)}")
+    if strategy != "balanced":
+        raise ValueError(f"{what} has no greedy strategy: drop --strategy {strategy}")

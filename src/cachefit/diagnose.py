@@ -7,11 +7,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from cachefit.layers import LayerTable
-from cachefit.memory import Breakdown, IntervalCost, MemoryModel, breakdown
+from cachefit.memory import Breakdown, IntervalCost, MemoryModel, breakdown, per_card_table
 from cachefit.partition import single_layer_footprints
+from cachefit.partition.split import SplitOption
 from cachefit.units import format_size
 
-__all__ = ["explain_order", "explain_oversized", "explain_too_few_cards", "oversized_layers"]
+__all__ = ["explain_order", "explain_oversized", "explain_too_few_cards", "explain_unsplittable", "oversized_layers"]
 
 _SHOWN = 3   # layers described one by one; the rest are counted
 
@@ -87,3 +88,45 @@ def explain_order(table: LayerTable, cost: IntervalCost, capacities: Sequence[in
             "partition) are left over",
             f"to fit: add cards after the last one (one of at least {format_size(remaining)} would do), "
             "use larger cards, or put the larger cards where the larger layers are"]
+
+
+def explain_unsplittable(table: LayerTable, model: MemoryModel, options: Sequence[SplitOption],
+                         capacity: int) -> list[str]:
+    """Layers that fit no card at any width their shapes allow: each at its best width, by kind, and what would."""
+    best: list[tuple[int, int, int]] = []        # (per-card footprint at the best width, layer, width)
+    for index in range(len(table.layers)):
+        sizes = [(int(single_layer_footprints(o.cost)[index]), o.ways) for o in options if o.allowed[index]]
+        size, ways = min(sizes)
+        if size > capacity:
+            best.append((size, index, ways))
+    best.sort(key=lambda item: (-item[0], item[1]))
+    lines = []
+    for size, index, ways in best[:_SHOWN]:
+        share, _ = per_card_table(table, ways)
+        parts = breakdown(share, model, index, index)
+        widest = max(o.ways for o in options if o.allowed[index])
+        lines.append(_layer_line(table, index, parts, capacity).replace(
+            "a layer cannot be split across cards by whole-layer partitioning",
+            f"that is per card split {ways} ways (widths up to {widest} allowed by its shapes)"))
+    if len(best) > _SHOWN:
+        lines.append(f"{len(best) - _SHOWN} more layers fit no card at any split")
+    size, index, ways = best[0]
+    share, _ = per_card_table(table, ways)
+    parts = breakdown(share, model, index, index)
+    if parts.weight_bytes > capacity:
+        lines.append(f"its weights alone, split {ways} ways, are {format_size(parts.weight_bytes)} per card: no "
+                     f"batch or sequence fits; a card of at least {format_size(size)}, a narrower dtype, or a "
+                     "finer split than its heads allow would")
+        return lines
+    scaling = parts.activation_bytes + parts.workspace_bytes + parts.kv_cache_bytes
+    lines.append(f"activations are not split: every card of a group holds the layer's whole input and output "
+                 f"({format_size(parts.activation_bytes)} here); with {format_size(capacity - parts.weight_bytes)}"
+                 " left after its weights share, activations, workspace and KV cache must shrink")
+    if table.batch is not None and scaling > 0:
+        batch = table.batch * (capacity - parts.weight_bytes) // scaling
+        lines.append(f"micro-batch: about {batch} sequences per pass (now {table.batch}) would fit by a linear "
+                     "estimate" if batch >= 1 else
+                     f"no micro-batch fits: one sequence of {table.seq} tokens already needs more; a shorter "
+                     "sequence (or prompt chunk) would")
+        lines.append("--micro-batch auto finds the largest micro-batch that plans, exactly")
+    return lines

@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cachefit._files import atomic_write_text, describe_validation_error, read_json_object
 from cachefit.units import INT64_MAX
 
-__all__ = ["CSV_COLUMNS", "SCHEMA", "Layer", "LayerTable", "Phase", "SharedTensor"]
+__all__ = ["CSV_COLUMNS", "SCHEMA", "Layer", "LayerTable", "Phase", "SharedTensor", "Split"]
 
 SCHEMA = "cachefit.layers/v1"
 CSV_COLUMNS = ("name", "weight_bytes", "activation_bytes", "workspace_bytes", "kv_cache_bytes", "flops")
@@ -42,6 +42,21 @@ class SharedTensor:
 
 
 @dataclass(frozen=True, slots=True)
+class Split:
+    """What one card of a tensor group holds and does when the layer is split ``ways`` ways (Megatron-style:
+    attention by heads, the MLP by hidden columns then rows; Shoeybi et al. 2019, sec. 3). Per-card bytes; the
+    layer's output activation is not split (every card holds the all-reduced output), so it is not repeated here.
+    ``allreduce_bytes``: bytes each card all-reduces per pass (the attention and the MLP outputs)."""
+
+    ways: int
+    weight_bytes: int
+    workspace_bytes: int
+    kv_cache_bytes: int = 0
+    flops: float = 0.0
+    allreduce_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Layer:
     name: str
     weight_bytes: int
@@ -51,6 +66,13 @@ class Layer:
     flops: float = 0.0
     modules: tuple[str, ...] = ()
     shared: tuple[SharedTensor, ...] = ()
+    splits: tuple[Split, ...] = ()      # the tensor splits the layer's shapes allow (ways > 1); none: whole only
+
+    def split(self, ways: int) -> Split | None:
+        """The layer split ``ways`` ways (1: whole), or None when its shapes do not allow it."""
+        if ways == 1:
+            return Split(1, self.weight_bytes, self.workspace_bytes, self.kv_cache_bytes, self.flops, 0)
+        return next((s for s in self.splits if s.ways == ways), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +110,14 @@ class LayerTable:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1) + "\n"
 
+    @property
+    def split_ways(self) -> tuple[int, ...]:
+        """Every tensor-split width some layer allows, with 1 (whole layers), ascending."""
+        return tuple(sorted({1, *(s.ways for layer in self.layers for s in layer.splits)}))
+
     def to_csv(self) -> str:
-        """DESIGN.md's CSV columns. ``modules`` lists are left out (planning does not need them); shared tensors
-        change footprints, so a table with them is refused rather than written wrong."""
+        """DESIGN.md's CSV columns. ``modules`` lists and tensor splits are left out (a table read back plans whole
+        layers only); shared tensors change footprints, so a table with them is refused rather than written wrong."""
         if any(layer.shared for layer in self.layers):
             raise ValueError(f"layer table {self.name!r} has shared tensors (tied weights), which CSV cannot hold; "
                              "write it as JSON")
@@ -131,7 +158,9 @@ class LayerTable:
             Layer(name=x.name, weight_bytes=x.weight_bytes, activation_bytes=x.activation_bytes,
                   workspace_bytes=x.workspace_bytes, kv_cache_bytes=x.kv_cache_bytes, flops=float(x.flops),
                   modules=tuple(x.modules),
-                  shared=tuple(SharedTensor(s.tensor, s.owner, s.bytes) for s in x.shared))
+                  shared=tuple(SharedTensor(s.tensor, s.owner, s.bytes) for s in x.shared),
+                  splits=tuple(Split(s.ways, s.weight_bytes, s.workspace_bytes, s.kv_cache_bytes, float(s.flops),
+                                     s.allreduce_bytes) for s in x.splits))
             for x in model.layers
         )
         try:
@@ -164,6 +193,8 @@ def _layer_dict(layer: Layer) -> dict[str, Any]:
         document["modules"] = list(layer.modules)
     if layer.shared:
         document["shared"] = [{"tensor": s.tensor, "owner": s.owner, "bytes": s.bytes} for s in layer.shared]
+    if layer.splits:
+        document["splits"] = [asdict(s) for s in layer.splits]
     return document
 
 
@@ -180,6 +211,9 @@ def _check_table(table: LayerTable) -> None:
         for shared in layer.shared:
             if index.get(shared.owner, position) >= position:
                 raise ValueError(f"layers[{position}].shared: owner {shared.owner!r} must be an earlier layer")
+        ways = [s.ways for s in layer.splits]
+        if any(w < 2 for w in ways) or len(set(ways)) != len(ways):
+            raise ValueError(f"layers[{position}].splits: ways must be distinct integers >= 2, got {ways}")
     _check_owners_count_shared(table, index)
     columns = [table.input_bytes]
     for layer in table.layers:
@@ -263,6 +297,16 @@ class _SharedModel(BaseModel):
     bytes: Bytes
 
 
+class _SplitModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    ways: Annotated[int, Field(ge=2, strict=True)]
+    weight_bytes: Bytes
+    workspace_bytes: Bytes
+    kv_cache_bytes: Bytes = 0
+    flops: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=False)] = 0.0
+    allreduce_bytes: Bytes = 0
+
+
 class _LayerModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: Annotated[str, Field(min_length=1)]
@@ -273,6 +317,7 @@ class _LayerModel(BaseModel):
     flops: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=False)] = 0.0
     modules: Sequence[str] = ()
     shared: Sequence[_SharedModel] = ()
+    splits: Sequence[_SplitModel] = ()
 
 
 class _TableModel(BaseModel):

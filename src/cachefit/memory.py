@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from cachefit.layers import LayerTable
+from cachefit.layers import Layer, LayerTable
 
 __all__ = [
     "MEMORY_MODELS",
@@ -33,6 +33,7 @@ __all__ = [
     "SharedUse",
     "breakdown",
     "interval_cost",
+    "per_card_table",
     "receive_buffer_bytes",
     "shared_bytes",
 ]
@@ -196,6 +197,24 @@ def interval_cost(table: LayerTable, model: MemoryModel) -> IntervalCost:
     inputs = np.concatenate(([table.input_bytes], activations[:-1])).astype(np.int64)
     transient = inputs + activations + workspace + receive_buffer_bytes(table, model)
     return IntervalCost(weights + kv_cache, transient, _shared_uses(table))
+
+
+def per_card_table(table: LayerTable, ways: int) -> tuple[LayerTable, npt.NDArray[np.bool_]]:
+    """What one card of a ``ways``-wide tensor group holds of each layer, and which layers allow that width (the
+    others keep their whole sizes, and a plan must not give them that width). Output activations stay whole, so
+    the memory models apply unchanged; shared tensors are replicated whole."""
+    layers, allowed = [], []
+    for layer in table.layers:
+        share = layer.split(ways)
+        allowed.append(share is not None)
+        if share is None:
+            layers.append(layer)
+            continue
+        layers.append(Layer(layer.name, share.weight_bytes, layer.activation_bytes, share.workspace_bytes,
+                            share.kv_cache_bytes, share.flops, layer.modules, layer.shared))
+    card = LayerTable(table.name, tuple(layers), table.input_bytes, table.dtype, table.batch, table.seq,
+                      table.phase, table.spec)
+    return card, np.array(allowed, dtype=bool)
 
 
 def receive_buffer_bytes(table: LayerTable, model: MemoryModel) -> int:

@@ -23,12 +23,15 @@ from cachefit.partition import Solution, fewest_cards, front_fill, lower_bound, 
 __all__ = ["SCHEMA", "STRATEGIES", "ModelInfo", "Partition", "Plan", "Strategy", "make_plan"]
 
 SCHEMA = "cachefit.plan/v1"
-Strategy = Literal["balanced", "greedy"]
-STRATEGIES: tuple[Strategy, ...] = ("balanced", "greedy")
+Strategy = Literal["balanced", "greedy", "baseline"]
+STRATEGIES: tuple[Strategy, ...] = ("balanced", "greedy")    # what make_plan takes; "baseline": split_plan.py
 
 
 @dataclass(frozen=True, slots=True)
 class Partition:
+    """One stage: layers ``first..last`` on cards ``card..card + tensor_parallel - 1`` (a tensor group; 1: a card
+    holds the layers whole). Byte columns are per card: every card of a group holds the same share."""
+
     card: int
     first: int
     last: int
@@ -39,6 +42,11 @@ class Partition:
     kv_cache_bytes: int
     footprint_bytes: int
     modules: tuple[str, ...] = ()   # module FQNs / checkpoint prefixes of its layers (for exports)
+    tensor_parallel: int = 1
+
+    @property
+    def cards(self) -> tuple[int, ...]:
+        return tuple(range(self.card, self.card + self.tensor_parallel))
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +85,8 @@ class Plan:
         document = {"schema": SCHEMA, **asdict(self)}
         document["capacity_bytes"] = list(self.capacity_bytes)
         document["model"] = asdict(self.model)
-        document["partitions"] = [{**asdict(p), "layers": list(p.layers), "modules": list(p.modules)}
-                                  for p in self.partitions]
+        document["partitions"] = [{**asdict(p), "layers": list(p.layers), "modules": list(p.modules),
+                                   "cards": list(p.cards)} for p in self.partitions]
         document["diagnosis"] = list(self.diagnosis)
         return document
 
@@ -87,6 +95,13 @@ class Plan:
 
     def write(self, path: str | Path) -> None:
         atomic_write_text(path, self.to_json())
+
+    def partition_of(self, card: int) -> Partition:
+        """The stage card ``card`` works on."""
+        found = next((p for p in self.partitions if card in p.cards), None)
+        if found is None:
+            raise ValueError(f"card {card} is not in this plan (cards 0..{self.cards - 1})")
+        return found
 
     @classmethod
     def read(cls, path: str | Path) -> Plan:
@@ -98,8 +113,13 @@ class Plan:
             model = _PlanModel.model_validate(document)
         except ValidationError as error:
             raise ValueError(describe_validation_error(error, source)) from error
-        partitions = tuple(Partition(**{**p.model_dump(), "layers": tuple(p.layers), "modules": tuple(p.modules)})
-                           for p in model.partitions)
+        for index, p in enumerate(model.partitions):
+            if p.cards is not None and p.cards != list(range(p.card, p.card + p.tensor_parallel)):
+                last = p.card + p.tensor_parallel - 1
+                raise ValueError(f"{source}: partitions[{index}].cards must be {p.card}..{last} (card and "
+                                 f"tensor_parallel), got {p.cards}")
+        partitions = tuple(Partition(**{**p.model_dump(exclude={"cards"}), "layers": tuple(p.layers),
+                                        "modules": tuple(p.modules)}) for p in model.partitions)
         plan = cls(feasible=model.feasible, memory_model=model.memory_model, strategy=model.strategy,
                    capacity_bytes=tuple(model.capacity_bytes), cards=model.cards,
                    bottleneck_bytes=model.bottleneck_bytes, lower_bound_bytes=model.lower_bound_bytes,
@@ -223,22 +243,24 @@ def _check_card_count(cards: int, layers: int) -> None:
 
 
 def _check_plan(plan: Plan, source: str) -> None:
-    """What a reader may rely on: contiguous partitions in card order, covering every layer, sums that add up."""
-    if not plan.feasible:
+    """What a reader may rely on: contiguous partitions in card order, covering every layer, sums that add up.
+    A baseline plan is the classic layout whatever it holds: its cards may be over capacity (it then streams)."""
+    if not plan.feasible and not plan.partitions:
         return
-    expected_first = 0
+    expected_first = expected_card = 0
     for index, part in enumerate(plan.partitions):
         where = f"{source}: partitions[{index}]"
-        if part.card != index or part.first != expected_first or part.last < part.first:
-            raise ValueError(f"{where} must be card {index} starting at layer {expected_first}, got card "
+        if part.card != expected_card or part.first != expected_first or part.last < part.first:
+            raise ValueError(f"{where} must start at card {expected_card} and layer {expected_first}, got card "
                              f"{part.card} layers {part.first}..{part.last}")
         if part.footprint_bytes != (part.weight_bytes + part.activation_bytes + part.workspace_bytes
                                     + part.kv_cache_bytes):
             raise ValueError(f"{where}.footprint_bytes must equal the sum of its parts, got {part.footprint_bytes}")
-        if part.footprint_bytes > plan.capacity_bytes[min(index, len(plan.capacity_bytes) - 1)]:
+        if plan.strategy != "baseline" and part.footprint_bytes > plan.capacity_bytes[
+                min(part.card, len(plan.capacity_bytes) - 1)]:
             raise ValueError(f"{where}.footprint_bytes {part.footprint_bytes} exceeds its card's capacity")
-        expected_first = part.last + 1
-    if expected_first != plan.model.layers or len(plan.partitions) != plan.cards:
+        expected_first, expected_card = part.last + 1, part.card + part.tensor_parallel
+    if expected_first != plan.model.layers or expected_card != plan.cards:
         raise ValueError(f"{source}: partitions must cover layers 0..{plan.model.layers - 1} on {plan.cards} cards")
 
 
@@ -258,6 +280,8 @@ class _PartitionModel(BaseModel):
     kv_cache_bytes: _Bytes
     footprint_bytes: _Bytes
     modules: list[str] = []
+    tensor_parallel: Annotated[int, Field(ge=1)] = 1
+    cards: list[int] | None = None     # written for readers; always card..card + tensor_parallel - 1
 
 
 class _ModelInfoModel(BaseModel):

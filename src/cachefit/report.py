@@ -49,6 +49,10 @@ def plan_summary(plan: Plan) -> str:
     where = plan.device["label"] if plan.device else "cards"
     sizes = sorted(set(plan.capacity_bytes))
     capacity = format_size(sizes[0]) if len(sizes) == 1 else ", ".join(format_size(c) for c in plan.capacity_bytes)
+    if plan.strategy == "baseline":
+        verdict = "[bold green]fits on-chip[/]" if plan.feasible else "[bold red]does not fit on-chip[/]"
+        return (f"[bold]{plan.model.name}[/] baseline on {plan.cards} x {where} of {capacity} ({plan.memory_model} "
+                f"memory model): fullest card {format_size(plan.bottleneck_bytes)}, {verdict}")
     if not plan.feasible:
         return (f"[bold red]No feasible plan[/] for {plan.model.name} on {where} of {capacity} "
                 f"({plan.memory_model} memory model, {plan.strategy}).")
@@ -59,13 +63,17 @@ def plan_summary(plan: Plan) -> str:
 
 
 def plan_table(plan: Plan) -> Table:
-    view = Table(title=f"plan: {plan.model.name} ({plan.model.layers} layers)")
+    grouped = any(part.tensor_parallel > 1 for part in plan.partitions)
+    view = Table(title=f"plan: {plan.model.name} ({plan.model.layers} layers)",
+                 caption="sizes per card: each card of a tensor group holds the same share" if grouped else None)
     for header in ("card", "layers", "weights", "KV cache", "activations", "workspace", "footprint", "% of C"):
         view.add_column(header, justify="left" if header == "layers" else "right")
     for part in plan.partitions:
         capacity = plan.capacity_bytes[part.card]
         names = part.layers[0] if part.first == part.last else f"{part.layers[0]}..{part.layers[-1]}"
-        view.add_row(str(part.card), f"{part.first}-{part.last} {names}", format_size(part.weight_bytes),
+        cards = (str(part.card) if part.tensor_parallel == 1
+                 else f"{part.card}-{part.cards[-1]} (tp {part.tensor_parallel})")
+        view.add_row(cards, f"{part.first}-{part.last} {names}", format_size(part.weight_bytes),
                      format_size(part.kv_cache_bytes), format_size(part.activation_bytes),
                      format_size(part.workspace_bytes), format_size(part.footprint_bytes),
                      f"{100 * part.footprint_bytes / capacity:.1f}%")
@@ -134,7 +142,8 @@ def _bars(plan: Plan, table: LayerTable) -> tuple[list[dict[str, int]], list[str
     if plan.feasible:
         bars = [{"weights": p.weight_bytes, "KV cache": p.kv_cache_bytes, "activations": p.activation_bytes,
                  "workspace": p.workspace_bytes} for p in plan.partitions]
-        return bars, [f"card {p.card}" for p in plan.partitions]
+        return bars, [f"card {p.card}" if p.tensor_parallel == 1 else f"cards {p.card}-{p.cards[-1]}"
+                      for p in plan.partitions]
     bars = []
     shared = interval_cost(table, plan.memory_model).shared
     for index in range(len(table.layers)):

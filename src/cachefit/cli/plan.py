@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import Any, cast
 
 import click
@@ -18,8 +19,9 @@ from cachefit.cli._common import (
     model_options,
     out,
 )
+from cachefit.layers import LayerTable
 from cachefit.memory import MemoryModel
-from cachefit.plan import Strategy
+from cachefit.plan import Plan, Strategy
 
 
 @click.command("plan")
@@ -32,6 +34,14 @@ from cachefit.plan import Strategy
 @click.option("--memory-model", type=click.Choice(["peak", "sum", "pipeline"]), default="peak", show_default=True,
               help="peak: buffers reused layer by layer; sum: the seed's additive model; pipeline: peak plus the "
                    "receive buffer cachefit run keeps on each card.")
+@click.option("--split", type=click.Choice(["auto", "never", "always"]), default="auto", show_default=True,
+              help="Tensor groups (a stage's layers split over several cards, Megatron-style): auto only when "
+                   "whole layers cannot fit; always: the fewest cards over every width.")
+@click.option("--baseline", metavar="tp=T,pp=P",
+              help="The classic plan instead: P stages of equal layer counts, every layer split T ways; says "
+                   "whether it fits on-chip, and cachefit run runs it either way.")
+@click.option("--micro-batch", type=click.Choice(["auto"]),
+              help="auto: the largest batch (sequences per pass, up to --batch) at which a plan exists.")
 @model_options
 @click.option("--devices-file", type=click.Path(dir_okay=False), help="TOML adding devices or overriding figures.")
 @click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True)
@@ -39,8 +49,9 @@ from cachefit.plan import Strategy
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG: each card's footprint against C.")
 @handle_errors
 def plan_command(model: str, device: str | None, capacity: str | None, cards: int | None, strategy: str,
-                 memory_model: str, devices_file: str | None, output_format: str, output: str | None,
-                 plot: str | None, **kwargs: Any) -> None:
+                 memory_model: str, split: str, baseline: str | None, micro_batch: str | None,
+                 devices_file: str | None, output_format: str, output: str | None, plot: str | None,
+                 **kwargs: Any) -> None:
     """Split MODEL's layers into contiguous partitions, one per card, each fitting the card's capacity.
 
     Exits 3 (and still prints the plan, with a diagnosis) when nothing fits.
@@ -51,12 +62,21 @@ def plan_command(model: str, device: str | None, capacity: str | None, cards: in
       cachefit plan seed-dense16 --device h100              # does not fit: says why
       cachefit plan tiny-llama --capacity 1MiB --cards 4 --plot plan.png
       cachefit plan layers.csv --capacity 40MiB,40MiB,96MiB --format json -o plan.json
+      cachefit plan tiny-llama --capacity 300KiB --split always    # stages may be tensor groups
+      cachefit plan seed-dense16 --device h100 --baseline tp=8,pp=2
+      cachefit plan seed-dense16 --capacity 1GB --phase prefill --seq 512 --micro-batch auto
     """
     if (device is None) == (capacity is None):
         fail("give exactly one of --device NAME and --capacity SIZE[,SIZE...]")
-    table = api.load_model(model, **model_arguments(kwargs))
-    result = api.plan(table, capacity, device=device, cards=cards, memory_model=cast(MemoryModel, memory_model),
-                      strategy=cast(Strategy, strategy), devices_file=devices_file)
+    arguments = model_arguments(kwargs)
+    options: dict[str, Any] = dict(device=device, cards=cards, memory_model=cast(MemoryModel, memory_model),
+                   strategy=cast(Strategy, strategy), split=cast(api.Split, split), baseline=baseline,
+                   devices_file=devices_file)
+    if micro_batch == "auto":
+        table, result = _largest_micro_batch(model, capacity, options, arguments)
+    else:
+        table = api.load_model(model, **arguments)
+        result = api.plan(table, capacity, **options)
     if output:
         result.write(output)
         err.print(f"wrote {output}")
@@ -71,5 +91,24 @@ def plan_command(model: str, device: str | None, capacity: str | None, cards: in
             out.print(report.plan_table(result))
         for line in result.diagnosis:
             out.print(f"- {line}", highlight=False)
-    if not result.feasible:
+    if not result.feasible and result.strategy != "baseline":
         sys.exit(EXIT_INFEASIBLE)
+
+
+def _largest_micro_batch(model: str, capacity: str | None, options: dict[str, Any], arguments: dict[str, Any]
+                         ) -> tuple[LayerTable, Plan]:
+    """Plan at the largest batch that fits; when none does, the plan (and diagnosis) at batch 1."""
+    if options["baseline"] is not None:
+        fail("--micro-batch auto searches for a plan; a --baseline is built as given: use --batch")
+    found = api.largest_micro_batch(model, capacity, **options, **arguments)
+    if found is None:
+        table = api.load_model(model, **{**arguments, "batch": 1})
+        result = api.plan(table, capacity, **options)
+        return table, replace(result, diagnosis=("no micro-batch fits, not even one sequence per pass",
+                                                 *result.diagnosis))
+    batch, result = found
+    table = api.load_model(model, **{**arguments, "batch": batch})
+    tokens = batch * (table.seq or 1) if table.phase == "prefill" else batch
+    err.print(f"micro-batch: {batch} sequences per pass ({tokens} tokens), the largest that plans")
+    return table, replace(result, diagnosis=(f"micro-batch {batch}: the largest batch per pass that plans "
+                                             f"({tokens} tokens per pass)", *result.diagnosis))

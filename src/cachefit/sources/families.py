@@ -12,6 +12,12 @@ T = b*q tokens, d hidden size, h heads, h_kv KV heads, e head dim, f MLP hidden 
   instead (profiling of torch modules).
 - KV cache (decode): keys and values of s tokens, 2*b*s*h_kv*e*p (Pope et al. 2022, "Efficiently Scaling
   Transformer Inference", sec. 2).
+- Tensor splits (Megatron-LM, Shoeybi et al. 2019, sec. 3): t cards share a block; attention by heads (Q and O by
+  h/t heads, K and V by h_kv/t KV heads, or one KV head per card when t > h_kv, which GQA then replicates), the MLP
+  by f/t columns of its first matrices and rows of its last; norms whole. Per card: those weights, the KV cache of
+  its KV heads, transients of its heads and columns; the output (T*d*p) is whole after two all-reduces of T*d*p
+  each. The embedding and the head are replicated whole on every card of a group. t must divide h and f, and
+  divide h_kv or be a multiple of it.
 - FLOPs: 2 per multiply-add of every matmul, 2*T*(matmul parameters) (Kaplan et al. 2020, sec. 2.1), plus
   attention's QK^T and PV, 4*b*h*q*s*e, counted in full as a naive implementation computes them.
 """
@@ -21,7 +27,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from cachefit.layers import Layer, LayerTable, Phase, SharedTensor
+from cachefit.layers import Layer, LayerTable, Phase, SharedTensor, Split
 
 __all__ = [
     "DTYPE_BYTES",
@@ -33,6 +39,7 @@ __all__ = [
     "dtype_bytes",
     "llama_table",
     "spec_record",
+    "split_ways",
 ]
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
@@ -130,6 +137,37 @@ def _kv_cache(work: Workload, kv_width: int, p: int) -> int:
     return 2 * work.batch * work.seq * kv_width * p if work.phase == "decode" else 0
 
 
+def split_ways(heads: int, kv_heads: int, mlp_hidden: int) -> tuple[int, ...]:
+    """The tensor-split widths t > 1 a block's shapes allow (see the module notes)."""
+    return tuple(t for t in range(2, heads + 1)
+                 if heads % t == 0 and mlp_hidden % t == 0 and (kv_heads % t == 0 or t % kv_heads == 0))
+
+
+def _block_split(ways: int, spec: DenseSpec | LlamaSpec, work: Workload, p: int) -> Split:
+    """One card's share of a block split ``ways`` ways."""
+    gated = isinstance(spec, LlamaSpec)
+    if isinstance(spec, LlamaSpec):
+        d, heads, e, kv, f = spec.hidden, spec.heads, spec.dim_per_head, spec.kv_heads, spec.ffn_hidden
+    else:
+        d, heads, e, kv, f = spec.model_dim, spec.heads, spec.head_dim, spec.heads, spec.mlp_hidden
+    local_heads, local_kv, local_f, tokens = heads // ways, max(kv // ways, 1), f // ways, work.tokens
+    matmul_params = 2 * d * local_heads * e + 2 * d * local_kv * e + (3 if gated else 2) * d * local_f
+    norms = 2 * d if gated else 0
+    return Split(ways, (matmul_params + norms) * p,
+                 max(_attention_transient(work, local_heads, p), (2 if gated else 1) * tokens * local_f * p),
+                 _kv_cache(work, local_kv * e, p),
+                 float(2 * tokens * matmul_params + _attention_flops(work, local_heads, e)),
+                 2 * tokens * d * p)
+
+
+def _replicated(layer: Layer, ways: tuple[int, ...]) -> Layer:
+    """``layer`` (an embedding or a head) whole on every card of a group of any of ``ways``."""
+    splits = tuple(Split(t, layer.weight_bytes, layer.workspace_bytes, layer.kv_cache_bytes, layer.flops)
+                   for t in ways)
+    return Layer(layer.name, layer.weight_bytes, layer.activation_bytes, layer.workspace_bytes,
+                 layer.kv_cache_bytes, layer.flops, layer.modules, layer.shared, splits)
+
+
 def _embedding(name: str, vocab: int, d: int, work: Workload, p: int, modules: tuple[str, ...]) -> Layer:
     return Layer(name, vocab * d * p, work.tokens * d * p, 0, 0, 0.0, modules)
 
@@ -154,14 +192,17 @@ def dense_table(spec: DenseSpec, work: Workload) -> LayerTable:
     dtype, p = dtype_bytes(work.dtype)
     d, width, f, tokens = spec.model_dim, spec.heads * spec.head_dim, spec.mlp_hidden, work.tokens
     matmul_params = 4 * d * width + 2 * d * f
+    ways = split_ways(spec.heads, spec.heads, f)
+    splits = tuple(_block_split(t, spec, work, p) for t in ways)
     block = [Layer(f"layers.{index}", matmul_params * p, tokens * d * p,
                    max(_attention_transient(work, spec.heads, p), tokens * f * p), _kv_cache(work, width, p),
                    float(2 * tokens * matmul_params + _attention_flops(work, spec.heads, spec.head_dim)),
-                   (f"layers.{index}",)) for index in range(spec.layers)]
+                   (f"layers.{index}",), (), splits) for index in range(spec.layers)]
     if not spec.vocab:
         return _table(spec, work, dtype, block, tokens * d * p, "dense")
-    layers = [_embedding("embed", spec.vocab, d, work, p, ("embed",)), *block,
-              _head(spec.vocab, d, 0, spec.tie_embeddings, work, p, ("head",), "embed", "embed.weight")]
+    layers = [_replicated(_embedding("embed", spec.vocab, d, work, p, ("embed",)), ways), *block,
+              _replicated(_head(spec.vocab, d, 0, spec.tie_embeddings, work, p, ("head",), "embed", "embed.weight"),
+                          ways)]
     return _table(spec, work, dtype, layers, tokens * TOKEN_ID_BYTES, "dense")
 
 
@@ -175,14 +216,17 @@ def llama_table(spec: LlamaSpec, work: Workload) -> LayerTable:
     dtype, p = dtype_bytes(work.dtype)
     d, e, f, tokens = spec.hidden, spec.dim_per_head, spec.ffn_hidden, work.tokens
     matmul_params = d * spec.heads * e + 2 * d * spec.kv_heads * e + spec.heads * e * d + 3 * d * f
+    ways = split_ways(spec.heads, spec.kv_heads, f)
+    splits = tuple(_block_split(t, spec, work, p) for t in ways)
     block = [Layer(f"layers.{index}", (matmul_params + 2 * d) * p, tokens * d * p,
                    max(_attention_transient(work, spec.heads, p), 2 * tokens * f * p),
                    _kv_cache(work, spec.kv_heads * e, p),
                    float(2 * tokens * matmul_params + _attention_flops(work, spec.heads, e)),
-                   (f"layers.{index}",)) for index in range(spec.layers)]
+                   (f"layers.{index}",), (), splits) for index in range(spec.layers)]
     # Module names are those of the reference implementation (cachefit.nn), whose checkpoints shards are cut from.
-    layers = [_embedding("embed", spec.vocab, d, work, p, ("embed",)), *block,
-              _head(spec.vocab, d, d, spec.tie_embeddings, work, p, ("head",), "embed", "embed.weight")]
+    layers = [_replicated(_embedding("embed", spec.vocab, d, work, p, ("embed",)), ways), *block,
+              _replicated(_head(spec.vocab, d, d, spec.tie_embeddings, work, p, ("head",), "embed", "embed.weight"),
+                          ways)]
     return _table(spec, work, dtype, layers, tokens * TOKEN_ID_BYTES, "llama")
 
 

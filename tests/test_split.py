@@ -1,0 +1,200 @@
+"""Tensor groups: exact split plans against enumeration, hand-sized plans, the baseline, formats and the seed."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests import reference
+from tests.strategies import SIZES, tables
+
+from cachefit import api
+from cachefit.layers import Layer, LayerTable, Split
+from cachefit.plan import Plan
+from cachefit.split_plan import make_baseline_plan, make_split_plan, parse_baseline
+
+WIDTHS = (2, 3)
+
+
+@st.composite
+def split_tables(draw: st.DrawFn) -> LayerTable:
+    """Random tables whose layers allow random widths with random per-card sizes (no tied weights)."""
+    table = draw(tables(max_layers=5, shared=False))
+    layers = []
+    for layer in table.layers:
+        splits = tuple(Split(ways, draw(SIZES), draw(SIZES), draw(SIZES)) for ways in WIDTHS if draw(st.booleans()))
+        layers.append(Layer(layer.name, layer.weight_bytes, layer.activation_bytes, layer.workspace_bytes,
+                            layer.kv_cache_bytes, 0.0, (), (), splits))
+    return LayerTable("random", tuple(layers), table.input_bytes)
+
+
+def _share(table: LayerTable, ways: int) -> LayerTable | None:
+    """The per-card table of width ``ways``, written out independently of cachefit.memory; None if not allowed."""
+    layers = []
+    for x in table.layers:
+        found = [s for s in x.splits if s.ways == ways]
+        if ways > 1 and not found:
+            return None
+        if ways > 1:
+            x = Layer(x.name, found[0].weight_bytes, x.activation_bytes, found[0].workspace_bytes,
+                      found[0].kv_cache_bytes)
+        layers.append(x)
+    return LayerTable(table.name, tuple(layers), table.input_bytes)
+
+
+def _all_plans(table: LayerTable, model: str) -> list[tuple[int, int]]:
+    """(cards, bottleneck) of every split plan: every composition, every width per stage."""
+    n, found = len(table.layers), []
+    for stages in range(1, n + 1):
+        for runs in reference.compositions(n, stages):
+            for widths in itertools.product((1, *WIDTHS), repeat=stages):
+                sizes = []
+                for (first, last), ways in zip(runs, widths):
+                    share = _share(LayerTable(table.name, table.layers[first:last + 1],
+                                              table.input_bytes if first == 0 else
+                                              table.layers[first - 1].activation_bytes), ways)
+                    if share is None:
+                        break
+                    sizes.append(_stage_footprint(table, share, model, first, last))
+                else:
+                    found.append((sum(widths), max(sizes)))
+    return found
+
+
+def _stage_footprint(table: LayerTable, share: LayerTable, model: str, first: int, last: int) -> int:
+    """reference.footprint of the stage, with the whole table's receive buffer for ``pipeline``."""
+    base = reference.footprint(share, "peak" if model == "pipeline" else model, 0, last - first)
+    if model == "pipeline" and len(table.layers) > 1:
+        base += max(x.activation_bytes for x in table.layers[:-1])
+    return base
+
+
+@settings(max_examples=300, deadline=None)
+@given(split_tables(), st.sampled_from(["sum", "peak", "pipeline"]), st.integers(1, 60))
+def test_fewest_split_cards_matches_enumeration(table: LayerTable, model: str, capacity: int) -> None:
+    plans = _all_plans(table, model)
+    fitting = [cards for cards, bottleneck in plans if bottleneck <= capacity]
+    plan = make_split_plan(table, capacity, memory_model=model)  # type: ignore[arg-type]
+    assert plan.feasible == bool(fitting)
+    if fitting:
+        assert plan.cards == min(fitting)
+        best = min(b for c, b in plans if c <= plan.cards)
+        assert plan.bottleneck_bytes == best
+        assert plan.lower_bound_bytes <= best
+        assert max(p.footprint_bytes for p in plan.partitions) == plan.bottleneck_bytes <= capacity
+
+
+@settings(max_examples=300, deadline=None)
+@given(split_tables(), st.sampled_from(["sum", "peak"]), st.integers(1, 8))
+def test_split_min_max_matches_enumeration(table: LayerTable, model: str, budget: int) -> None:
+    best = min(b for c, b in _all_plans(table, model) if c <= budget) if budget >= 1 else None
+    plan = make_split_plan(table, 10**9, cards=budget, memory_model=model)  # type: ignore[arg-type]
+    assert plan.feasible and plan.bottleneck_bytes == best and plan.cards <= budget
+    assert plan.lower_bound_bytes <= best
+    assert [p.tensor_parallel for p in plan.partitions] and all(
+        p.footprint_bytes == p.weight_bytes + p.activation_bytes + p.workspace_bytes + p.kv_cache_bytes
+        for p in plan.partitions)
+
+
+def _two_layer_table() -> LayerTable:
+    # Two layers of 60 B weights, 4 B out, 0 workspace, splittable 2 ways into 30 B each. input 4 B.
+    # Whole (peak): one layer = 60 + (4 + 4) = 68 B; both = 120 + 8 = 128 B.
+    # Split 2 ways: one layer per card = 30 + 8 = 38 B; both layers on a group of 2 = 60 + 8 = 68 B.
+    layer = [Layer(f"l{i}", 60, 4, 0, 0, 0.0, (), (), (Split(2, 30, 0),)) for i in range(2)]
+    return LayerTable("two", tuple(layer), input_bytes=4)
+
+
+def test_hand_sized_split_plan() -> None:
+    table = _two_layer_table()
+    # capacity 70: whole layers need 2 cards (68 B each); a group of 2 holding both also needs 2 cards (68 B):
+    # a tie, so the narrower groups win.
+    plan = make_split_plan(table, 70)
+    assert plan.cards == 2 and [p.tensor_parallel for p in plan.partitions] == [1, 1]
+    # capacity 50: no layer fits whole (68 B); split 2 ways, one group of 2 holds both (68 B)? no, 68 > 50;
+    # so each layer on its own group of 2: 38 B per card, 4 cards.
+    plan = make_split_plan(table, 50)
+    assert plan.cards == 4 and plan.bottleneck_bytes == 38
+    assert [(p.card, p.cards, p.tensor_parallel) for p in plan.partitions] == [(0, (0, 1), 2), (2, (2, 3), 2)]
+    # capacity 37: nothing fits; the weights alone need 120 B over cards of 37 B: at least 4 cards.
+    plan = make_split_plan(table, 37)
+    assert not plan.feasible and "38" in plan.diagnosis[0] and "at least 4 cards" in plan.diagnosis[-1]
+
+
+def test_auto_split_only_when_whole_layers_do_not_fit() -> None:
+    table = _two_layer_table()
+    assert all(p.tensor_parallel == 1 for p in api.plan(table, 70).partitions)
+    grouped = api.plan(table, 50)
+    assert grouped.feasible and grouped.cards == 4 and "tensor groups" in grouped.diagnosis[0]
+    assert not api.plan(table, 50, split="never").feasible
+
+
+def test_plan_with_groups_round_trips(tmp_path) -> None:
+    plan = make_split_plan(_two_layer_table(), 50)
+    plan.write(tmp_path / "plan.json")
+    assert Plan.read(tmp_path / "plan.json") == plan
+    document = json.loads((tmp_path / "plan.json").read_text())
+    assert document["partitions"][1]["cards"] == [2, 3] and document["partitions"][1]["tensor_parallel"] == 2
+    document["partitions"][1]["cards"] = [2, 5]
+    with pytest.raises(ValueError, match=r"partitions\[1\].cards must be 2..3"):
+        Plan.from_dict(document)
+    del document["partitions"][1]["cards"], document["partitions"][1]["tensor_parallel"]
+    with pytest.raises(ValueError, match="on 4 cards"):       # a width-1 stage 1 leaves card 3 uncovered
+        Plan.from_dict(document)
+
+
+def test_layer_table_with_splits_round_trips(tmp_path) -> None:
+    table = api.load_model("tiny-llama")
+    assert table.split_ways[0] == 1 and len(table.split_ways) > 1
+    table.write(tmp_path / "t.json")
+    assert LayerTable.read(tmp_path / "t.json") == table
+    document = json.loads((tmp_path / "t.json").read_text())
+    document["layers"][1]["splits"][0]["ways"] = 1
+    with pytest.raises(ValueError, match=r"ways"):
+        LayerTable.from_dict(document)
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense4", "tiny-llama", "llama-3-8b", "seed-dense16"])
+def test_family_splits_divide_what_the_split_divides(preset: str) -> None:
+    table = api.load_model(preset)
+    for layer in table.layers:
+        for share in layer.splits:
+            if layer.name.startswith("layers."):
+                # Dense blocks have no norms: weights divide exactly. Llama keeps two d-vectors of norms whole,
+                # and K/V heads replicate once the width passes the KV heads: never less than whole / ways.
+                assert share.weight_bytes * share.ways >= layer.weight_bytes
+                assert share.kv_cache_bytes * share.ways >= layer.kv_cache_bytes
+                assert share.weight_bytes < layer.weight_bytes
+                if preset.startswith(("tiny-dense", "seed")):
+                    assert share.weight_bytes * share.ways == layer.weight_bytes
+                    assert share.kv_cache_bytes * share.ways == layer.kv_cache_bytes
+            else:
+                assert share.weight_bytes == layer.weight_bytes    # embedding and head: replicated
+
+
+def test_baseline_plan_is_built_and_says_whether_it_fits() -> None:
+    table = api.load_model("seed-dense16")
+    plan = make_baseline_plan(table, 39321600, 8, 2)
+    assert plan.cards == 16 and plan.strategy == "baseline" and not plan.feasible
+    assert [(p.first, p.last, p.tensor_parallel) for p in plan.partitions] == [(0, 7, 8), (8, 15, 8)]
+    # 8 layers x 1/8 of 1,610,612,736 B of weights per card, plus their KV share
+    assert plan.partitions[0].weight_bytes == 8 * 1610612736 // 8
+    assert "does not fit on-chip" in plan.diagnosis[0]
+    assert Plan.from_dict(plan.to_dict()) == plan
+    uneven = make_baseline_plan(api.load_model("tiny-dense4"), 10**9, 2, 4)   # 6 layers over 4 stages
+    assert [(p.first, p.last) for p in uneven.partitions] == [(0, 1), (2, 3), (4, 4), (5, 5)]
+    assert uneven.feasible and uneven.cards == 8
+    with pytest.raises(ValueError, match="tp=3 is not a split every layer allows"):
+        make_baseline_plan(table, 10**9, 3, 2)
+    with pytest.raises(ValueError, match="tp=8,pp=2"):
+        parse_baseline("tp=eight")
+
+
+def test_seed_gets_an_honest_answer() -> None:
+    plan = api.plan("seed-dense16", device="h100")
+    assert not plan.feasible
+    text = "\n".join(plan.diagnosis)
+    assert "split 16 ways" in text and "96.0 MiB per card" in text
+    assert "at least" in plan.diagnosis[-1] and "cards of 37.5 MiB" in plan.diagnosis[-1]
