@@ -131,3 +131,35 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     launcher.communicate(timeout=30)
     assert launcher.returncode != 0 and time.monotonic() - started < 30
     assert no_workers_left()
+
+
+def prepared_groups(folder: Path, model: str, baseline: str) -> tuple[Path, Path]:
+    """A measured TP x PP baseline plan (it fits 8 MiB cards at these sizes), weights and their shares."""
+    preset = presets()[model]
+    table = cachefit.load_model(model, torch_options=TorchOptions(measure=True))
+    plan = cachefit.plan(table, capacity="8MiB", memory_model="pipeline", baseline=baseline)
+    plan_file, weights = folder / "plan.json", folder / "weights.safetensors"
+    plan.write(plan_file)
+    init_weights(preset.spec, preset.workload, weights, seed=3)
+    shard_checkpoint(plan, weights, folder / "shards")
+    return plan_file, folder / "shards"
+
+
+@pytest.mark.parametrize(("model", "baseline"), [("tiny-dense4", "tp=2,pp=1"), ("tiny-llama", "tp=2,pp=2")])
+def test_tensor_groups_match_the_unpartitioned_model(tmp_path: Path, model: str, baseline: str) -> None:
+    plan_file, shards = prepared_groups(tmp_path, model, baseline)
+    plan = cachefit.Plan.read(plan_file)
+    result = run_plan(str(plan_file), str(shards), RunOptions(prompt_len=6, new_tokens=4, micro_batches=2,
+                                                              check=True, timeout=20))
+    assert result.checked is not None and result.checked["tokens_identical"]
+    assert len(result.ranks) == plan.cards == 2 * len(plan.partitions)
+    for rank in result.ranks:
+        part = plan.partition_of(rank["card"])
+        assert rank["tensor_parallel"] == 2 and rank["allreduce_s"] > 0
+        assert sum(rank["memory"].values()) <= rank["planned_bytes"] == part.footprint_bytes, rank
+    # Each card of a group holds half of every block's matrices: the shards of a group differ, and are smaller
+    # than the stage's whole tensors.
+    manifest = json.loads((shards / "manifest.json").read_text())
+    sizes = {card["card"]: card["bytes"] for card in manifest["cards"]}
+    assert manifest["cards"][0]["sha256"] != manifest["cards"][1]["sha256"]
+    assert abs(sizes[0] - sizes[1]) < 4096

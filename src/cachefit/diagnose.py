@@ -101,7 +101,7 @@ def explain_unsplittable(table: LayerTable, model: MemoryModel, options: Sequenc
             best.append((size, index, ways))
     best.sort(key=lambda item: (-item[0], item[1]))
     lines = []
-    for size, index, ways in best[:_SHOWN]:
+    for _size, index, ways in best[:_SHOWN]:
         share, _ = per_card_table(table, ways)
         parts = breakdown(share, model, index, index)
         widest = max(o.ways for o in options if o.allowed[index])

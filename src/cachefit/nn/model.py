@@ -3,11 +3,17 @@
 Module names match the analytical layer tables: ``embed``, ``layers.N``, ``head``; so do the parameter counts,
 layer for layer (tests/test_torch_profile.py). Attention is the naive kind (scores materialised), with a
 pre-allocated KV cache for decode.
+
+Tensor groups (Megatron-LM, Shoeybi et al. 2019, sec. 3): built with ``tensor_parallel`` t, a block holds one
+card's share (h/t heads, its KV heads, f/t MLP columns) and sums the partial outputs of attention and of the MLP
+with ``Block.reduce`` (an all-reduce over the group; the identity alone). :func:`tensor_share` cuts a full
+checkpoint's tensor into a card's share, :func:`tensor_unshare` puts the shares back together.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +22,8 @@ from torch.nn import functional
 
 from cachefit.sources.families import DenseSpec, LlamaSpec
 
-__all__ = ["TORCH_DTYPES", "KVCache", "ModelConfig", "Transformer", "build_model"]
+__all__ = ["TORCH_DTYPES", "KVCache", "ModelConfig", "Transformer", "build_model", "tensor_share",
+           "tensor_unshare"]
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2, "int8": torch.int8}
@@ -36,12 +43,24 @@ class ModelConfig:
     tie_embeddings: bool
 
     @classmethod
-    def of(cls, spec: DenseSpec | LlamaSpec) -> ModelConfig:
+    def of(cls, spec: DenseSpec | LlamaSpec, tensor_parallel: int = 1) -> ModelConfig:
+        """The full model's dimensions, or one card's share of every block in a group of ``tensor_parallel``."""
         if isinstance(spec, DenseSpec):
-            return cls("dense", spec.layers, spec.model_dim, spec.heads, spec.heads, spec.head_dim,
+            full = cls("dense", spec.layers, spec.model_dim, spec.heads, spec.heads, spec.head_dim,
                        spec.mlp_hidden, spec.vocab, spec.tie_embeddings)
-        return cls("llama", spec.layers, spec.hidden, spec.heads, spec.kv_heads, spec.dim_per_head,
-                   spec.ffn_hidden, spec.vocab, spec.tie_embeddings)
+        else:
+            full = cls("llama", spec.layers, spec.hidden, spec.heads, spec.kv_heads, spec.dim_per_head,
+                       spec.ffn_hidden, spec.vocab, spec.tie_embeddings)
+        return full.share(tensor_parallel)
+
+    def share(self, ways: int) -> ModelConfig:
+        if ways == 1:
+            return self
+        if self.heads % ways or self.mlp_hidden % ways or (self.kv_heads % ways and ways % self.kv_heads):
+            raise ValueError(f"a block of {self.heads} heads ({self.kv_heads} KV heads) and MLP width "
+                             f"{self.mlp_hidden} cannot be split {ways} ways")
+        return ModelConfig(self.family, self.layers, self.hidden, self.heads // ways, max(self.kv_heads // ways, 1),
+                           self.head_dim, self.mlp_hidden // ways, self.vocab, self.tie_embeddings)
 
     @property
     def llama(self) -> bool:
@@ -131,9 +150,14 @@ class MLP(nn.Module):
         return self.down_proj(functional.gelu(self.up_proj(x)))
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] = _identity    # a tensor group's all-reduce
         self.attn = Attention(config)
         self.mlp = MLP(config)
         self.attn_norm = nn.RMSNorm(config.hidden, eps=1e-5) if config.llama else None
@@ -141,9 +165,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, position: int = 0) -> torch.Tensor:
         normed = self.attn_norm(x) if self.attn_norm is not None else x
-        x = x + self.attn(normed, cache, position)
+        x = x + self.reduce(self.attn(normed, cache, position))
         normed = self.mlp_norm(x) if self.mlp_norm is not None else x
-        return x + self.mlp(normed)
+        return x + self.reduce(self.mlp(normed))
 
 
 class Head(nn.Module):
@@ -180,10 +204,11 @@ class Transformer(nn.Module):
 
 
 def build_model(spec: DenseSpec | LlamaSpec, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                seed: int | None = 0) -> Transformer:
-    """The reference model of ``spec``; on ``meta`` no memory is allocated. ``seed``: deterministic N(0, 0.02)."""
+                seed: int | None = 0, tensor_parallel: int = 1) -> Transformer:
+    """The reference model of ``spec``; on ``meta`` no memory is allocated. ``seed``: deterministic N(0, 0.02).
+    ``tensor_parallel`` > 1: one card's share of every block (for profiling; its reduce is the identity)."""
     with torch.device(device):
-        model = Transformer(ModelConfig.of(spec)).to(dtype)
+        model = Transformer(ModelConfig.of(spec, tensor_parallel)).to(dtype)
     if device != "meta" and seed is not None:
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -193,3 +218,49 @@ def build_model(spec: DenseSpec | LlamaSpec, dtype: torch.dtype = torch.float32,
                 else:
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
     return model.eval()
+
+
+# Which dimension of a block's tensor a tensor group splits, and by what: weights are [out, in] (nn.Linear).
+_SPLIT_DIMS = {"attn.q_proj.weight": (0, "heads"), "attn.k_proj.weight": (0, "kv"), "attn.v_proj.weight": (0, "kv"),
+               "attn.o_proj.weight": (1, "heads"), "mlp.gate_proj.weight": (0, "mlp"),
+               "mlp.up_proj.weight": (0, "mlp"), "mlp.down_proj.weight": (1, "mlp")}
+
+
+def _split_dim(name: str) -> tuple[int, str] | None:
+    return _SPLIT_DIMS.get(name.split(".", 2)[2]) if name.startswith("layers.") and name.count(".") >= 2 else None
+
+
+def _share_range(kind: str, full: ModelConfig, rank: int, ways: int) -> tuple[int, int]:
+    """[start, stop) of card ``rank``'s rows or columns: its h/t heads, its KV heads (the one KV head it shares
+    with ways/h_kv cards when ways > h_kv), or its f/t MLP columns."""
+    local = full.share(ways)
+    if kind == "mlp":
+        return rank * local.mlp_hidden, (rank + 1) * local.mlp_hidden
+    if kind == "heads":
+        return rank * local.heads * full.head_dim, (rank + 1) * local.heads * full.head_dim
+    first = rank * local.kv_heads if full.kv_heads % ways == 0 else rank * full.kv_heads // ways
+    return first * full.head_dim, (first + local.kv_heads) * full.head_dim
+
+
+def tensor_share(name: str, tensor: torch.Tensor, full: ModelConfig, rank: int, ways: int) -> torch.Tensor:
+    """Card ``rank``'s share of the full checkpoint tensor ``name`` in a group of ``ways`` (Megatron-LM: Q, K, V
+    and the MLP's first matrices by output rows, O and the MLP's last by input columns); norms, embedding and head
+    whole."""
+    cut = _split_dim(name)
+    if ways == 1 or cut is None:
+        return tensor
+    dim, kind = cut
+    start, stop = _share_range(kind, full, rank, ways)
+    return tensor.narrow(dim, start, stop - start).contiguous()
+
+
+def tensor_unshare(name: str, shares: list[torch.Tensor], full: ModelConfig) -> torch.Tensor:
+    """The full tensor from every card's share, in rank order (the inverse of :func:`tensor_share`)."""
+    cut, ways = _split_dim(name), len(shares)
+    if ways == 1 or cut is None:
+        return shares[0]
+    dim, kind = cut
+    pieces: dict[tuple[int, int], torch.Tensor] = {}
+    for rank, share in enumerate(shares):
+        pieces.setdefault(_share_range(kind, full, rank, ways), share)    # replicated KV heads: keep one
+    return torch.cat([pieces[key] for key in sorted(pieces)], dim=dim)

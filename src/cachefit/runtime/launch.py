@@ -70,7 +70,7 @@ def torchrun_command(plan_file: str, weights: str, out: str, options: RunOptions
 
 def check_run(plan: Plan, weights: str | Path, options: RunOptions) -> None:
     """Everything that can be refused before a process starts: the plan, the sizes, every shard."""
-    if not plan.feasible:
+    if not plan.partitions:
         raise ValueError("the plan is not feasible: nothing to run")
     spec = spec_from_record(plan.model.spec)
     if plan.model.phase != "decode":
@@ -209,6 +209,19 @@ def _failure(out: Path, log: str, code: int) -> str:
     return f"the run failed (launcher exit code {code}):\n{tail}"
 
 
+def full_state(plan: Plan, weights: str | Path) -> dict[str, torch.Tensor]:
+    """The whole model's tensors from the cards' shards (a tensor group's shares put back together)."""
+    from cachefit.nn.model import ModelConfig, tensor_unshare
+
+    config = ModelConfig.of(spec_from_record(plan.model.spec))
+    files = {card.card: Path(weights) / card.file for card in Manifest.read(Path(weights)).cards}
+    state: dict[str, torch.Tensor] = {}
+    for part in plan.partitions:
+        shares = [load_file(str(files[card])) for card in part.cards]
+        state.update({name: tensor_unshare(name, [share[name] for share in shares], config) for name in shares[0]})
+    return state
+
+
 def reference_check(plan: Plan, weights: str | Path, options: RunOptions, result: RunResult) -> dict[str, Any]:
     """The unpartitioned model, in this process, on the same prompts and micro-batch shapes: identical tokens,
     logits within tolerance, or an error."""
@@ -218,10 +231,7 @@ def reference_check(plan: Plan, weights: str | Path, options: RunOptions, result
 
     spec, dtype = spec_from_record(plan.model.spec), TORCH_DTYPES[str(plan.model.dtype)]
     model = build_model(spec, dtype=dtype, seed=None)
-    state = {}
-    for card in Manifest.read(Path(weights)).cards:
-        state.update(load_file(str(Path(weights) / card.file)))
-    model.load_state_dict(state)
+    model.load_state_dict(full_state(plan, weights))
     batch, seq = int(plan.model.batch or 1), int(plan.model.seq or 0)
     size = batch // options.micro_batches
     prompt = prompts(spec.vocab, batch, options.prompt_len, options.seed)

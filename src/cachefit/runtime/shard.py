@@ -1,5 +1,6 @@
-"""Per-card shards: each card's safetensors file holds only its partition's tensors, and a manifest binds them to
-the plan (its fingerprint) and to their bytes (sha256), so a rank can refuse a tampered or mismatched shard."""
+"""Per-card shards: each card's safetensors file holds only its partition's tensors (on a tensor group, only its
+share of them), and a manifest binds them to the plan (its fingerprint) and to their bytes (sha256), so a rank can
+refuse a tampered or mismatched shard."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cachefit._files import atomic_write_text, describe_validation_error, read_json_object
+from cachefit.nn.model import ModelConfig, tensor_share
 from cachefit.plan import Plan
 from cachefit.runtime.weights import read_checkpoint_info, spec_from_record, tensor_sources
 
@@ -89,7 +91,7 @@ def file_sha256(path: Path) -> str:
 
 def shard_checkpoint(plan: Plan, checkpoint: str | Path, out: str | Path) -> Manifest:
     """Write ``out/card-K.safetensors`` for every card of ``plan`` and ``out/manifest.json``."""
-    if not plan.feasible:
+    if not plan.partitions:
         raise ValueError("the plan is not feasible: there are no partitions to shard")
     info = read_checkpoint_info(checkpoint)
     spec = spec_from_record(plan.model.spec)
@@ -101,18 +103,22 @@ def shard_checkpoint(plan: Plan, checkpoint: str | Path, out: str | Path) -> Man
                          f"make one with cachefit init-weights --dtype {plan.model.dtype}")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
+    config = ModelConfig.of(spec)
     with safe_open(str(checkpoint), framework="pt") as handle:
         sources = tensor_sources(spec, set(handle.keys()))
         cards: list[CardShard] = []
         users: dict[str, list[tuple[str, int]]] = {}
         for part in plan.partitions:
             names = [name for name in sources if any(name.startswith(prefix + ".") for prefix in part.modules)]
-            tensors = {name: handle.get_tensor(sources[name]).contiguous() for name in names}
-            path = folder / f"card-{part.card}.safetensors"
-            save_file(tensors, str(path), metadata={"card": str(part.card)})
-            cards.append(CardShard(part.card, path.name, file_sha256(path), path.stat().st_size, tuple(names)))
-            for name in names:
-                users.setdefault(sources[name], []).append((name, part.card))
+            full = {name: handle.get_tensor(sources[name]) for name in names}
+            for rank, card in enumerate(part.cards):     # a tensor group: each card its share (model.tensor_share)
+                tensors = {name: tensor_share(name, tensor, config, rank, part.tensor_parallel).contiguous()
+                           for name, tensor in full.items()}
+                path = folder / f"card-{card}.safetensors"
+                save_file(tensors, str(path), metadata={"card": str(card)})
+                cards.append(CardShard(card, path.name, file_sha256(path), path.stat().st_size, tuple(names)))
+                for name in names:
+                    users.setdefault(sources[name], []).append((name, card))
     shared = tuple(SharedWeight(tensor, tuple(n for n, _ in uses), tuple(c for _, c in uses))
                    for tensor, uses in users.items() if len({card for _, card in uses}) > 1)
     manifest = Manifest(plan_fingerprint(plan), plan.model.fingerprint, file_sha256(Path(checkpoint)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,13 +17,13 @@ __all__ = ["Stage"]
 
 
 class Stage(nn.Module):
-    """Layers ``first..last`` of the plan's model. Module names follow the full model (``embed``,
-    ``layers.N``, ``head``), so the shard's tensor names load as they are."""
+    """Layers ``first..last`` of the plan's model (on a tensor group: one card's share of each block). Module names
+    follow the full model (``embed``, ``layers.N``, ``head``), so the shard's tensor names load as they are."""
 
     def __init__(self, spec: DenseSpec | LlamaSpec, part: Partition, device: str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        config = ModelConfig.of(spec)
+        config = ModelConfig.of(spec, part.tensor_parallel)
         self.config = config
         names = set(part.modules or part.layers)
         with torch.device(device):
@@ -33,6 +34,12 @@ class Stage(nn.Module):
         self.to(dtype)
         self.first = part.first == 0
         self.last = self.head is not None
+
+    def set_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """The all-reduce that sums a tensor group's partial outputs (attention's and the MLP's)."""
+        for block in self.layers.values():
+            assert isinstance(block, Block)
+            block.reduce = reduce
 
     def load_shard(self, path: Path) -> None:
         tensors = load_file(str(path))

@@ -18,14 +18,16 @@ def summarise(ranks: list[dict[str, Any]], batch: int, prompt_len: int, new_toke
     """Prefill tokens/s (prompt tokens over the time to the first generated token), decode tokens/s and time per
     output token (gaps between a sequence's consecutive tokens, at the last card), and per card: compute, wait,
     send seconds and measured bytes against the plan."""
-    last = ranks[-1]
+    last = next((rank for rank in ranks if rank.get("emits")), ranks[-1])    # the last stage's leader
     gaps = [later - earlier for times in last["token_times"] for earlier, later in itertools.pairwise(times)]
     decode_s = last["total_s"] - last["prefill_s"]
     cards = []
     for rank in ranks:
         measured = sum(rank["memory"].values())
-        cards.append({"card": rank["card"], "layers": [rank["first"], rank["last"]], "compute_s": rank["compute_s"],
-                      "wait_s": rank["wait_s"], "send_s": rank["send_s"], "planned_bytes": rank["planned_bytes"],
+        cards.append({"card": rank["card"], "layers": [rank["first"], rank["last"]],
+                      "tensor_parallel": rank.get("tensor_parallel", 1), "compute_s": rank["compute_s"],
+                      "allreduce_s": rank.get("allreduce_s", 0.0), "wait_s": rank["wait_s"], "send_s": rank["send_s"],
+                      "planned_bytes": rank["planned_bytes"],
                       "measured_bytes": measured, "over_plan_bytes": max(0, measured - rank["planned_bytes"]),
                       "memory": rank["memory"]})
     return {

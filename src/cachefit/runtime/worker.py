@@ -1,9 +1,13 @@
 """One rank of ``cachefit run``, started by torch.distributed.run: verify, load, pre-allocate, then pipeline.
 
 Schedule (point-to-point, forward only): prefill sends each micro-batch's hidden state on as soon as it is done,
-so card k works on micro-batch m while card k+1 works on m-1; decode sends one token per sequence card to card,
-and the last card's greedy token returns to the first, with every micro-batch in flight. Sends are non-blocking
+so stage k works on micro-batch m while stage k+1 works on m-1; decode sends one token per sequence stage to stage,
+and the last stage's greedy token returns to the first, with every micro-batch in flight. Sends are non-blocking
 (a rank never waits on a peer that is itself sending); receives block, and that time is reported as waiting.
+
+A stage on a tensor group (TP x PP): its first card, the leader, receives and sends for the stage and broadcasts
+what it received to the group; every card computes its share, and each block all-reduces its attention and MLP
+outputs over the group (torch.distributed sub-groups), so every card holds the whole output.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from cachefit.nn.model import TORCH_DTYPES
-from cachefit.plan import Plan
+from cachefit.plan import Partition, Plan
 from cachefit.runtime.measure import PeakTracker, tensor_bytes
 from cachefit.runtime.shard import verify_card
 from cachefit.runtime.stage import Stage
@@ -37,6 +42,45 @@ FAULT_VARIABLE = "CACHEFIT_INJECT_FAULT"   # tests only: "RANK:kill|raise|hang" 
 def prompts(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
     """The prompt token ids every run (and its --check) uses: seeded, the same on every rank."""
     return torch.randint(vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a rank sits: its stage, its group (None: a card of its own), and the leaders it talks to."""
+
+    rank: int
+    part: Partition
+    group: Any
+    previous: int | None          # leader of the stage before (None: this is the first stage)
+    following: int | None         # leader of the stage after (None: the last stage)
+    last_leader: int
+    stages: int
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == self.part.card
+
+
+def _place(plan: Plan, rank: int) -> Place:
+    """Every rank creates every group, in plan order (torch.distributed.new_group is collective)."""
+    groups = {p.card: dist.new_group(list(p.cards)) for p in plan.partitions if p.tensor_parallel > 1}
+    index = next(i for i, p in enumerate(plan.partitions) if rank in p.cards)
+    parts = plan.partitions
+    return Place(rank, parts[index], groups.get(parts[index].card), parts[index - 1].card if index else None,
+                 parts[index + 1].card if index + 1 < len(parts) else None, parts[-1].card, len(parts))
+
+
+class GroupReduce:
+    """The all-reduce of a tensor group's partial sums, timed."""
+
+    def __init__(self, group: Any) -> None:
+        self.group, self.seconds = group, 0.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        dist.all_reduce(x, group=self.group)
+        self.seconds += time.perf_counter() - start
+        return x
 
 
 class Clock:
@@ -87,9 +131,13 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> None:
     cuda = torch.cuda.is_available()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
+    place = _place(plan, rank)
     spec, dtype = spec_from_record(plan.model.spec), TORCH_DTYPES[str(plan.model.dtype)]
-    stage = Stage(spec, plan.partitions[rank], device, dtype).eval()
+    stage = Stage(spec, place.part, device, dtype).eval()
     stage.load_shard(Path(args.weights) / entry.file)
+    reduce = GroupReduce(place.group)
+    if place.group is not None:
+        stage.set_reduce(reduce)
     batch, micro, seq = int(plan.model.batch or 1), args.micro_batches, int(plan.model.seq or 0)
     size = batch // micro
     # A decode plan counts one token per sequence per pass, and, when measured with --prefill-chunk C, a pass of C
@@ -100,19 +148,23 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> None:
     rows = [{index: cache.rows(m * size, (m + 1) * size) for index, cache in caches.items()} for m in range(micro)]
     hidden = stage.config.hidden
     # One receive buffer serves every micro-batch: each message is consumed before the next one is received.
-    # The first card receives only tokens (from the last); the others only hidden states.
-    inbox = ({"token": torch.empty(size, dtype=torch.long, device=device)} if stage.first and world > 1 else
-             {} if stage.first else {"hidden": torch.empty(size * chunk * hidden, dtype=dtype, device=device)})
+    # The first stage receives only tokens (from the last, or its leader's broadcast); the others hidden states.
+    inbox = ({"token": torch.empty(size, dtype=torch.long, device=device)} if stage.first
+             else {"hidden": torch.empty(size * chunk * hidden, dtype=dtype, device=device)})
     transient = _transient_peak(stage, rows[0], size, chunk, seq, hidden, dtype, device)
+    reduce.seconds = 0.0
     memory = {"weights": tensor_bytes(list(stage.state_dict().values())), "kv_cache": tensor_bytes(
         [t for cache in caches.values() for t in (cache.keys, cache.values)]), "buffers": tensor_bytes(inbox),
         "transient_peak": transient}
-    outcome = _pipeline(args, rank, world, stage, rows, inbox, prompts(stage.config.vocab, batch, args.prompt_len,
-                                                                       args.seed).to(device), size, chunk, device)
-    report = {"rank": rank, "card": rank, "first": plan.partitions[rank].first, "last": plan.partitions[rank].last,
-              "planned_bytes": plan.partitions[rank].footprint_bytes, "memory": memory, **outcome["timing"]}
+    outcome = _pipeline(args, place, stage, rows, inbox, prompts(stage.config.vocab, batch, args.prompt_len,
+                                                                 args.seed).to(device), size, chunk, device)
+    emits = stage.last and place.leader
+    report = {"rank": rank, "card": rank, "first": place.part.first, "last": place.part.last,
+              "tensor_parallel": place.part.tensor_parallel, "emits": emits,
+              "planned_bytes": place.part.footprint_bytes, "memory": memory, "allreduce_s": reduce.seconds,
+              **outcome["timing"]}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(report))
-    if stage.last:
+    if emits:
         save_file({"tokens": outcome["tokens"].cpu(), "logits": outcome["logits"].float().cpu()},
                   str(Path(args.out, "outputs.safetensors")))
 
@@ -142,11 +194,10 @@ def _passes(prompt_len: int, steps: int, chunk: int) -> list[tuple[int, int]]:
     return prefill + [(prompt_len + step - 1, 1) for step in range(1, steps)]
 
 
-def _pipeline(args: argparse.Namespace, rank: int, world: int, stage: Stage, rows: list[dict[str, Any]],
+def _pipeline(args: argparse.Namespace, place: Place, stage: Stage, rows: list[dict[str, Any]],
               inbox: dict[str, torch.Tensor], prompt: torch.Tensor, size: int, chunk: int,
               device: str) -> dict[str, Any]:
     clock, pending = Clock(), []
-    previous, following, last_rank = rank - 1, rank + 1, world - 1
     micro, steps, hidden = len(rows), args.new_tokens, stage.config.hidden
     passes = _passes(args.prompt_len, steps, chunk)
     prefill_passes = len(passes) - (steps - 1)
@@ -164,26 +215,25 @@ def _pipeline(args: argparse.Namespace, rank: int, world: int, stage: Stage, row
             if stage.first and step == 0:
                 x = prompt[rows_m, position:position + length]
             elif stage.first:
-                if world > 1:
-                    clock.timed("wait", dist.recv, inbox["token"], last_rank)
-                x = (inbox["token"] if world > 1 else tokens[rows_m, step - 1]).unsqueeze(1)
+                x = _receive(clock, place, inbox["token"], tokens[rows_m, step - 1]).unsqueeze(1)
             else:
-                x = inbox["hidden"][:size * length * hidden].view(size, length, hidden)
-                clock.timed("wait", dist.recv, x, previous)
+                x = _receive(clock, place, inbox["hidden"][:size * length * hidden].view(size, length, hidden))
             out = clock.timed("compute", stage, x, rows[m], position)
+            if not place.leader:
+                continue
             if not stage.last:
-                pending.append(dist.isend(out.contiguous(), following))
+                pending.append(dist.isend(out.contiguous(), place.following))
             elif emits:
                 chosen = out.argmax(dim=-1)
                 tokens[rows_m, step] = chosen
                 token_times[m].append(time.perf_counter() - start)
                 if step == steps - 1:
                     logits = out if m == 0 else torch.cat((logits, out))
-                elif world > 1:
+                elif place.stages > 1:
                     pending.append(dist.isend(chosen.contiguous(), 0))
         if index == prefill_passes - 1:
             prefill_done = time.perf_counter() - start
-            _inject_fault(rank)
+            _inject_fault(place.rank)
     for handle in pending:
         if handle is not None:
             clock.timed("send", handle.wait)
@@ -192,6 +242,22 @@ def _pipeline(args: argparse.Namespace, rank: int, world: int, stage: Stage, row
     return {"tokens": tokens, "logits": logits, "timing": {
         "compute_s": clock.compute, "wait_s": clock.wait, "send_s": clock.send, "total_s": total,
         "prefill_s": prefill_done, "prefill_chunk": chunk, "token_times": token_times}}
+
+
+def _receive(clock: Clock, place: Place, buffer: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
+    """The stage's input: the leader receives it from the stage before (the first stage's leader: the last
+    stage's token, or its own when there is one stage), then broadcasts it to its group."""
+    if place.leader:
+        if place.previous is not None:
+            clock.timed("wait", dist.recv, buffer, place.previous)
+        elif place.stages > 1:
+            clock.timed("wait", dist.recv, buffer, place.last_leader)
+        else:
+            assert local is not None
+            buffer.copy_(local)
+    if place.group is not None:
+        clock.timed("wait", dist.broadcast, buffer, place.part.card, place.group)
+    return buffer
 
 
 def _inject_fault(rank: int) -> None:

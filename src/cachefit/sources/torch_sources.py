@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cachefit.layers import LayerTable
+from cachefit.layers import LayerTable, Split
 from cachefit.nn.model import TORCH_DTYPES
-from cachefit.sources.families import Workload, dtype_bytes, spec_record
+from cachefit.sources.families import Workload, dtype_bytes, spec_record, split_ways
 from cachefit.sources.hf import hf_table, read_hf_config
 from cachefit.sources.spec import ModelSpec
 from cachefit.sources.torch_profile import Granularity, profile_module
@@ -36,24 +36,55 @@ def measure_spec(spec: ModelSpec, work: Workload, granularity: Granularity = "bl
     if prefill_chunk is not None and (work.phase != "decode" or not 1 <= prefill_chunk <= work.seq):
         raise ValueError(f"--prefill-chunk needs --phase decode and 1 <= chunk <= seq ({work.seq}), got "
                          f"{prefill_chunk} for {work.phase}")
-    table = _measure_pass(spec, work, granularity, work.new_tokens)
+    table = _measure_with_chunk(spec, work, granularity, prefill_chunk, 1)
     record: dict[str, Any] = {**spec_record(spec, work), "measured": True}
     if prefill_chunk is not None and prefill_chunk > 1:
-        chunk = _measure_pass(spec, work, granularity, prefill_chunk)
-        table = replace(table, layers=tuple(
-            replace(layer, activation_bytes=max(layer.activation_bytes, other.activation_bytes),
-                    workspace_bytes=max(layer.workspace_bytes, other.workspace_bytes))
-            for layer, other in zip(table.layers, chunk.layers)))
         record["prefill_chunk"] = prefill_chunk
+    if granularity == "block":
+        table = _with_measured_splits(table, spec, work, prefill_chunk)
     return replace(table, spec=record)
 
 
-def _measure_pass(spec: ModelSpec, work: Workload, granularity: Granularity, tokens: int) -> LayerTable:
-    """One measured forward of ``tokens`` new tokens per sequence; in decode, at the end of a full context."""
+def _measure_with_chunk(spec: ModelSpec, work: Workload, granularity: Granularity, prefill_chunk: int | None,
+                        ways: int) -> LayerTable:
+    table = _measure_pass(spec, work, granularity, work.new_tokens, ways)
+    if prefill_chunk is None or prefill_chunk <= 1:
+        return table
+    chunk = _measure_pass(spec, work, granularity, prefill_chunk, ways)
+    return replace(table, layers=tuple(
+        replace(layer, activation_bytes=max(layer.activation_bytes, other.activation_bytes),
+                workspace_bytes=max(layer.workspace_bytes, other.workspace_bytes))
+        for layer, other in zip(table.layers, chunk.layers)))
+
+
+def _with_measured_splits(table: LayerTable, spec: ModelSpec, work: Workload, prefill_chunk: int | None
+                          ) -> LayerTable:
+    """Each layer's splits, measured on one card's share of the module (cachefit.nn, tensor_parallel=t)."""
+    from cachefit.nn.model import ModelConfig
+
+    config = ModelConfig.of(spec)
+    ways = split_ways(config.heads, config.kv_heads, config.mlp_hidden)
+    shares = {t: _measure_with_chunk(spec, work, "block", prefill_chunk, t) for t in ways}
+    p = dtype_bytes(work.dtype)[1]
+    layers = []
+    for index, layer in enumerate(table.layers):
+        block = layer.name.startswith("layers.")
+        splits = tuple(Split(t, share.layers[index].weight_bytes, share.layers[index].workspace_bytes,
+                             share.layers[index].kv_cache_bytes, share.layers[index].flops,
+                             2 * work.tokens * config.hidden * p if block else 0)
+                       for t, share in shares.items())
+        layers.append(replace(layer, splits=splits))
+    return replace(table, layers=tuple(layers))
+
+
+def _measure_pass(spec: ModelSpec, work: Workload, granularity: Granularity, tokens: int, ways: int = 1
+                  ) -> LayerTable:
+    """One measured forward of ``tokens`` new tokens per sequence; in decode, at the end of a full context.
+    ``ways`` > 1: of one card's share of every block in a tensor group of that width."""
     from cachefit.nn import KVCache, build_model
 
     torch_dtype = TORCH_DTYPES[dtype_bytes(work.dtype)[0]]
-    model = build_model(spec, dtype=torch_dtype, device="meta")
+    model = build_model(spec, dtype=torch_dtype, device="meta", tensor_parallel=ways)
     config = model.config
     shape = (work.batch, tokens) if config.vocab else (work.batch, tokens, config.hidden)
     inputs = torch.zeros(shape, dtype=torch.long if config.vocab else torch_dtype, device="meta")
