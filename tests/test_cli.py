@@ -152,3 +152,39 @@ def test_run_across_hosts_points_to_the_torchrun_command(tmp_path: Path) -> None
     assert run("plan", "tiny-llama", "--capacity", "8MiB", "--cards", "2", "-o", str(plan_file))[0] == 0
     code, _, stderr = run("run", str(plan_file), "--weights", str(tmp_path), "--nnodes", "2")
     assert code == 2 and "--print-torchrun" in stderr
+
+
+def test_plan_with_tensor_groups_baseline_and_micro_batch(tmp_path: Path) -> None:
+    # tiny-llama's blocks (about 0.7 MiB) do not fit 300 KiB whole: auto split makes groups of 4 for them.
+    code, stdout, _ = run("plan", "tiny-llama", "--capacity", "300KiB", "--format", "json")
+    document = json.loads(stdout)
+    assert code == 0 and {p["tensor_parallel"] for p in document["partitions"]} == {1, 4}
+    assert document["partitions"][1]["cards"] == [1, 2, 3, 4]
+    code, _, _ = run("plan", "tiny-llama", "--capacity", "300KiB", "--split", "never")
+    assert code == 3
+    # The baseline is built as asked, and says it does not fit (exit 0: nothing was searched for).
+    code, stdout, _ = run("plan", "seed-dense16", "--device", "h100", "--baseline", "tp=8,pp=2", "-o",
+                          str(tmp_path / "base.json"))
+    assert code == 0 and "does not fit on-chip" in stdout
+    assert Plan.read(tmp_path / "base.json").cards == 16
+    code, _, stderr = run("plan", "seed-dense16", "--device", "h100", "--baseline", "tp=3,pp=2")
+    assert code == 2 and "tp=3 is not a split every layer allows" in stderr
+    # Prefill of 512-token sequences on 1 GB cards: the largest batch per pass that plans, found exactly.
+    code, stdout, stderr = run("plan", "seed-dense16", "--capacity", "1GB", "--phase", "prefill", "--seq", "512",
+                               "--micro-batch", "auto", "--format", "json")
+    batch = json.loads(stdout)["model"]["batch"]
+    assert code == 0 and f"micro-batch: {batch} sequences" in stderr
+    code, _, _ = run("plan", "seed-dense16", "--capacity", "1GB", "--phase", "prefill", "--seq", "512",
+                     "--batch", str(batch + 1))
+    assert code == 3
+    code, stdout, _ = run("plan", "seed-dense16", "--device", "h100", "--micro-batch", "auto")
+    assert code == 3 and "no micro-batch fits" in stdout
+
+
+def test_exports_of_tensor_group_plans(tmp_path: Path) -> None:
+    # tiny-llama: embed, 4 blocks, head = 6 layers; 2 stages of 3: embed + 2 blocks, 2 blocks + head.
+    run("plan", "tiny-llama", "--capacity", "8MiB", "--baseline", "tp=2,pp=2", "-o", str(tmp_path / "b.json"))
+    code, stdout, _ = run("export", str(tmp_path / "b.json"), "--to", "vllm")
+    assert code == 0 and stdout == "VLLM_PP_LAYER_PARTITION=2,2\n# and --tensor-parallel-size 2\n"
+    code, _, stderr = run("export", str(tmp_path / "b.json"), "--to", "accelerate")
+    assert code == 2 and "tensor groups" in stderr

@@ -25,6 +25,10 @@ def device_map(plan: Plan) -> dict[str, int]:
     """{module FQN: card}: what ``from_pretrained(..., device_map=...)`` and ``dispatch_model`` take (cards are
     GPU ordinals)."""
     _require_feasible(plan)
+    grouped = [part.card for part in plan.partitions if part.tensor_parallel > 1]
+    if grouped:
+        raise ValueError(f"a device_map puts each module on one GPU, but the stages at cards {grouped} are tensor "
+                         "groups; export to torchtitan or vllm, or plan with --split never")
     return {module: part.card for part in plan.partitions for module in (part.modules or part.layers)}
 
 
@@ -54,5 +58,11 @@ def export_plan(plan: Plan, target: Target) -> str:
     if target == "torchtitan":
         return json.dumps({"module_fqns_per_model_part": torchtitan_stages(plan)}, indent=1) + "\n"
     if target == "vllm":
-        return f"VLLM_PP_LAYER_PARTITION={vllm_partition(plan)}\n"
+        widths = {part.tensor_parallel for part in plan.partitions}
+        if len(widths) > 1:
+            raise ValueError(f"vLLM uses one tensor-parallel size for every stage; this plan's stages use "
+                             f"{sorted(widths)}: re-plan with --baseline or --split never")
+        width = widths.pop()
+        extra = f"# and --tensor-parallel-size {width}\n" if width > 1 else ""
+        return f"VLLM_PP_LAYER_PARTITION={vllm_partition(plan)}\n{extra}"
     raise ValueError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")

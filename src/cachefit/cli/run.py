@@ -38,12 +38,14 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
     micro-batches, then greedy decoding with the last card's tokens returning to the first.
 
     PLAN must count what a rank holds: a decode plan of the measured reference module with the pipeline memory
-    model (cachefit plan MODEL --measure --memory-model pipeline [--prefill-chunk C] ...).
+    model (cachefit plan MODEL --measure --memory-model pipeline [--prefill-chunk C] ...). Stages on tensor
+    groups (--split, --baseline tp=T,pp=P) run as torch.distributed sub-groups, all-reducing in every block.
 
     \b
     Examples:
       cachefit run plan.json --weights shards/ --check
       cachefit run plan.json --weights shards/ --prompt-len 32 --new-tokens 16 --micro-batches 4 --report run.json
+      cachefit plan tiny-llama --measure --memory-model pipeline --capacity 8MiB --baseline tp=2,pp=2 -o b.json
       cachefit run plan.json --weights shards/ --nnodes 2 --rdzv-endpoint 10.0.0.1:29500 --print-torchrun
     """
     from cachefit.plan import Plan
@@ -84,12 +86,14 @@ def print_summary(summary: dict, checked: dict | None) -> None:
               "token(s) per sequence per pass, as the plan counts); "
               f"decode {number(summary['decode_tokens_per_s'])} tokens/s; TPOT median "
               f"{number(summary['tpot_median_ms'], '.2f')} ms, p90 {number(summary['tpot_p90_ms'], '.2f')} ms")
-    view = Table(title="per card")
-    for header in ("card", "layers", "compute s", "wait s", "send s", "planned", "measured", "over plan"):
+    view = Table(title="per card", caption="compute includes the all-reduces of tensor groups; wait includes "
+                 "receives and a group's broadcasts")
+    for header in ("card", "layers", "tp", "compute s", "all-reduce s", "wait s", "send s", "planned", "measured",
+                   "over plan"):
         view.add_column(header, justify="right")
     for card in summary["cards"]:
-        view.add_row(str(card["card"]), f"{card['layers'][0]}-{card['layers'][1]}", f"{card['compute_s']:.3f}",
-                     f"{card['wait_s']:.3f}", f"{card['send_s']:.3f}", format_size(card["planned_bytes"]),
+        view.add_row(str(card["card"]), f"{card['layers'][0]}-{card['layers'][1]}", str(card["tensor_parallel"]),
+                     f"{card['compute_s']:.3f}", f"{card['allreduce_s']:.3f}", f"{card['wait_s']:.3f}", f"{card['send_s']:.3f}", format_size(card["planned_bytes"]),
                      format_size(card["measured_bytes"]),
                      format_size(card["over_plan_bytes"]) if card["over_plan_bytes"] else "-")
     out.print(view)
