@@ -14,6 +14,7 @@ from tests.strategies import SIZES, tables
 from cachefit import api
 from cachefit.layers import Layer, LayerTable, Split
 from cachefit.plan import Plan
+from cachefit.sources import TorchOptions
 from cachefit.split_plan import make_baseline_plan, make_split_plan, parse_baseline
 
 WIDTHS = (2, 3)
@@ -198,3 +199,29 @@ def test_seed_gets_an_honest_answer() -> None:
     text = "\n".join(plan.diagnosis)
     assert "split 16 ways" in text and "96.0 MiB per card" in text
     assert "at least" in plan.diagnosis[-1] and "cards of 37.5 MiB" in plan.diagnosis[-1]
+
+
+def test_sublayers_keep_the_block_totals_and_split_the_mlp_finer() -> None:
+    blocks = api.load_model("llama-3-8b")
+    halves = api.load_model("llama-3-8b", torch_options=TorchOptions(granularity="sublayer"))
+    assert len(halves.layers) == len(blocks.layers) + 32
+    for column in ("weight_bytes", "kv_cache_bytes", "flops"):
+        assert sum(getattr(x, column) for x in halves.layers) == sum(getattr(x, column) for x in blocks.layers)
+    attention, mlp = halves.layers[1], halves.layers[2]
+    assert attention.name == "layers.0.attn" and mlp.name == "layers.0.mlp"
+    assert max(s.ways for s in attention.splits) == 32 and max(s.ways for s in mlp.splits) == 14336
+    with pytest.raises(ValueError, match="sublayer"):
+        api.load_model("tiny-llama", torch_options=TorchOptions(granularity="sublayer", measure=True))
+
+
+def test_the_seed_fits_h100_l2_only_split_finer_and_with_a_short_context() -> None:
+    # Attention split by its 16 heads holds 32 MiB of weights per card, the MLP split 32 ways 32 MiB: both fit the
+    # 37.5 MiB an H100's L2 is planned with, when the context is short (1,000 tokens, one sequence).
+    sublayer = TorchOptions(granularity="sublayer")
+    plan = api.plan("seed-dense16", device="h100", batch=1, seq=1000, torch_options=sublayer)
+    assert plan.feasible and plan.bottleneck_bytes <= 39321600
+    # No plan uses fewer cards than the weights need: 16 x 1,610,612,736 B over 39,321,600 B per card.
+    assert plan.cards >= -(-16 * 1610612736 // 39321600) == 656
+    assert plan.lower_bound_bytes <= plan.bottleneck_bytes
+    # The seed's own context (10,000 tokens): one head's KV cache is 20 MB, beside its 32 MiB of weights.
+    assert api.largest_micro_batch("seed-dense16", device="h100", torch_options=sublayer) is None

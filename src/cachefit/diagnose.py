@@ -116,7 +116,8 @@ def explain_unsplittable(table: LayerTable, model: MemoryModel, options: Sequenc
     if parts.weight_bytes > capacity:
         lines.append(f"its weights alone, split {ways} ways, are {format_size(parts.weight_bytes)} per card: no "
                      f"batch or sequence fits; a card of at least {format_size(size)}, a narrower dtype, or a "
-                     "finer split than its heads allow would")
+                     "finer split would (for presets and specs, --granularity sublayer plans attention and the MLP "
+                     "apart, and the MLP splits by columns far beyond the heads)")
         return lines
     scaling = parts.activation_bytes + parts.workspace_bytes + parts.kv_cache_bytes
     lines.append(f"activations are not split: every card of a group holds the layer's whole input and output "

@@ -57,8 +57,9 @@ def model_options(function: F) -> F:
                      help="For CSV layer tables: bytes of the activation entering layer 0."),
         click.option("--measure", is_flag=True,
                      help="Presets/specs: profile the reference torch module on meta instead of the closed form."),
-        click.option("--granularity", type=click.Choice(["block", "leaf"]), default="block", show_default=True,
-                     help="Torch/HF models: one layer per repeated block, or per leaf module."),
+        click.option("--granularity", type=click.Choice(["block", "sublayer", "leaf"]), default="block",
+                     show_default=True, help="One layer per repeated block; sublayer (presets/specs): attention and "
+                     "MLP apart, so each splits as finely as its shapes allow; leaf (torch/HF): per leaf module."),
         click.option("--prefill-chunk", type=click.IntRange(min=1),
                      help="With --measure (decode): also count a pass of this many prompt tokens per sequence, "
                           "so cachefit run sends prompts in such chunks."),

@@ -93,7 +93,8 @@ def print_summary(summary: dict, checked: dict | None) -> None:
         view.add_column(header, justify="right")
     for card in summary["cards"]:
         view.add_row(str(card["card"]), f"{card['layers'][0]}-{card['layers'][1]}", str(card["tensor_parallel"]),
-                     f"{card['compute_s']:.3f}", f"{card['allreduce_s']:.3f}", f"{card['wait_s']:.3f}", f"{card['send_s']:.3f}", format_size(card["planned_bytes"]),
+                     f"{card['compute_s']:.3f}", f"{card['allreduce_s']:.3f}", f"{card['wait_s']:.3f}",
+                     f"{card['send_s']:.3f}", format_size(card["planned_bytes"]),
                      format_size(card["measured_bytes"]),
                      format_size(card["over_plan_bytes"]) if card["over_plan_bytes"] else "-")
     out.print(view)

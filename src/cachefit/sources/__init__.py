@@ -85,7 +85,7 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
                          "Face configs are always measured)")
     if (path.is_dir() and (path / "config.json").exists()) or _is_hf_config(path):
         table: LayerTable = _torch().profile_hf(path, path.stem if path.is_file() else path.name,
-                                                replace(HF_WORKLOAD, **chosen), options.granularity)
+                                                replace(HF_WORKLOAD, **chosen), _torch_granularity(options))
         return table
     if suffix in (".json", ".csv"):
         return _load_table_file(path, input_bytes, chosen)
@@ -96,12 +96,13 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
         return _spec_table(spec, work, chosen, options)
     if text in hf_preset_names():
         from cachefit.sources.hf import hf_presets
-        table = _torch().profile_hf(hf_presets()[text], text, replace(HF_WORKLOAD, **chosen), options.granularity)
+        table = _torch().profile_hf(hf_presets()[text], text, replace(HF_WORKLOAD, **chosen),
+                                    _torch_granularity(options))
         return table
     if _FACTORY.match(text):
         _refuse_options({k: v for k, v in chosen.items() if k != "phase"}, f"factory {text}")
         table = _torch().profile_factory(text, options.input_shape, options.input_dtype, chosen.get("phase"),
-                                         options.granularity)
+                                         _torch_granularity(options))
         return table
     raise ValueError(f"model {text!r} is not a file, nor a preset; presets: {', '.join(presets())}, "
                      f"{', '.join(hf_preset_names())} (or a layer table .json/.csv, a model spec .toml, a Hugging "
@@ -122,10 +123,19 @@ def _spec_table(spec: ModelSpec, work: Workload, chosen: dict[str, Any], options
     if not options.measure:
         if options.prefill_chunk is not None:
             raise ValueError("--prefill-chunk measures a prompt chunk: use it with --measure")
-        return build_table(spec, work, **chosen)
+        return build_table(spec, work, options.granularity == "sublayer", **chosen)
+    if options.granularity == "sublayer":
+        raise ValueError("--granularity sublayer splits the closed form's blocks; with --measure use block or leaf")
     table: LayerTable = _torch().measure_spec(spec, replace(work, **chosen), options.granularity,
                                               options.prefill_chunk)
     return table
+
+
+def _torch_granularity(options: TorchOptions) -> str:
+    if options.granularity == "sublayer":
+        raise ValueError("--granularity sublayer is for presets and .toml specs (closed form); torch and Hugging "
+                         "Face models take block or leaf")
+    return options.granularity
 
 
 def _torch() -> Any:

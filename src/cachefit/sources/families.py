@@ -24,6 +24,7 @@ T = b*q tokens, d hidden size, h heads, h_kv KV heads, e head dim, f MLP hidden 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -137,27 +138,84 @@ def _kv_cache(work: Workload, kv_width: int, p: int) -> int:
     return 2 * work.batch * work.seq * kv_width * p if work.phase == "decode" else 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What the byte formulas need of a block: d, h, h_kv, e, f, and whether the MLP is gated (SwiGLU, norms)."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mlp_hidden: int
+    gated: bool
+
+    @classmethod
+    def of(cls, spec: DenseSpec | LlamaSpec) -> _Shape:
+        if isinstance(spec, LlamaSpec):
+            return cls(spec.hidden, spec.heads, spec.kv_heads, spec.dim_per_head, spec.ffn_hidden, True)
+        return cls(spec.model_dim, spec.heads, spec.heads, spec.head_dim, spec.mlp_hidden, False)
+
+    def attention_ways(self) -> tuple[int, ...]:
+        """Widths t > 1 attention can be split: t divides h, and divides h_kv or is a multiple of it."""
+        return tuple(t for t in range(2, self.heads + 1)
+                     if self.heads % t == 0 and (self.kv_heads % t == 0 or t % self.kv_heads == 0))
+
+    def mlp_ways(self) -> tuple[int, ...]:
+        return tuple(t for t in range(2, self.mlp_hidden + 1) if self.mlp_hidden % t == 0)
+
+
 def split_ways(heads: int, kv_heads: int, mlp_hidden: int) -> tuple[int, ...]:
-    """The tensor-split widths t > 1 a block's shapes allow (see the module notes)."""
-    return tuple(t for t in range(2, heads + 1)
-                 if heads % t == 0 and mlp_hidden % t == 0 and (kv_heads % t == 0 or t % kv_heads == 0))
+    """The tensor-split widths t > 1 a whole block's shapes allow (see the module notes)."""
+    return tuple(t for t in _Shape(0, heads, kv_heads, 0, mlp_hidden, False).attention_ways() if mlp_hidden % t == 0)
 
 
-def _block_split(ways: int, spec: DenseSpec | LlamaSpec, work: Workload, p: int) -> Split:
-    """One card's share of a block split ``ways`` ways."""
-    gated = isinstance(spec, LlamaSpec)
-    if isinstance(spec, LlamaSpec):
-        d, heads, e, kv, f = spec.hidden, spec.heads, spec.dim_per_head, spec.kv_heads, spec.ffn_hidden
-    else:
-        d, heads, e, kv, f = spec.model_dim, spec.heads, spec.head_dim, spec.heads, spec.mlp_hidden
-    local_heads, local_kv, local_f, tokens = heads // ways, max(kv // ways, 1), f // ways, work.tokens
-    matmul_params = 2 * d * local_heads * e + 2 * d * local_kv * e + (3 if gated else 2) * d * local_f
-    norms = 2 * d if gated else 0
-    return Split(ways, (matmul_params + norms) * p,
-                 max(_attention_transient(work, local_heads, p), (2 if gated else 1) * tokens * local_f * p),
+def _attention_share(shape: _Shape, work: Workload, p: int, ways: int) -> Split:
+    """One card's share of attention (with its norm) split ``ways`` ways (1: whole)."""
+    local_heads, local_kv, e, d = shape.heads // ways, max(shape.kv_heads // ways, 1), shape.head_dim, shape.hidden
+    params = 2 * d * local_heads * e + 2 * d * local_kv * e
+    return Split(ways, (params + (d if shape.gated else 0)) * p, _attention_transient(work, local_heads, p),
                  _kv_cache(work, local_kv * e, p),
-                 float(2 * tokens * matmul_params + _attention_flops(work, local_heads, e)),
-                 2 * tokens * d * p)
+                 float(2 * work.tokens * params + _attention_flops(work, local_heads, e)), work.tokens * d * p)
+
+
+def _mlp_share(shape: _Shape, work: Workload, p: int, ways: int) -> Split:
+    """One card's share of the MLP (with its norm) split ``ways`` ways (1: whole)."""
+    local_f, d = shape.mlp_hidden // ways, shape.hidden
+    params = (3 if shape.gated else 2) * d * local_f
+    return Split(ways, (params + (d if shape.gated else 0)) * p,
+                 (2 if shape.gated else 1) * work.tokens * local_f * p, 0, float(2 * work.tokens * params),
+                 work.tokens * d * p)
+
+
+def _block_share(shape: _Shape, work: Workload, p: int, ways: int) -> Split:
+    """Attention then MLP: weights, KV and FLOPs add up; the transients do not coexist, so the larger counts."""
+    attention, mlp = _attention_share(shape, work, p, ways), _mlp_share(shape, work, p, ways)
+    return Split(ways, attention.weight_bytes + mlp.weight_bytes, max(attention.workspace_bytes, mlp.workspace_bytes),
+                 attention.kv_cache_bytes, attention.flops + mlp.flops,
+                 attention.allreduce_bytes + mlp.allreduce_bytes)
+
+
+def _share_layer(name: str, share: Callable[[int], Split], ways: tuple[int, ...], activation: int) -> Layer:
+    whole = share(1)
+    return Layer(name, whole.weight_bytes, activation, whole.workspace_bytes, whole.kv_cache_bytes, whole.flops,
+                 (name,), (), tuple(share(t) for t in ways))
+
+
+def _blocks(spec: DenseSpec | LlamaSpec, work: Workload, p: int, sublayers: bool) -> list[Layer]:
+    """Each block as one layer, or (``sublayers``) as two: ``layers.N.attn`` and ``layers.N.mlp``, each with the
+    widths its own shapes allow (the MLP splits far finer than attention's heads)."""
+    shape, activation = _Shape.of(spec), work.tokens * _Shape.of(spec).hidden * p
+    if not sublayers:
+        ways = tuple(t for t in shape.attention_ways() if shape.mlp_hidden % t == 0)
+        return [_share_layer(f"layers.{i}", lambda t: _block_share(shape, work, p, t), ways, activation)
+                for i in range(spec.layers)]
+    layers = []
+    for i in range(spec.layers):
+        layers.append(_share_layer(f"layers.{i}.attn", lambda t: _attention_share(shape, work, p, t),
+                                   shape.attention_ways(), activation))
+        layers.append(_share_layer(f"layers.{i}.mlp", lambda t: _mlp_share(shape, work, p, t), shape.mlp_ways(),
+                                   activation))
+    return layers
 
 
 def _replicated(layer: Layer, ways: tuple[int, ...]) -> Layer:
@@ -187,26 +245,21 @@ def _check_dims(spec: DenseSpec | LlamaSpec, names: tuple[str, ...]) -> None:
             raise ValueError(f"{spec.name}: {name} must be a positive integer, got {value!r}")
 
 
-def dense_table(spec: DenseSpec, work: Workload) -> LayerTable:
+def dense_table(spec: DenseSpec, work: Workload, sublayers: bool = False) -> LayerTable:
     _check_dims(spec, ("layers", "heads", "head_dim", "mlp_hidden"))
     dtype, p = dtype_bytes(work.dtype)
-    d, width, f, tokens = spec.model_dim, spec.heads * spec.head_dim, spec.mlp_hidden, work.tokens
-    matmul_params = 4 * d * width + 2 * d * f
-    ways = split_ways(spec.heads, spec.heads, f)
-    splits = tuple(_block_split(t, spec, work, p) for t in ways)
-    block = [Layer(f"layers.{index}", matmul_params * p, tokens * d * p,
-                   max(_attention_transient(work, spec.heads, p), tokens * f * p), _kv_cache(work, width, p),
-                   float(2 * tokens * matmul_params + _attention_flops(work, spec.heads, spec.head_dim)),
-                   (f"layers.{index}",), (), splits) for index in range(spec.layers)]
+    d, tokens = spec.model_dim, work.tokens
+    block = _blocks(spec, work, p, sublayers)
     if not spec.vocab:
         return _table(spec, work, dtype, block, tokens * d * p, "dense")
+    ways = tuple(sorted({s.ways for layer in block for s in layer.splits}))
     layers = [_replicated(_embedding("embed", spec.vocab, d, work, p, ("embed",)), ways), *block,
               _replicated(_head(spec.vocab, d, 0, spec.tie_embeddings, work, p, ("head",), "embed", "embed.weight"),
                           ways)]
     return _table(spec, work, dtype, layers, tokens * TOKEN_ID_BYTES, "dense")
 
 
-def llama_table(spec: LlamaSpec, work: Workload) -> LayerTable:
+def llama_table(spec: LlamaSpec, work: Workload, sublayers: bool = False) -> LayerTable:
     _check_dims(spec, ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab"))
     if spec.heads % spec.kv_heads:
         raise ValueError(f"{spec.name}: heads ({spec.heads}) must be a multiple of kv_heads ({spec.kv_heads})")
@@ -214,15 +267,9 @@ def llama_table(spec: LlamaSpec, work: Workload) -> LayerTable:
         raise ValueError(f"{spec.name}: hidden ({spec.hidden}) must be a multiple of heads ({spec.heads}), "
                          "or give head_dim")
     dtype, p = dtype_bytes(work.dtype)
-    d, e, f, tokens = spec.hidden, spec.dim_per_head, spec.ffn_hidden, work.tokens
-    matmul_params = d * spec.heads * e + 2 * d * spec.kv_heads * e + spec.heads * e * d + 3 * d * f
-    ways = split_ways(spec.heads, spec.kv_heads, f)
-    splits = tuple(_block_split(t, spec, work, p) for t in ways)
-    block = [Layer(f"layers.{index}", (matmul_params + 2 * d) * p, tokens * d * p,
-                   max(_attention_transient(work, spec.heads, p), 2 * tokens * f * p),
-                   _kv_cache(work, spec.kv_heads * e, p),
-                   float(2 * tokens * matmul_params + _attention_flops(work, spec.heads, e)),
-                   (f"layers.{index}",), (), splits) for index in range(spec.layers)]
+    d, tokens = spec.hidden, work.tokens
+    block = _blocks(spec, work, p, sublayers)
+    ways = tuple(sorted({s.ways for layer in block for s in layer.splits}))
     # Module names are those of the reference implementation (cachefit.nn), whose checkpoints shards are cut from.
     layers = [_replicated(_embedding("embed", spec.vocab, d, work, p, ("embed",)), ways), *block,
               _replicated(_head(spec.vocab, d, d, spec.tie_embeddings, work, p, ("head",), "embed", "embed.weight"),

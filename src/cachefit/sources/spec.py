@@ -110,8 +110,11 @@ def parse_spec(document: dict[str, Any], source: str) -> tuple[ModelSpec, Worklo
     return spec, Workload(**defaults), model.description
 
 
-def build_table(spec: ModelSpec, work: Workload, **overrides: Any) -> LayerTable:
-    """The layer table of ``spec`` under ``work`` with any non-None ``overrides`` (batch, seq, ...) applied."""
+def build_table(spec: ModelSpec, work: Workload, sublayers: bool = False, **overrides: Any) -> LayerTable:
+    """The layer table of ``spec`` under ``work`` with any non-None ``overrides`` (batch, seq, ...) applied;
+    ``sublayers``: attention and MLP as separate layers."""
     chosen = {key: value for key, value in overrides.items() if value is not None}
     work = replace(work, **chosen)
-    return dense_table(spec, work) if isinstance(spec, DenseSpec) else llama_table(spec, work)
+    if isinstance(spec, DenseSpec):
+        return dense_table(spec, work, sublayers)
+    return llama_table(spec, work, sublayers)
