@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -42,9 +43,23 @@ def demo_command(out_dir: str, plans_only: bool) -> None:
     h100 = api.devices()["h100"]
     out.print(f"Even one layer's weights ({format_size(per_layer)}) are {per_layer / h100.on_chip_bytes:.1f}x an "
               f"H100's whole L2 ({format_size(h100.on_chip_bytes)}): whole-layer residency cannot work there.")
+    _split_finer(out)
     _show("where it pays: the seed's network at batch 1 (decode) on 2 GB-SRAM cards, one layer per card",
           "seed-dense16", folder, device="dmatrix-corsair", batch=1)
     out.print(f"\nplans, plots, weights, shards and the run report are in {folder}/")
+
+
+def _split_finer(console: Any) -> None:
+    """The seed split as finely as its shapes allow (attention by heads, the MLP by columns): when it fits."""
+    from cachefit.sources import TorchOptions
+
+    finer = TorchOptions(granularity="sublayer")
+    short = api.plan("seed-dense16", device="h100", batch=1, seq=1000, torch_options=finer)
+    own = api.largest_micro_batch("seed-dense16", device="h100", torch_options=finer)
+    console.print(f"Split finer (attention by its 16 heads, the MLP by columns): one sequence of 1,000 tokens fits "
+                  f"{short.cards} H100 L2s ({format_size(short.bottleneck_bytes)} on the fullest); at the seed's "
+                  f"10,000 tokens {'no batch fits, not even one sequence' if own is None else f'batch {own[0]} fits'}"
+                  " (`cachefit plan seed-dense16 --device h100 --granularity sublayer --micro-batch auto`).")
 
 
 def _run_section(folder: Path) -> None:
