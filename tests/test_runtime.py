@@ -156,6 +156,7 @@ def test_tensor_groups_match_the_unpartitioned_model(tmp_path: Path, model: str,
     for rank in result.ranks:
         part = plan.partition_of(rank["card"])
         assert rank["tensor_parallel"] == 2 and rank["allreduce_s"] > 0
+        assert rank["residency"]["applied"] is False and "CPU run" in rank["residency"]["reason"]
         assert sum(rank["memory"].values()) <= rank["planned_bytes"] == part.footprint_bytes, rank
     # Each card of a group holds half of every block's matrices: the shards of a group differ, and are smaller
     # than the stage's whole tensors.

@@ -8,14 +8,15 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests import reference
-from tests.strategies import SIZES, tables
 
 from cachefit import api
 from cachefit.layers import Layer, LayerTable, Split
 from cachefit.plan import Plan
 from cachefit.sources import TorchOptions
 from cachefit.split_plan import make_baseline_plan, make_split_plan, parse_baseline
+
+import reference
+from strategies import SIZES, tables
 
 WIDTHS = (2, 3)
 

@@ -79,6 +79,17 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
         err.print(f"wrote {report}")
 
 
+def _print_residency(cards: list[dict]) -> None:
+    """Whether each card's weights were pinned in L2 (CUDA), grouped by outcome."""
+    outcomes: dict[str, list[int]] = {}
+    for card in cards:
+        state = card.get("residency") or {}
+        label = "applied" if state.get("applied") else f"not applied: {state.get('reason', 'not reported')}"
+        outcomes.setdefault(label, []).append(card["card"])
+    for label, found in outcomes.items():
+        out.print(f"L2 residency {label} (cards {', '.join(map(str, found))})", highlight=False)
+
+
 def print_summary(summary: dict, checked: dict | None) -> None:
     def number(value: float | None, digits: str = ".1f") -> str:
         return "-" if value is None else format(value, digits)
@@ -98,6 +109,7 @@ def print_summary(summary: dict, checked: dict | None) -> None:
                      format_size(card["measured_bytes"]),
                      format_size(card["over_plan_bytes"]) if card["over_plan_bytes"] else "-")
     out.print(view)
+    _print_residency(summary["cards"])
     if checked is not None:
         out.print(f"check: tokens identical to the unpartitioned model; largest logit difference "
                   f"{checked['max_logit_difference']:.3g}")

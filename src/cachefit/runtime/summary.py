@@ -29,7 +29,7 @@ def summarise(ranks: list[dict[str, Any]], batch: int, prompt_len: int, new_toke
                       "allreduce_s": rank.get("allreduce_s", 0.0), "wait_s": rank["wait_s"], "send_s": rank["send_s"],
                       "planned_bytes": rank["planned_bytes"],
                       "measured_bytes": measured, "over_plan_bytes": max(0, measured - rank["planned_bytes"]),
-                      "memory": rank["memory"]})
+                      "memory": rank["memory"], "residency": rank.get("residency")})
     return {
         "prefill_tokens_per_s": batch * prompt_len / last["prefill_s"] if last["prefill_s"] else None,
         "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None,
