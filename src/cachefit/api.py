@@ -10,16 +10,19 @@ from typing import Any, Literal
 from cachefit.hardware import Device, get_device, load_devices
 from cachefit.layers import LayerTable
 from cachefit.memory import MemoryModel
+from cachefit.perf import Prediction, layer_costs, predict_plan, rates_of
 from cachefit.plan import Plan, Strategy, make_plan
-from cachefit.sources import load_model
+from cachefit.sources import load_model, rebuild_table
 from cachefit.split_plan import make_baseline_plan, make_split_plan, parse_baseline
+from cachefit.timed_plan import make_time_plan
 from cachefit.units import parse_sizes
 
-__all__ = ["SPLITS", "Split", "devices", "largest_micro_batch", "load_model", "plan"]
+__all__ = ["SPLITS", "Objective", "Split", "devices", "largest_micro_batch", "load_model", "plan", "predict"]
 
 Capacity = int | str | Sequence[int | str]
 Split = Literal["auto", "never", "always"]
 SPLITS: tuple[Split, ...] = ("auto", "never", "always")
+Objective = Literal["memory", "time"]
 
 
 def devices(devices_file: str | Path | None = None) -> dict[str, Device]:
@@ -29,16 +32,22 @@ def devices(devices_file: str | Path | None = None) -> dict[str, Device]:
 
 def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, device: str | None = None,
          cards: int | None = None, memory_model: MemoryModel = "peak", strategy: Strategy = "balanced",
-         split: Split = "auto", baseline: str | tuple[int, int] | None = None,
-         devices_file: str | Path | None = None, **model_options: Any) -> Plan:
+         split: Split = "auto", baseline: str | tuple[int, int] | None = None, objective: Objective = "memory",
+         micro_batches: int = 1, devices_file: str | Path | None = None, **model_options: Any) -> Plan:
     """Plan ``model`` (a LayerTable or any MODEL the CLI takes) onto cards of ``capacity`` (bytes, a SIZE string,
     or one per card) or of a catalog ``device``'s usable on-chip capacity.
 
     ``split``: whether stages may be tensor groups (several cards sharing each layer): ``never``; ``auto`` only
     when whole layers cannot fit; ``always`` (the fewest cards over every width). ``baseline`` ("tp=8,pp=2"):
-    the classic layout instead, built whether or not it fits."""
+    the classic layout instead, built whether or not it fits. ``objective="time"``: the least slowest predicted
+    stage (per pass of 1/``micro_batches`` of the batch) on ``device``'s figures, every card within ``capacity``
+    (default: the device's)."""
     table = model if isinstance(model, LayerTable) else load_model(model, **model_options)
     catalog = load_devices(devices_file)
+    if objective == "time":
+        return _time_plan(table, capacity, device, cards, memory_model, micro_batches, catalog)
+    if objective != "memory":
+        raise ValueError(f"objective must be 'memory' or 'time', got {objective!r}")
     capacities, device_record = _capacities(capacity, device, catalog)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -60,6 +69,22 @@ def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, de
                                            *grouped.diagnosis))
     return replace(grouped, diagnosis=(*whole.diagnosis, "with tensor groups (layers split across cards):",
                                        *grouped.diagnosis))
+
+
+def _time_plan(table: LayerTable, capacity: Capacity | None, device: str | None, cards: int | None,
+               memory_model: MemoryModel, micro_batches: int, catalog: dict[str, Device]) -> Plan:
+    if device is None:
+        raise ValueError("--objective time predicts stage times from a device's figures: give --device (and "
+                         "--capacity to plan for another capacity than the device's)")
+    chosen = get_device(device, catalog)
+    limits = [chosen.capacity_bytes] if capacity is None else parse_sizes(
+        capacity if not isinstance(capacity, Sequence) or isinstance(capacity, str) else list(capacity), "capacity")
+    if len(limits) != 1:
+        raise ValueError("--objective time plans same-size cards: give one capacity")
+    limit = limits[0]
+    rates = rates_of(chosen, table.dtype, chosen.capacity_bytes)
+    record = {"name": chosen.name, "label": chosen.label, "capacity_bytes": chosen.capacity_bytes}
+    return make_time_plan(table, limit, layer_costs(table, rates, micro_batches), cards, memory_model, record)
 
 
 def largest_micro_batch(model: str | Path, capacity: Capacity | None = None, **arguments: Any
@@ -107,3 +132,31 @@ def _check_single_capacity(capacities: list[int], strategy: str, what: str) -> N
         raise ValueError(f"{what} plans tensor groups of same-size cards: give one capacity, not {len(capacities)}")
     if strategy != "balanced":
         raise ValueError(f"{what} has no greedy strategy: drop --strategy {strategy}")
+
+
+def predict(plan_or_file: Plan | str | Path, *, device: str | None = None, micro_batches: int = 1,
+            prompt_len: int | None = None, chunk: int | None = None, baseline: str | tuple[int, int] | None = None,
+            devices_file: str | Path | None = None) -> tuple[Prediction, Prediction | None]:
+    """Predicted speed of a plan (and of the ``baseline`` tp=T,pp=P layout of the same model on the same cards)
+    on ``device`` (default: the device the plan was made for)."""
+    plan = plan_or_file if isinstance(plan_or_file, Plan) else Plan.read(plan_or_file)
+    name = device or (plan.device or {}).get("name")
+    if name is None:
+        raise ValueError("this plan names no device (it was planned with --capacity): give --device NAME, e.g. "
+                         "a calibrated host (cachefit calibrate)")
+    chosen = get_device(name, load_devices(devices_file))
+    table = rebuild_table(_model_record(plan))
+    chunk = chunk or int((plan.model.spec or {}).get("prefill_chunk", 1))
+    # On another device than the plan's, residency is judged against that device's capacity.
+    capacity = chosen.capacity_bytes if device is not None else plan.capacity_bytes[0]
+    rates = rates_of(chosen, plan.model.dtype, capacity)
+    ours = predict_plan(plan, table, rates, micro_batches, prompt_len, chunk)
+    if baseline is None:
+        return ours, None
+    tensor_parallel, stages = parse_baseline(baseline) if isinstance(baseline, str) else baseline
+    classic = make_baseline_plan(table, capacity, tensor_parallel, stages, plan.memory_model)
+    return ours, predict_plan(classic, table, rates, micro_batches, prompt_len, chunk)
+
+
+def _model_record(plan: Plan) -> dict[str, Any]:
+    return {key: getattr(plan.model, key) for key in ("spec", "batch", "seq", "phase", "dtype")}

@@ -27,7 +27,7 @@ __all__ = ["FIGURES", "Device", "Figure", "get_device", "load_devices"]
 
 FigureKind = Literal["V", "M", "3P", "A", "user"]
 FIGURES = ("on_chip_bytes", "usable_fraction", "on_chip_bandwidth", "off_chip_bytes", "off_chip_bandwidth",
-           "fp16_flops", "fp8_flops", "link_bandwidth")
+           "fp32_flops", "fp16_flops", "fp8_flops", "link_bandwidth", "link_latency")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +132,8 @@ class _DeviceModel(BaseModel):
     on_chip_bandwidth: _FigureModel | None = None
     off_chip_bytes: _FigureModel | None = None
     off_chip_bandwidth: _FigureModel | None = None
+    fp32_flops: _FigureModel | None = None
     fp16_flops: _FigureModel | None = None
     fp8_flops: _FigureModel | None = None
     link_bandwidth: _FigureModel | None = None
+    link_latency: _FigureModel | None = None       # seconds per message

@@ -20,11 +20,11 @@ from cachefit.layers import LayerTable
 from cachefit.memory import MEMORY_MODELS, IntervalCost, MemoryModel, breakdown, interval_cost
 from cachefit.partition import Solution, fewest_cards, front_fill, lower_bound, min_max, ordered_fill, ordered_min_max
 
-__all__ = ["SCHEMA", "STRATEGIES", "ModelInfo", "Partition", "Plan", "Strategy", "make_plan"]
+__all__ = ["SCHEMA", "STRATEGIES", "ModelInfo", "Partition", "Plan", "Strategy", "build_plan", "make_plan"]
 
 SCHEMA = "cachefit.plan/v1"
-Strategy = Literal["balanced", "greedy", "baseline"]
-STRATEGIES: tuple[Strategy, ...] = ("balanced", "greedy")    # what make_plan takes; "baseline": split_plan.py
+Strategy = Literal["balanced", "greedy", "baseline", "time"]
+STRATEGIES: tuple[Strategy, ...] = ("balanced", "greedy")  # make_plan's; "baseline": split_plan, "time": timed_plan
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +167,7 @@ def make_plan(table: LayerTable, capacity_bytes: Sequence[int], cards: int | Non
         best = solution.bottleneck if solution is not None else min_max(cost, count).bottleneck
         lines = diagnose.explain_too_few_cards(count, capacity, best, len(fewest.lasts))
         return _infeasible(base, (capacity,) * count, count, cost, lines)
-    return _feasible(table, base, (capacity,) * count, cost, solution, optimal, ())
+    return build_plan(table, base, (capacity,) * count, cost, solution, optimal, ())
 
 
 def _plan_ordered(table: LayerTable, cost: IntervalCost, capacities: tuple[int, ...], base: dict[str, Any],
@@ -186,7 +186,7 @@ def _plan_ordered(table: LayerTable, cost: IntervalCost, capacities: tuple[int, 
     used = len(solution.lasts)
     notes = () if used == len(capacities) else (
         f"cards {used}..{len(capacities) - 1} are not needed: the first {used} hold every layer",)
-    return _feasible(table, base, capacities[:used], cost, solution, balanced, notes)
+    return build_plan(table, base, capacities[:used], cost, solution, balanced, notes)
 
 
 def _ordered_reach(cost: IntervalCost, capacities: tuple[int, ...]) -> int:
@@ -196,8 +196,9 @@ def _ordered_reach(cost: IntervalCost, capacities: tuple[int, ...]) -> int:
     return first
 
 
-def _feasible(table: LayerTable, base: dict[str, Any], capacities: tuple[int, ...], cost: IntervalCost,
-              solution: Solution, optimal: bool, notes: tuple[str, ...]) -> Plan:
+def build_plan(table: LayerTable, base: dict[str, Any], capacities: tuple[int, ...], cost: IntervalCost,
+               solution: Solution, optimal: bool, notes: tuple[str, ...]) -> Plan:
+    """The plan of ``solution`` (each card's last layer) over ``table``: partitions with their footprints."""
     partitions = []
     first = 0
     for card, last in enumerate(solution.lasts):

@@ -56,7 +56,8 @@ def plan_summary(plan: Plan) -> str:
     if not plan.feasible:
         return (f"[bold red]No feasible plan[/] for {plan.model.name} on {where} of {capacity} "
                 f"({plan.memory_model} memory model, {plan.strategy}).")
-    proof = "proven optimal" if plan.optimal else "not optimised (greedy)"
+    proof = ("least slowest-stage time, exact" if plan.strategy == "time" else
+             "proven optimal" if plan.optimal else "not optimised (greedy)")
     return (f"[bold green]{plan.model.name}[/] on {plan.cards} x {where} of {capacity} ({plan.memory_model} "
             f"memory model, {plan.strategy}): bottleneck {format_size(plan.bottleneck_bytes)} ({proof}); lower "
             f"bound {format_size(plan.lower_bound_bytes)}")

@@ -40,6 +40,9 @@ from cachefit.plan import Plan, Strategy
 @click.option("--baseline", metavar="tp=T,pp=P",
               help="The classic plan instead: P stages of equal layer counts, every layer split T ways; says "
                    "whether it fits on-chip, and cachefit run runs it either way.")
+@click.option("--objective", type=click.Choice(["memory", "time"]), default="memory", show_default=True,
+              help="memory: the least fullest card; time: the least slowest predicted stage on --device's figures "
+                   "(with --capacity: cards of that size), every card within capacity.")
 @click.option("--micro-batch", type=click.Choice(["auto"]),
               help="auto: the largest batch (sequences per pass, up to --batch) at which a plan exists.")
 @model_options
@@ -49,7 +52,7 @@ from cachefit.plan import Plan, Strategy
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG: each card's footprint against C.")
 @handle_errors
 def plan_command(model: str, device: str | None, capacity: str | None, cards: int | None, strategy: str,
-                 memory_model: str, split: str, baseline: str | None, micro_batch: str | None,
+                 memory_model: str, split: str, baseline: str | None, objective: str, micro_batch: str | None,
                  devices_file: str | None, output_format: str, output: str | None, plot: str | None,
                  **kwargs: Any) -> None:
     """Split MODEL's layers into contiguous partitions, one per card, each fitting the card's capacity.
@@ -65,13 +68,15 @@ def plan_command(model: str, device: str | None, capacity: str | None, cards: in
       cachefit plan tiny-llama --capacity 300KiB --split always    # stages may be tensor groups
       cachefit plan seed-dense16 --device h100 --baseline tp=8,pp=2
       cachefit plan seed-dense16 --capacity 1GB --phase prefill --seq 512 --micro-batch auto
+      cachefit plan llama-3-8b --device h100 --capacity 2GB --objective time   # fastest slowest stage
     """
-    if (device is None) == (capacity is None):
-        fail("give exactly one of --device NAME and --capacity SIZE[,SIZE...]")
+    if (device is None) == (capacity is None) and not (objective == "time" and device is not None):
+        fail("give exactly one of --device NAME and --capacity SIZE[,SIZE...] (both only with --objective time)")
     arguments = model_arguments(kwargs)
     options: dict[str, Any] = dict(device=device, cards=cards, memory_model=cast(MemoryModel, memory_model),
-                   strategy=cast(Strategy, strategy), split=cast(api.Split, split), baseline=baseline,
-                   devices_file=devices_file)
+                                   strategy=cast(Strategy, strategy), split=cast(api.Split, split),
+                                   baseline=baseline, objective=cast(api.Objective, objective),
+                                   devices_file=devices_file)
     if micro_batch == "auto":
         table, result = _largest_micro_batch(model, capacity, options, arguments)
     else:

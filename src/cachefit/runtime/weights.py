@@ -13,21 +13,11 @@ from safetensors.torch import save_file
 
 from cachefit.nn import build_model
 from cachefit.nn.model import TORCH_DTYPES
-from cachefit.sources.families import DenseSpec, LlamaSpec, Workload, dtype_bytes, spec_record
+from cachefit.sources.families import DenseSpec, LlamaSpec, Workload, dtype_bytes, spec_from_record, spec_record
 
 __all__ = ["METADATA_KEY", "init_weights", "read_checkpoint_info", "spec_from_record"]
 
 METADATA_KEY = "cachefit"
-
-
-def spec_from_record(record: Mapping[str, Any] | None) -> DenseSpec | LlamaSpec:
-    """The spec a layer table or plan recorded (``spec`` field); ValueError if it has none."""
-    if not record or record.get("family") not in ("dense", "llama"):
-        raise ValueError("this plan's model has no dense/llama spec to build (it came from a layer table or a "
-                         "torch/HF profile); run plans made from a preset or a .toml spec")
-    fields = {key: value for key, value in record.items()
-              if key not in ("family", "attention", "measured", "prefill_chunk")}
-    return DenseSpec(**fields) if record["family"] == "dense" else LlamaSpec(**fields)
 
 
 def init_weights(spec: DenseSpec | LlamaSpec, work: Workload, out: str | Path, seed: int = 0) -> dict[str, Any]:

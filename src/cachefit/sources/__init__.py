@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
@@ -16,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from cachefit.layers import LayerTable
-from cachefit.sources.families import Workload
+from cachefit.sources.families import Workload, spec_from_record
 from cachefit.sources.spec import ModelSpec, build_table, parse_spec_text, read_spec
 
-__all__ = ["WORKLOAD_OPTIONS", "Preset", "TorchOptions", "hf_preset_names", "load_model", "presets", "spec_of"]
+__all__ = ["WORKLOAD_OPTIONS", "Preset", "TorchOptions", "hf_preset_names", "load_model", "presets",
+           "rebuild_table", "spec_of"]
 
 WORKLOAD_OPTIONS = ("batch", "seq", "phase", "dtype", "attention")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -107,6 +109,17 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     raise ValueError(f"model {text!r} is not a file, nor a preset; presets: {', '.join(presets())}, "
                      f"{', '.join(hf_preset_names())} (or a layer table .json/.csv, a model spec .toml, a Hugging "
                      "Face config.json, or package.module:factory)")
+
+
+def rebuild_table(info: Mapping[str, Any]) -> LayerTable:
+    """The closed-form table of a plan's model (its ``model`` record: spec, batch, seq, phase, dtype), for the
+    figures a plan does not keep (FLOPs, per-layer activations)."""
+    record = info.get("spec") or {}
+    spec = spec_from_record(record)
+    work = Workload(batch=int(info.get("batch") or 1), seq=int(info.get("seq") or 1),
+                    phase=info.get("phase") or "decode", dtype=str(info.get("dtype") or "float16"),
+                    attention=record.get("attention", "naive"))
+    return build_table(spec, work, bool(record.get("sublayers")))
 
 
 def spec_of(model: str | Path) -> tuple[ModelSpec, Workload]:

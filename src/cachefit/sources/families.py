@@ -24,9 +24,9 @@ T = b*q tokens, d hidden size, h heads, h_kv KV heads, e head dim, f MLP hidden 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from cachefit.layers import Layer, LayerTable, Phase, SharedTensor, Split
 
@@ -39,6 +39,7 @@ __all__ = [
     "dense_table",
     "dtype_bytes",
     "llama_table",
+    "spec_from_record",
     "spec_record",
     "split_ways",
 ]
@@ -277,13 +278,28 @@ def llama_table(spec: LlamaSpec, work: Workload, sublayers: bool = False) -> Lay
     return _table(spec, work, dtype, layers, tokens * TOKEN_ID_BYTES, "llama")
 
 
-def spec_record(spec: DenseSpec | LlamaSpec, work: Workload) -> dict[str, object]:
-    """What a layer table keeps of the model it describes, so a runtime can rebuild it."""
-    return {"family": "dense" if isinstance(spec, DenseSpec) else "llama", **asdict(spec),
-            "attention": work.attention}
+def spec_record(spec: DenseSpec | LlamaSpec, work: Workload, sublayers: bool = False) -> dict[str, object]:
+    """What a layer table keeps of the model it describes, so a runtime (or the performance model) can rebuild
+    it."""
+    record: dict[str, object] = {"family": "dense" if isinstance(spec, DenseSpec) else "llama", **asdict(spec),
+                                 "attention": work.attention}
+    if sublayers:
+        record["sublayers"] = True
+    return record
+
+
+def spec_from_record(record: Mapping[str, Any] | None) -> DenseSpec | LlamaSpec:
+    """The spec a layer table or plan recorded (``spec`` field); ValueError if it has none."""
+    if not record or record.get("family") not in ("dense", "llama"):
+        raise ValueError("this plan's model has no dense/llama spec to build (it came from a layer table or a "
+                         "torch/HF profile); use plans made from a preset or a .toml spec")
+    fields = {key: value for key, value in record.items()
+              if key not in ("family", "attention", "measured", "prefill_chunk", "sublayers")}
+    return DenseSpec(**fields) if record["family"] == "dense" else LlamaSpec(**fields)
 
 
 def _table(spec: DenseSpec | LlamaSpec, work: Workload, dtype: str, layers: list[Layer], input_bytes: int,
            family: str) -> LayerTable:
+    sublayers = any(layer.name.endswith(".attn") for layer in layers)
     return LayerTable(name=spec.name, layers=tuple(layers), input_bytes=input_bytes, dtype=dtype,
-                      batch=work.batch, seq=work.seq, phase=work.phase, spec=spec_record(spec, work))
+                      batch=work.batch, seq=work.seq, phase=work.phase, spec=spec_record(spec, work, sublayers))

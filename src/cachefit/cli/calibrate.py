@@ -1,0 +1,37 @@
+"""``cachefit calibrate``: measure this host and write a device entry the performance model uses."""
+
+from __future__ import annotations
+
+import click
+
+from cachefit._files import atomic_write_text
+from cachefit.cli._common import err, handle_errors, out
+from cachefit.units import format_size
+
+
+@click.command("calibrate")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="host.toml", show_default=True,
+              help="The devices file to write (use it with --devices-file).")
+@click.option("--name", default="host", show_default=True, help="The device's name in that file.")
+@handle_errors
+def calibrate_command(output: str, name: str) -> None:
+    """Measure what one rank gets on this host (one process, one thread per core): fp32 matmul rate, memory
+    bandwidth with the working set in cache and beyond it (alone and with every core streaming), gloo send/recv
+    latency and bandwidth on loopback. Writes a devices file entry, every figure marked measured (M).
+
+    \b
+    Examples:
+      cachefit calibrate -o host.toml
+      cachefit predict plan.json --device host --devices-file host.toml --micro-batches 4
+    """
+    from cachefit.runtime.calibrate import measure_host, to_toml
+
+    with err.status("measuring ...") as status:
+        figures = measure_host(lambda step: status.update(f"measuring {step} ..."))
+    atomic_write_text(output, to_toml(figures, name))
+    out.print(f"matmul {figures.matmul_flops / 1e9:.1f} GFLOP/s; bandwidth in cache "
+              f"{figures.cache_bandwidth / 1e9:.1f} GB/s, beyond it {figures.memory_bandwidth / 1e9:.1f} GB/s alone "
+              f"and {figures.memory_bandwidth_all_cores / 1e9:.1f} GB/s per core with {figures.cores} streaming; gloo "
+              f"latency {figures.link_latency * 1e6:.0f} us, bandwidth {figures.link_bandwidth / 1e9:.2f} GB/s; "
+              f"cache per rank {format_size(figures.on_chip_bytes)}")
+    err.print(f"wrote {output} (device {name!r})")

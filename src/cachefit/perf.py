@@ -1,0 +1,181 @@
+"""The analytical performance model: how long each stage of a plan takes per pass, and what the pipeline gives.
+
+Per pass of one micro-batch (1/M of the plan's batch) on one card of a stage (Williams et al. 2009, roofline):
+- compute  = FLOPs of the card's share / the card's FLOP rate at the plan's dtype;
+- memory   = bytes the pass reads and writes (the card's weights, all of them, every pass; its KV cache rows; the
+             layers' inputs and outputs) / on-chip bandwidth when the stage's footprint fits the card's capacity
+             (resident), off-chip bandwidth when it does not (the weights stream);
+- a pass takes max(compute, memory), plus, on a tensor group of t cards, its all-reduces: ring all-reduce of S
+  bytes, 2(t-1)/t * S / link bandwidth + 2(t-1) link latencies (Patarasuk & Yuan 2009);
+- and a transfer to the next stage: its output / link bandwidth + one latency.
+Pipeline (forward only, k stages, M micro-batches, passes s_i + c_i):
+- prefill of P passes per micro-batch: (P*M - 1) * max_i(s_i + c_i) + sum_i(s_i + c_i) (fill, steady state, drain);
+- decode: a sequence's next token needs its token to go round every stage, and every stage serves M micro-batches
+  per step: TPOT = max(sum_i (s_i + c_i), M * max_i s_i); TPS = batch / TPOT.
+Pure: plan, table and device figures in, numbers out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cachefit.hardware import Device
+from cachefit.layers import LayerTable
+from cachefit.partition.timed import StageCosts
+from cachefit.plan import Partition, Plan
+
+__all__ = ["Prediction", "Rates", "StagePrediction", "layer_costs", "predict_plan", "rates_of"]
+
+TOKEN_ID_BYTES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """What the model needs of a card, and where each figure came from."""
+
+    flops: float                 # FLOP/s at the plan's dtype
+    on_chip_bandwidth: float     # bytes/s
+    off_chip_bandwidth: float | None     # None: the device has no off-chip memory figure (SRAM-only chips)
+    link_bandwidth: float
+    link_latency: float          # seconds per message
+    capacity_bytes: int
+    sources: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class StagePrediction:
+    card: int
+    first: int
+    last: int
+    tensor_parallel: int
+    resident: bool
+    compute_s: float
+    memory_s: float
+    allreduce_s: float
+    transfer_s: float
+
+    @property
+    def pass_s(self) -> float:
+        return max(self.compute_s, self.memory_s) + self.allreduce_s
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    stages: tuple[StagePrediction, ...]
+    micro_batches: int
+    batch: int
+    decode_tpot_s: float
+    prefill_s: float
+    prefill_tokens_per_s: float
+    prompt_len: int
+    chunk: int
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.batch / self.decode_tpot_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"micro_batches": self.micro_batches, "batch": self.batch, "prompt_len": self.prompt_len,
+                "prefill_chunk": self.chunk, "decode_tpot_ms": self.decode_tpot_s * 1e3,
+                "decode_tokens_per_s": self.decode_tokens_per_s, "prefill_s": self.prefill_s,
+                "prefill_tokens_per_s": self.prefill_tokens_per_s,
+                "stages": [{"card": s.card, "layers": [s.first, s.last], "tensor_parallel": s.tensor_parallel,
+                            "resident": s.resident, "compute_ms": s.compute_s * 1e3, "memory_ms": s.memory_s * 1e3,
+                            "allreduce_ms": s.allreduce_s * 1e3, "transfer_ms": s.transfer_s * 1e3,
+                            "pass_ms": s.pass_s * 1e3} for s in self.stages]}
+
+
+_FLOPS_FIGURE = {"float32": "fp32_flops", "float16": "fp16_flops", "bfloat16": "fp16_flops",
+                 "float8_e4m3fn": "fp8_flops", "float8_e5m2": "fp8_flops", "int8": "fp8_flops"}
+
+
+def rates_of(device: Device, dtype: str | None, capacity_bytes: int | None = None) -> Rates:
+    """The figures of ``device`` the model uses; a missing one is a ValueError naming it and the fix."""
+    wanted = {"flops": _FLOPS_FIGURE.get(dtype or "float16", "fp16_flops"), "on_chip_bandwidth": "on_chip_bandwidth",
+              "link_bandwidth": "link_bandwidth"}
+    values: dict[str, float] = {}
+    sources: dict[str, str] = {}
+    for field, figure_name in wanted.items():
+        figure = device.figure(figure_name)
+        if figure is None:
+            raise ValueError(f"device {device.name} has no {figure_name} figure, which predict needs; add it with "
+                             "--devices-file (or measure this host with cachefit calibrate)")
+        values[field], sources[field] = figure.value, f"{figure_name}: {figure.source} ({figure.kind})"
+    off_chip = device.figure("off_chip_bandwidth")
+    sources["off_chip_bandwidth"] = (f"off_chip_bandwidth: {off_chip.source} ({off_chip.kind})" if off_chip else
+                                     "off_chip_bandwidth: none (on-chip memory only)")
+    latency = device.figure("link_latency")
+    sources["link_latency"] = (f"link_latency: {latency.source} ({latency.kind})" if latency else
+                               "link_latency: not in the catalog, taken as 0")
+    return Rates(values["flops"], values["on_chip_bandwidth"], off_chip.value if off_chip else None,
+                 values["link_bandwidth"], latency.value if latency else 0.0,
+                 capacity_bytes or device.capacity_bytes, sources)
+
+
+def predict_plan(plan: Plan, table: LayerTable, rates: Rates, micro_batches: int = 1, prompt_len: int | None = None,
+            chunk: int = 1) -> Prediction:
+    """Per-stage pass times of ``plan`` (whose model ``table`` is, for its flops and activations), and the
+    pipeline's prefill and decode speed with ``micro_batches`` in flight. Prefill passes carry ``chunk`` tokens
+    per sequence (``prompt_len`` of them in all; default the table's sequence)."""
+    batch = int(plan.model.batch or table.batch or 1)
+    if micro_batches < 1 or batch % micro_batches:
+        raise ValueError(f"micro-batches ({micro_batches}) must divide the plan's batch ({batch})")
+    if not plan.partitions:
+        raise ValueError("the plan has no partitions to predict: it is not feasible")
+    share = 1.0 / micro_batches
+    decode = tuple(_stage(part, table, rates, share, 1, part is plan.partitions[-1]) for part in plan.partitions)
+    prompt = prompt_len or int(table.seq or 1)
+    prefill = tuple(_stage(part, table, rates, share, chunk, part is plan.partitions[-1])
+                    for part in plan.partitions)
+    passes = -(-prompt // chunk) * micro_batches
+    slowest = max(s.pass_s + s.transfer_s for s in prefill)
+    prefill_s = (passes - 1) * slowest + sum(s.pass_s + s.transfer_s for s in prefill)
+    tpot = max(sum(s.pass_s + s.transfer_s for s in decode), micro_batches * max(s.pass_s for s in decode))
+    return Prediction(decode, micro_batches, batch, tpot, prefill_s, batch * prompt / prefill_s, prompt, chunk)
+
+
+def _stage(part: Partition, table: LayerTable, rates: Rates, share: float, tokens: int, last: bool
+           ) -> StagePrediction:
+    """One pass of ``share`` of the batch with ``tokens`` new tokens per sequence on one card of ``part``."""
+    layers = table.layers[part.first:part.last + 1]
+    ways = part.tensor_parallel
+    shares = [layer.split(ways) for layer in layers]
+    flops = sum(s.flops for s in shares if s is not None) * share * tokens
+    kv_bytes = part.kv_cache_bytes * share
+    activation_bytes = sum(x.activation_bytes for x in layers) * share * tokens * 2     # read and written
+    resident = part.footprint_bytes <= rates.capacity_bytes
+    bandwidth = rates.on_chip_bandwidth if resident else rates.off_chip_bandwidth
+    if bandwidth is None:
+        raise ValueError(f"the stage at card {part.card} does not fit on-chip and the device has no off-chip "
+                         "bandwidth figure to stream from")
+    memory_s = (part.weight_bytes + kv_bytes + activation_bytes) / bandwidth
+    allreduce_s = 0.0
+    if ways > 1:
+        for layer, split in zip(layers, shares):
+            if split is None or not split.allreduce_bytes or not layer.activation_bytes:
+                continue
+            count = round(split.allreduce_bytes / layer.activation_bytes)      # messages of one output each
+            size = layer.activation_bytes * share * tokens
+            allreduce_s += count * (2 * (ways - 1) / ways * size / rates.link_bandwidth
+                                    + 2 * (ways - 1) * rates.link_latency)
+    out_bytes = (table.batch or 1) * share * TOKEN_ID_BYTES if last else layers[-1].activation_bytes * share * tokens
+    transfer_s = out_bytes / rates.link_bandwidth + rates.link_latency
+    return StagePrediction(part.card, part.first, part.last, ways, resident, flops / rates.flops, memory_s,
+                           allreduce_s, transfer_s)
+
+
+def layer_costs(table: LayerTable, rates: Rates, micro_batches: int = 1) -> StageCosts:
+    """Per layer, whole (one card), one decode pass of 1/M of the batch: the terms of :func:`predict_plan`'s stage
+    time, for ``plan --objective time``."""
+    share = 1.0 / micro_batches
+    compute = np.array([x.flops * share / rates.flops for x in table.layers])
+    moved = np.array([x.weight_bytes + x.kv_cache_bytes * share + 2 * x.activation_bytes * share
+                      for x in table.layers], dtype=np.float64)
+    cut = np.array([x.activation_bytes * share / rates.link_bandwidth + rates.link_latency for x in table.layers])
+    cut[-1] = (table.batch or 1) * share * TOKEN_ID_BYTES / rates.link_bandwidth + rates.link_latency
+    off_chip = rates.off_chip_bandwidth if rates.off_chip_bandwidth is not None else rates.on_chip_bandwidth
+    return StageCosts(compute, moved, cut, rates.on_chip_bandwidth, off_chip, rates.capacity_bytes)

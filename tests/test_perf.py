@@ -1,0 +1,132 @@
+"""The performance model and ``plan --objective time``: hand-computed stage times, the exact DP against
+enumeration, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cachefit import api
+from cachefit.cli import cli
+from cachefit.hardware import load_devices
+from cachefit.layers import Layer, LayerTable
+from cachefit.memory import interval_cost
+from cachefit.partition.timed import StageCosts, least_time
+from cachefit.perf import Rates, predict_plan, rates_of
+from cachefit.plan import make_plan
+
+import reference
+from strategies import tables
+
+RATES = Rates(flops=1e9, on_chip_bandwidth=1e9, off_chip_bandwidth=1e8, link_bandwidth=1e6, link_latency=1e-3,
+              capacity_bytes=1000, sources={})
+
+
+def _two_stage_plan() -> tuple[LayerTable, object]:
+    # Two layers: 600 B of weights, 100 B out, 1e6 FLOPs each, batch 2. Capacity 800: one layer per card
+    # (peak: 600 + in + out = 600 + 100 + 100 = 800).
+    layers = tuple(Layer(f"l{i}", 600, 100, 0, 0, 1e6) for i in range(2))
+    table = LayerTable("two", layers, input_bytes=100, batch=2, seq=4, phase="decode")
+    return table, make_plan(table, [800])
+
+
+def test_stage_times_by_hand() -> None:
+    table, plan = _two_stage_plan()
+    prediction = predict_plan(plan, table, RATES, micro_batches=2)
+    first, last = prediction.stages
+    # Per pass of one micro-batch (half the batch): compute 1e6 / 2 / 1e9 = 0.5 ms; footprint 800 > 1000? no:
+    # resident, so memory = (600 weights + 2 x 100 / 2 activations) / 1e9 = 0.7 us.
+    assert first.resident and first.compute_s == pytest.approx(5e-4) and first.memory_s == pytest.approx(7e-7)
+    # Transfer of 50 B at 1 MB/s + 1 ms; the last card sends back 1 token id per sequence (8 B) instead.
+    assert first.transfer_s == pytest.approx(50e-6 + 1e-3) and last.transfer_s == pytest.approx(8e-6 + 1e-3)
+    # Decode: max(round trip, M x slowest) = max(0.5+1.05+0.5+1.008 ms, 2 x 0.5 ms).
+    assert prediction.decode_tpot_s == pytest.approx(5e-4 + 1.05e-3 + 5e-4 + 1.008e-3)
+    # Prefill of 4 tokens in passes of 1: 4 x 2 passes; (8 - 1) x slowest (0.5 + 1.05 ms) + one of each.
+    assert prediction.prefill_s == pytest.approx(7 * 1.55e-3 + 1.55e-3 + 1.508e-3)
+    assert prediction.prefill_tokens_per_s == pytest.approx(2 * 4 / prediction.prefill_s)
+
+
+def test_streaming_when_the_stage_is_over_the_device_capacity() -> None:
+    table, plan = _two_stage_plan()
+    small = Rates(**{**vars_of(RATES), "capacity_bytes": 700})
+    stage = predict_plan(plan, table, small, micro_batches=1).stages[0]
+    assert not stage.resident and stage.memory_s == pytest.approx((600 + 200) / 1e8)
+
+
+def vars_of(rates: Rates) -> dict[str, object]:
+    return {name: getattr(rates, name) for name in Rates.__slots__}
+
+
+def test_missing_figures_name_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"no fp16_flops figure.*devices-file"):
+        rates_of(load_devices()["dmatrix-corsair"], "float16")
+    rates = rates_of(load_devices()["h100"], "bfloat16")
+    assert rates.flops == 989e12 and rates.link_latency == 5e-6 and "(A)" in rates.sources["link_latency"]
+
+
+def _brute_least_time(table: LayerTable, model: str, costs: StageCosts, capacity: int, cards: int) -> float | None:
+    best = None
+    for runs in reference.compositions(len(table.layers), cards):
+        sizes = [reference.footprint(table, model, a, b) for a, b in runs]
+        if any(size > capacity for size in sizes):
+            continue
+        worst = max(costs.stage_seconds(a, b, size) for (a, b), size in zip(runs, sizes))
+        best = worst if best is None or worst < best else best
+    return best
+
+
+@settings(max_examples=300, deadline=None)
+@given(tables(max_layers=6), st.sampled_from(["sum", "peak"]), st.integers(1, 6), st.integers(5, 80),
+       st.integers(0, 60), st.data())
+def test_least_time_matches_enumeration(table: LayerTable, model: str, cards: int, capacity: int, on_chip: int,
+                                        data: st.DataObject) -> None:
+    n = len(table.layers)
+    draw = lambda: np.array(data.draw(st.lists(st.integers(0, 9), min_size=n, max_size=n)), dtype=float)  # noqa: E731
+    costs = StageCosts(draw(), draw(), draw(), 2.0, 0.5, on_chip)
+    found = least_time(interval_cost(table, model), costs, capacity, cards) if cards <= n else None
+    expected = _brute_least_time(table, model, costs, capacity, cards) if cards <= n else None
+    assert (found is None) == (expected is None)
+    if found is not None:
+        assert found.bottleneck_seconds == pytest.approx(expected)
+        assert len(found.lasts) == cards and found.lasts[-1] == n - 1
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_predict_cli_with_the_baseline(tmp_path: Path) -> None:
+    code, _, _ = run("plan", "seed-dense16", "--device", "dmatrix-corsair", "--batch", "1", "-o",
+                     str(tmp_path / "p.json"))
+    assert code == 0
+    code, stdout, _ = run("predict", str(tmp_path / "p.json"), "--device", "h100", "--baseline", "tp=8,pp=2",
+                          "--format", "json")
+    document = json.loads(stdout)
+    assert code == 0 and document["baseline"]["layout"] == "tp=8,pp=2"
+    assert len(document["prediction"]["stages"]) == 16 and len(document["baseline"]["stages"]) == 2
+    # On an H100, one whole seed layer (1.6 GB) cannot be resident: it streams at off-chip bandwidth.
+    assert not document["prediction"]["stages"][0]["resident"]
+    code, stdout, _ = run("predict", str(tmp_path / "p.json"), "--device", "h100")
+    assert code == 0 and "decode TPOT ms" in stdout
+    code, _, stderr = run("predict", str(tmp_path / "p.json"))
+    assert code == 2 and "fp16_flops" in stderr
+
+
+def test_plan_objective_time_cli() -> None:
+    code, stdout, _ = run("plan", "llama-3-8b", "--device", "h100", "--capacity", "2GB", "--objective", "time",
+                          "--format", "json")
+    document = json.loads(stdout)
+    assert code == 0 and document["strategy"] == "time" and document["cards"] == 9
+    assert "slowest predicted stage" in document["diagnosis"][0]
+    code, _, stderr = run("plan", "llama-3-8b", "--capacity", "2GB", "--objective", "time")
+    assert code == 2 and "--device" in stderr
+    assert api.plan("llama-3-8b", capacity="2GB").cards == 9
