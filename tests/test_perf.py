@@ -59,6 +59,13 @@ def test_streaming_when_the_stage_is_over_the_device_capacity() -> None:
     assert not stage.resident and stage.memory_s == pytest.approx((600 + 200) / 1e8)
 
 
+def test_without_overlap_memory_and_compute_add_up() -> None:
+    table, plan = _two_stage_plan()
+    serial = Rates(**{**vars_of(RATES), "overlap": False})
+    stage = predict_plan(plan, table, serial, micro_batches=2).stages[0]
+    assert stage.pass_s == pytest.approx(5e-4 + 7e-7)
+
+
 def vars_of(rates: Rates) -> dict[str, object]:
     return {name: getattr(rates, name) for name in Rates.__slots__}
 
@@ -88,7 +95,7 @@ def test_least_time_matches_enumeration(table: LayerTable, model: str, cards: in
                                         data: st.DataObject) -> None:
     n = len(table.layers)
     draw = lambda: np.array(data.draw(st.lists(st.integers(0, 9), min_size=n, max_size=n)), dtype=float)  # noqa: E731
-    costs = StageCosts(draw(), draw(), draw(), 2.0, 0.5, on_chip)
+    costs = StageCosts(draw(), draw(), draw(), 2.0, 0.5, on_chip, data.draw(st.booleans()))
     found = least_time(interval_cost(table, model), costs, capacity, cards) if cards <= n else None
     expected = _brute_least_time(table, model, costs, capacity, cards) if cards <= n else None
     assert (found is None) == (expected is None)

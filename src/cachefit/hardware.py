@@ -27,7 +27,7 @@ __all__ = ["FIGURES", "Device", "Figure", "get_device", "load_devices"]
 
 FigureKind = Literal["V", "M", "3P", "A", "user"]
 FIGURES = ("on_chip_bytes", "usable_fraction", "on_chip_bandwidth", "off_chip_bytes", "off_chip_bandwidth",
-           "fp32_flops", "fp16_flops", "fp8_flops", "link_bandwidth", "link_latency")
+           "fp32_flops", "fp16_flops", "fp8_flops", "link_bandwidth", "link_latency", "overlap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,3 +137,4 @@ class _DeviceModel(BaseModel):
     fp8_flops: _FigureModel | None = None
     link_bandwidth: _FigureModel | None = None
     link_latency: _FigureModel | None = None       # seconds per message
+    overlap: _FigureModel | None = None            # 1: memory and compute overlap (roofline max); 0: they add up

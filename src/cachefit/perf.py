@@ -5,8 +5,11 @@ Per pass of one micro-batch (1/M of the plan's batch) on one card of a stage (Wi
 - memory   = bytes the pass reads and writes (the card's weights, all of them, every pass; its KV cache rows; the
              layers' inputs and outputs) / on-chip bandwidth when the stage's footprint fits the card's capacity
              (resident), off-chip bandwidth when it does not (the weights stream);
-- a pass takes max(compute, memory), plus, on a tensor group of t cards, its all-reduces: ring all-reduce of S
-  bytes, 2(t-1)/t * S / link bandwidth + 2(t-1) link latencies (Patarasuk & Yuan 2009);
+- a pass takes max(compute, memory) where the device overlaps loads and arithmetic (the roofline; GPUs and
+  accelerators by default), compute + memory where it does not (``overlap`` figure 0: measured so on this
+  project's CPU host by cachefit calibrate, whose small-row matrix products do not overlap them);
+- plus, on a tensor group of t cards, its all-reduces: ring all-reduce of S bytes, 2(t-1)/t * S / link
+  bandwidth + 2(t-1) link latencies (Patarasuk & Yuan 2009);
 - and a transfer to the next stage: its output / link bandwidth + one latency.
 Pipeline (forward only, k stages, M micro-batches, passes s_i + c_i):
 - prefill of P passes per micro-batch: (P*M - 1) * max_i(s_i + c_i) + sum_i(s_i + c_i) (fill, steady state, drain);
@@ -44,6 +47,7 @@ class Rates:
     link_latency: float          # seconds per message
     capacity_bytes: int
     sources: Mapping[str, str]
+    overlap: bool = True         # pass time = max(compute, memory); False: their sum
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +61,12 @@ class StagePrediction:
     memory_s: float
     allreduce_s: float
     transfer_s: float
+    overlap: bool = True
 
     @property
     def pass_s(self) -> float:
-        return max(self.compute_s, self.memory_s) + self.allreduce_s
+        work = max(self.compute_s, self.memory_s) if self.overlap else self.compute_s + self.memory_s
+        return work + self.allreduce_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +117,12 @@ def rates_of(device: Device, dtype: str | None, capacity_bytes: int | None = Non
     latency = device.figure("link_latency")
     sources["link_latency"] = (f"link_latency: {latency.source} ({latency.kind})" if latency else
                                "link_latency: not in the catalog, taken as 0")
+    overlap = device.figure("overlap")
+    sources["overlap"] = (f"overlap: {overlap.source} ({overlap.kind})" if overlap else
+                          "overlap: not in the catalog, taken as 1 (roofline: max of compute and memory time)")
     return Rates(values["flops"], values["on_chip_bandwidth"], off_chip.value if off_chip else None,
                  values["link_bandwidth"], latency.value if latency else 0.0,
-                 capacity_bytes or device.capacity_bytes, sources)
+                 capacity_bytes or device.capacity_bytes, sources, overlap.value >= 0.5 if overlap else True)
 
 
 def predict_plan(plan: Plan, table: LayerTable, rates: Rates, micro_batches: int = 1, prompt_len: int | None = None,
@@ -165,7 +174,7 @@ def _stage(part: Partition, table: LayerTable, rates: Rates, share: float, token
     out_bytes = (table.batch or 1) * share * TOKEN_ID_BYTES if last else layers[-1].activation_bytes * share * tokens
     transfer_s = out_bytes / rates.link_bandwidth + rates.link_latency
     return StagePrediction(part.card, part.first, part.last, ways, resident, flops / rates.flops, memory_s,
-                           allreduce_s, transfer_s)
+                           allreduce_s, transfer_s, rates.overlap)
 
 
 def layer_costs(table: LayerTable, rates: Rates, micro_batches: int = 1) -> StageCosts:
@@ -178,4 +187,4 @@ def layer_costs(table: LayerTable, rates: Rates, micro_batches: int = 1) -> Stag
     cut = np.array([x.activation_bytes * share / rates.link_bandwidth + rates.link_latency for x in table.layers])
     cut[-1] = (table.batch or 1) * share * TOKEN_ID_BYTES / rates.link_bandwidth + rates.link_latency
     off_chip = rates.off_chip_bandwidth if rates.off_chip_bandwidth is not None else rates.on_chip_bandwidth
-    return StageCosts(compute, moved, cut, rates.on_chip_bandwidth, off_chip, rates.capacity_bytes)
+    return StageCosts(compute, moved, cut, rates.on_chip_bandwidth, off_chip, rates.capacity_bytes, rates.overlap)

@@ -33,5 +33,7 @@ def calibrate_command(output: str, name: str) -> None:
               f"{figures.cache_bandwidth / 1e9:.1f} GB/s, beyond it {figures.memory_bandwidth / 1e9:.1f} GB/s alone "
               f"and {figures.memory_bandwidth_all_cores / 1e9:.1f} GB/s per core with {figures.cores} streaming; gloo "
               f"latency {figures.link_latency * 1e6:.0f} us, bandwidth {figures.link_bandwidth / 1e9:.2f} GB/s; "
-              f"cache per rank {format_size(figures.on_chip_bytes)}")
+              f"cache per rank {format_size(figures.on_chip_bytes)}; memory and compute "
+              f"{'overlap' if figures.overlap else 'add up'} (roofline off by {figures.overlap_errors[0]:.0%}, sum "
+              f"by {figures.overlap_errors[1]:.0%})")
     err.print(f"wrote {output} (device {name!r})")

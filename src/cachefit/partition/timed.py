@@ -1,6 +1,7 @@
 """Least slowest-stage time over exactly k cards, every card within its capacity (``plan --objective time``).
 
-A stage i..j takes T(i, j) = max(compute(i, j), bytes(i, j) / bandwidth) + cut(j): compute time and bytes add up
+A stage i..j takes T(i, j) = max(compute(i, j), bytes(i, j) / bandwidth) + cut(j) (or their sum, on devices
+that do not overlap them): compute time and bytes add up
 over its layers (roofline per pass), the bandwidth is on-chip when the stage's footprint fits the device's on-chip
 capacity and off-chip when not, and cut(j) is the transfer of layer j's output to the next card. The cut term does not
 grow with the interval (a longer stage may end at a smaller activation), so bisection with a greedy probe is not
@@ -33,11 +34,13 @@ class StageCosts:
     on_chip_bandwidth: float
     off_chip_bandwidth: float
     on_chip_bytes: int
+    overlap: bool = True        # max(compute, memory) (roofline); False: compute + memory
 
     def stage_seconds(self, first: int, last: int, footprint: int) -> float:
         bandwidth = self.on_chip_bandwidth if footprint <= self.on_chip_bytes else self.off_chip_bandwidth
         moved = float(self.bytes[first:last + 1].sum()) / bandwidth
-        return float(max(float(self.compute[first:last + 1].sum()), moved) + self.cut[last])
+        compute = float(self.compute[first:last + 1].sum())
+        return float((max(compute, moved) if self.overlap else compute + moved) + self.cut[last])
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +76,8 @@ def least_time(cost: IntervalCost, costs: StageCosts, capacity: int, cards: int)
         footprints = _footprints(cost, end - 1)
         bandwidth = np.where(footprints <= costs.on_chip_bytes, costs.on_chip_bandwidth, costs.off_chip_bandwidth)
         moved = (bytes_prefix[end] - bytes_prefix[:end]) / bandwidth
-        seconds = np.maximum(compute_prefix[end] - compute_prefix[:end], moved) + costs.cut[end - 1]
+        compute = compute_prefix[end] - compute_prefix[:end]
+        seconds = (np.maximum(compute, moved) if costs.overlap else compute + moved) + costs.cut[end - 1]
         seconds = np.where(footprints <= capacity, seconds, np.inf)
         for used in range(1, min(cards, end) + 1):
             candidates = np.maximum(best[used - 1, :end], seconds)
