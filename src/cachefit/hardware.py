@@ -27,7 +27,7 @@ __all__ = ["FIGURES", "Device", "Figure", "get_device", "load_devices"]
 
 FigureKind = Literal["V", "M", "3P", "A", "user"]
 FIGURES = ("on_chip_bytes", "usable_fraction", "on_chip_bandwidth", "off_chip_bytes", "off_chip_bandwidth",
-           "fp32_flops", "fp16_flops", "fp8_flops", "link_bandwidth", "link_latency", "overlap")
+           "fp32_flops", "fp16_flops", "fp8_flops", "link_bandwidth", "link_latency", "collective_latency", "overlap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +110,9 @@ def _device(name: str, entry: Mapping[str, Any], source: str) -> Device:
     except ValidationError as error:
         raise ValueError(describe_validation_error(error, f"{source} [{name}]")) from error
     figures = {key: Figure(f.value, f.kind, f.source) for key in FIGURES if (f := getattr(model, key)) is not None}
+    zero = [key for key, figure in figures.items() if figure.value == 0 and key != "overlap"]
+    if zero:
+        raise ValueError(f"{source} [{name}]: {zero[0]} must be greater than 0")
     fraction = figures["usable_fraction"].value
     if not 0 < fraction <= 1:
         raise ValueError(f"{source} [{name}]: usable_fraction must be in (0, 1], got {fraction}")
@@ -118,7 +121,7 @@ def _device(name: str, entry: Mapping[str, Any], source: str) -> Device:
 
 class _FigureModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    value: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    value: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     kind: FigureKind
     source: Annotated[str, Field(min_length=1)]
 
@@ -137,4 +140,5 @@ class _DeviceModel(BaseModel):
     fp8_flops: _FigureModel | None = None
     link_bandwidth: _FigureModel | None = None
     link_latency: _FigureModel | None = None       # seconds per message
+    collective_latency: _FigureModel | None = None  # seconds per ring step of an all-reduce (default: link_latency)
     overlap: _FigureModel | None = None            # 1: memory and compute overlap (roofline max); 0: they add up

@@ -9,7 +9,7 @@ Per pass of one micro-batch (1/M of the plan's batch) on one card of a stage (Wi
   accelerators by default), compute + memory where it does not (``overlap`` figure 0: measured so on this
   project's CPU host by cachefit calibrate, whose small-row matrix products do not overlap them);
 - plus, on a tensor group of t cards, its all-reduces: ring all-reduce of S bytes, 2(t-1)/t * S / link
-  bandwidth + 2(t-1) link latencies (Patarasuk & Yuan 2009);
+  bandwidth + 2(t-1) step latencies (Patarasuk & Yuan 2009; the device's collective latency, else its link's);
 - and a transfer to the next stage: its output / link bandwidth + one latency.
 Pipeline (forward only, k stages, M micro-batches, passes s_i + c_i):
 - prefill of P passes per micro-batch: (P*M - 1) * max_i(s_i + c_i) + sum_i(s_i + c_i) (fill, steady state, drain);
@@ -48,6 +48,7 @@ class Rates:
     capacity_bytes: int
     sources: Mapping[str, str]
     overlap: bool = True         # pass time = max(compute, memory); False: their sum
+    collective_latency: float | None = None    # per ring step of an all-reduce; None: link_latency
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,8 @@ class StagePrediction:
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
-    stages: tuple[StagePrediction, ...]
+    stages: tuple[StagePrediction, ...]            # decode passes
+    prefill_stages: tuple[StagePrediction, ...]    # prompt passes (chunk tokens per sequence)
     micro_batches: int
     batch: int
     decode_tpot_s: float
@@ -89,10 +91,14 @@ class Prediction:
                 "prefill_chunk": self.chunk, "decode_tpot_ms": self.decode_tpot_s * 1e3,
                 "decode_tokens_per_s": self.decode_tokens_per_s, "prefill_s": self.prefill_s,
                 "prefill_tokens_per_s": self.prefill_tokens_per_s,
-                "stages": [{"card": s.card, "layers": [s.first, s.last], "tensor_parallel": s.tensor_parallel,
-                            "resident": s.resident, "compute_ms": s.compute_s * 1e3, "memory_ms": s.memory_s * 1e3,
-                            "allreduce_ms": s.allreduce_s * 1e3, "transfer_ms": s.transfer_s * 1e3,
-                            "pass_ms": s.pass_s * 1e3} for s in self.stages]}
+                "stages": [_stage_dict(s) for s in self.stages],
+                "prefill_stages": [_stage_dict(s) for s in self.prefill_stages]}
+
+
+def _stage_dict(s: StagePrediction) -> dict[str, Any]:
+    return {"card": s.card, "layers": [s.first, s.last], "tensor_parallel": s.tensor_parallel, "resident": s.resident,
+            "compute_ms": s.compute_s * 1e3, "memory_ms": s.memory_s * 1e3, "allreduce_ms": s.allreduce_s * 1e3,
+            "transfer_ms": s.transfer_s * 1e3, "pass_ms": s.pass_s * 1e3}
 
 
 _FLOPS_FIGURE = {"float32": "fp32_flops", "float16": "fp16_flops", "bfloat16": "fp16_flops",
@@ -117,12 +123,16 @@ def rates_of(device: Device, dtype: str | None, capacity_bytes: int | None = Non
     latency = device.figure("link_latency")
     sources["link_latency"] = (f"link_latency: {latency.source} ({latency.kind})" if latency else
                                "link_latency: not in the catalog, taken as 0")
+    collective = device.figure("collective_latency")
+    sources["collective_latency"] = (f"collective_latency: {collective.source} ({collective.kind})" if collective
+                                     else "collective_latency: not in the catalog, taken as link_latency")
     overlap = device.figure("overlap")
     sources["overlap"] = (f"overlap: {overlap.source} ({overlap.kind})" if overlap else
                           "overlap: not in the catalog, taken as 1 (roofline: max of compute and memory time)")
     return Rates(values["flops"], values["on_chip_bandwidth"], off_chip.value if off_chip else None,
                  values["link_bandwidth"], latency.value if latency else 0.0,
-                 capacity_bytes or device.capacity_bytes, sources, overlap.value >= 0.5 if overlap else True)
+                 capacity_bytes or device.capacity_bytes, sources, overlap.value >= 0.5 if overlap else True,
+                 collective.value if collective else None)
 
 
 def predict_plan(plan: Plan, table: LayerTable, rates: Rates, micro_batches: int = 1, prompt_len: int | None = None,
@@ -144,7 +154,8 @@ def predict_plan(plan: Plan, table: LayerTable, rates: Rates, micro_batches: int
     slowest = max(s.pass_s + s.transfer_s for s in prefill)
     prefill_s = (passes - 1) * slowest + sum(s.pass_s + s.transfer_s for s in prefill)
     tpot = max(sum(s.pass_s + s.transfer_s for s in decode), micro_batches * max(s.pass_s for s in decode))
-    return Prediction(decode, micro_batches, batch, tpot, prefill_s, batch * prompt / prefill_s, prompt, chunk)
+    return Prediction(decode, prefill, micro_batches, batch, tpot, prefill_s, batch * prompt / prefill_s, prompt,
+                      chunk)
 
 
 def _stage(part: Partition, table: LayerTable, rates: Rates, share: float, tokens: int, last: bool
@@ -169,8 +180,8 @@ def _stage(part: Partition, table: LayerTable, rates: Rates, share: float, token
                 continue
             count = round(split.allreduce_bytes / layer.activation_bytes)      # messages of one output each
             size = layer.activation_bytes * share * tokens
-            allreduce_s += count * (2 * (ways - 1) / ways * size / rates.link_bandwidth
-                                    + 2 * (ways - 1) * rates.link_latency)
+            step = rates.collective_latency if rates.collective_latency is not None else rates.link_latency
+            allreduce_s += count * (2 * (ways - 1) / ways * size / rates.link_bandwidth + 2 * (ways - 1) * step)
     out_bytes = (table.batch or 1) * share * TOKEN_ID_BYTES if last else layers[-1].activation_bytes * share * tokens
     transfer_s = out_bytes / rates.link_bandwidth + rates.link_latency
     return StagePrediction(part.card, part.first, part.last, ways, resident, flops / rates.flops, memory_s,

@@ -29,10 +29,12 @@ def calibrate_command(output: str, name: str) -> None:
     with err.status("measuring ...") as status:
         figures = measure_host(lambda step: status.update(f"measuring {step} ..."))
     atomic_write_text(output, to_toml(figures, name))
-    out.print(f"matmul {figures.matmul_flops / 1e9:.1f} GFLOP/s; bandwidth in cache "
+    out.print(f"linear layers {figures.linear_flops / 1e9:.1f} GFLOP/s (a square matmul "
+              f"{figures.matmul_flops / 1e9:.1f}); bandwidth in cache "
               f"{figures.cache_bandwidth / 1e9:.1f} GB/s, beyond it {figures.memory_bandwidth / 1e9:.1f} GB/s alone "
               f"and {figures.memory_bandwidth_all_cores / 1e9:.1f} GB/s per core with {figures.cores} streaming; gloo "
-              f"latency {figures.link_latency * 1e6:.0f} us, bandwidth {figures.link_bandwidth / 1e9:.2f} GB/s; "
+              f"latency {figures.link_latency * 1e6:.0f} us, bandwidth {figures.link_bandwidth / 1e9:.2f} GB/s, "
+              f"all-reduce of 16 KiB {figures.allreduce_seconds * 1e6:.0f} us; "
               f"cache per rank {format_size(figures.on_chip_bytes)}; memory and compute "
               f"{'overlap' if figures.overlap else 'add up'} (roofline off by {figures.overlap_errors[0]:.0%}, sum "
               f"by {figures.overlap_errors[1]:.0%})")

@@ -3,11 +3,12 @@
 - matmul rate: fp32 matrix products of 1024 x 1024 (FLOP/s = 2 n^3 / time);
 - memory bandwidth: one row through linear layers of a transformer's shapes (4096 x 1024 and 1024 x 4096, fp32),
   the working set in cache (one 16 MiB matrix, within a rank's L2 + last-level share here, read over and over)
-  and beyond it (8x the last-level cache), alone and with every core streaming at once (the ranks of a pipeline run together and share the bus);
-- overlap: whether those layers' time with 16 and 64 rows is nearer max(bytes / bandwidth, FLOPs / rate) (loads
-  and arithmetic overlap: the roofline) or their sum;
+  and beyond it (8x the last-level cache), alone and with every core streaming at once (the ranks of a pipeline
+  run together and share the bus);
+- a fit of those layers' time with 4, 16 and 64 rows to bytes / B + FLOPs / R (the rate R of such products, and
+  the bandwidth B), and whether that sum or the roofline max(bytes / B, FLOPs / R) fits better (overlap);
 - gloo point-to-point between two processes on loopback: latency (half a round trip of 8 bytes) and bandwidth
-  (16 MiB messages).
+  (16 MiB messages), and an all-reduce of 16 KiB (the collective's latency per ring step).
 Medians of repeated timings (time.perf_counter around the operation, after a warm-up).
 """
 
@@ -30,12 +31,14 @@ __all__ = ["HostFigures", "cache_sizes", "measure_host", "to_toml"]
 
 @dataclass(frozen=True, slots=True)
 class HostFigures:
-    matmul_flops: float
+    linear_flops: float                      # the fitted rate of transformer-shaped linear layers
+    matmul_flops: float                      # a large square product, for reference
     cache_bandwidth: float
     memory_bandwidth: float
     memory_bandwidth_all_cores: float
     link_latency: float
     link_bandwidth: float
+    allreduce_seconds: float                 # two ranks, 16 KiB
     on_chip_bytes: int
     cores: int
     overlap: bool
@@ -91,23 +94,46 @@ def _linear_seconds(total_bytes: int, rows: int, repeats: int = 9) -> tuple[floa
     return seconds, count * _LAYER, 2.0 * rows * count * _LAYER / 4
 
 
-def _bandwidth(total_bytes: int, repeats: int = 9) -> float:
-    seconds, moved, _ = _linear_seconds(total_bytes, 1, repeats)
-    return moved / seconds
+ROWS = (4, 16, 64)                 # rows per pass the fit uses: micro-batches of a few sequences to prompt chunks
 
 
-def _streaming_worker(core: int, matrix_bytes: int, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _fit(total_bytes: int) -> tuple[float, float, float, float]:
+    """Least-squares fit of t = bytes / B + FLOPs / R over ``ROWS``: (B, R), and the mean relative error of that
+    sum and of the roofline max(bytes / B, FLOPs / R) with the same B and R."""
+    timings = [_linear_seconds(total_bytes, rows, 5) for rows in ROWS]
+    moved = timings[0][1]
+    flops = [work for _, _, work in timings]
+    seconds = [t for t, _, _ in timings]
+    mean_f, mean_t = statistics.mean(flops), statistics.mean(seconds)
+    slope = (sum((f - mean_f) * (t - mean_t) for f, t in zip(flops, seconds))
+             / sum((f - mean_f) ** 2 for f in flops))
+    intercept = max(mean_t - slope * mean_f, 1e-9)
+    bandwidth, rate = moved / intercept, 1.0 / slope
+    serial = statistics.mean(abs(intercept + f * slope - t) / t for f, t in zip(flops, seconds))
+    roofline = statistics.mean(abs(max(intercept, f * slope) - t) / t for f, t in zip(flops, seconds))
+    return bandwidth, rate, roofline, serial
+
+
+def _bandwidth_at(total_bytes: int, rate: float, repeats: int = 9) -> float:
+    """Bandwidth of a 4-row pass once its arithmetic (FLOPs / rate) is taken out."""
+    seconds, moved, work = _linear_seconds(total_bytes, ROWS[0], repeats)
+    return moved / max(seconds - work / rate, 1e-9)
+
+
+def _streaming_worker(core: int, matrix_bytes: int, rate: float, results: multiprocessing.Queue  # type: ignore[type-arg]
+                      ) -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
-    results.put(_bandwidth(matrix_bytes, 5))
+    results.put(_bandwidth_at(matrix_bytes, rate, 5))
 
 
-def _all_cores_bandwidth(matrix_bytes: int, cores: list[int]) -> float:
-    """Per-core bandwidth when every core streams its own matrix at once (the slowest core's)."""
+def _all_cores_bandwidth(matrix_bytes: int, rate: float, cores: list[int]) -> float:
+    """Per-core bandwidth when every core streams its own matrices at once (the slowest core's)."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    workers = [context.Process(target=_streaming_worker, args=(core, matrix_bytes, results)) for core in cores]
+    workers = [context.Process(target=_streaming_worker, args=(core, matrix_bytes, rate, results))
+               for core in cores]
     for worker in workers:
         worker.start()
     values = [results.get(timeout=300) for _ in workers]
@@ -131,13 +157,15 @@ def _gloo_peer(rank: int, port: int, results: multiprocessing.Queue) -> None:  #
             dist.send(tensor, 0)
     latency = _median_time(lambda: ping_pong(small), 200) / 2
     per_message = _median_time(lambda: ping_pong(large), 9) / 2
+    reduced = torch.zeros(4 * 1024)                     # 16 KiB: 4 rows of a 1024-wide hidden state
+    allreduce = _median_time(lambda: dist.all_reduce(reduced), 200)
     if rank == 0:
-        results.put((latency, large.numel() * 4 / max(per_message - latency, 1e-9)))
+        results.put((latency, large.numel() * 4 / max(per_message - latency, 1e-9), allreduce))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _gloo_link() -> tuple[float, float]:
+def _gloo_link() -> tuple[float, float, float]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -146,10 +174,10 @@ def _gloo_link() -> tuple[float, float]:
     peers = [context.Process(target=_gloo_peer, args=(rank, port, results)) for rank in (0, 1)]
     for peer in peers:
         peer.start()
-    latency, bandwidth = results.get(timeout=300)
+    latency, bandwidth, allreduce = results.get(timeout=300)
     for peer in peers:
         peer.join()
-    return latency, bandwidth
+    return latency, bandwidth, allreduce
 
 
 def measure_host(progress: Callable[[str], None] = lambda _: None) -> HostFigures:
@@ -161,31 +189,19 @@ def measure_host(progress: Callable[[str], None] = lambda _: None) -> HostFigure
         cores = (sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                  else list(range(os.cpu_count() or 1)))
         progress("matmul rate")
-        flops = _matmul_rate()
+        matmul = _matmul_rate()
+        progress("linear layers beyond cache, 4 to 64 rows")
+        beyond, rate, roofline, serial = _fit(8 * last_level)
         progress("bandwidth in cache")
-        in_cache = _bandwidth(_LAYER, 21)
-        progress("bandwidth beyond cache")
-        beyond = _bandwidth(8 * last_level)
-        progress("overlap of loads and arithmetic")
-        overlap_errors = _overlap_errors(8 * last_level, beyond, flops)
+        in_cache = _bandwidth_at(_LAYER, rate, 21)
         progress(f"bandwidth with {len(cores)} cores streaming")
-        shared = _all_cores_bandwidth(8 * last_level, cores)
-        progress("gloo latency and bandwidth")
-        latency, link = _gloo_link()
+        shared = _all_cores_bandwidth(8 * last_level, rate, cores)
+        progress("gloo latency, bandwidth and all-reduce")
+        latency, link, allreduce = _gloo_link()
     finally:
         torch.set_num_threads(threads)
-    return HostFigures(flops, in_cache, beyond, shared, latency, link, l2 + last_level // len(cores), len(cores),
-                       overlap_errors[0] <= overlap_errors[1], overlap_errors)
-
-
-def _overlap_errors(total_bytes: int, bandwidth: float, flops: float) -> tuple[float, float]:
-    """Mean relative error of the roofline (max) and of the sum, predicting linear layers with 16 and 64 rows."""
-    errors: list[tuple[float, float]] = []
-    for rows in (16, 64):
-        seconds, moved, work = _linear_seconds(total_bytes, rows, 5)
-        memory, compute = moved / bandwidth, work / flops
-        errors.append((abs(max(memory, compute) - seconds) / seconds, abs(memory + compute - seconds) / seconds))
-    return (statistics.mean(e[0] for e in errors), statistics.mean(e[1] for e in errors))
+    return HostFigures(rate, matmul, in_cache, beyond, shared, latency, link, allreduce,
+                       l2 + last_level // len(cores), len(cores), roofline <= serial, (roofline, serial))
 
 
 def to_toml(figures: HostFigures, name: str = "host") -> str:
@@ -199,13 +215,18 @@ def to_toml(figures: HostFigures, name: str = "host") -> str:
     return (f"[{name}]\nlabel = \"this host, one rank per core ({figures.cores} cores)\"\nmemory = \"L2 + L3 share\"\n"
             + line("on_chip_bytes", figures.on_chip_bytes, "L2 of a core + its share of the last-level cache (sysfs)")
             + 'usable_fraction = { value = 1.0, kind = "A", source = "a rank may use all of its cache share" }\n'
-            + line("on_chip_bandwidth", figures.cache_bandwidth, "one row through a 16 MiB fp32 linear layer, in cache, 1 thread")
+            + line("on_chip_bandwidth", figures.cache_bandwidth,
+                   "4 rows through a 16 MiB fp32 linear layer in cache, arithmetic taken out, 1 thread")
             + line("off_chip_bandwidth", figures.memory_bandwidth_all_cores,
-                   f"one row through fp32 linear layers beyond the caches, every core at once (alone: "
-                   f"{figures.memory_bandwidth:.3g} B/s)")
-            + line("fp32_flops", figures.matmul_flops, "fp32 1024^3 matrix product, 1 thread")
+                   f"4 rows through fp32 linear layers beyond the caches, arithmetic taken out, every core at once "
+                   f"(alone, fitted over 4-64 rows: {figures.memory_bandwidth:.3g} B/s)")
+            + line("fp32_flops", figures.linear_flops,
+                   f"fp32 linear layers of 4-64 rows, fitted with the bandwidth; 1 thread (a 1024^3 product: "
+                   f"{figures.matmul_flops:.3g} FLOP/s)")
             + line("link_bandwidth", figures.link_bandwidth, "gloo send/recv of 16 MiB over loopback")
             + line("link_latency", figures.link_latency, "gloo send/recv of 8 bytes over loopback, half a round trip")
+            + line("collective_latency", max(figures.allreduce_seconds / 2 - 16384 / figures.link_bandwidth, 1e-9),
+                   f"gloo all-reduce of 16 KiB on 2 ranks ({figures.allreduce_seconds:.3g} s) = 2 ring steps")
             + line("overlap", 1.0 if figures.overlap else 0.0,
                    f"linear layers with 16 and 64 rows: max(memory, compute) off by {roofline:.0%}, their sum by "
                    f"{serial:.0%}"))

@@ -1,0 +1,48 @@
+"""cachefit calibrate: the devices file it writes loads and drives predict; its gloo and linear-layer probes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from click.testing import CliRunner  # noqa: E402
+
+from cachefit import api  # noqa: E402
+from cachefit.cli import cli  # noqa: E402
+from cachefit.hardware import load_devices  # noqa: E402
+from cachefit.runtime import calibrate  # noqa: E402
+
+FIGURES = calibrate.HostFigures(linear_flops=8e10, matmul_flops=8.2e10, cache_bandwidth=2e10, memory_bandwidth=1e10,
+                                memory_bandwidth_all_cores=7e9, link_latency=8e-5, link_bandwidth=2e9,
+                                allreduce_seconds=8e-4, on_chip_bytes=17825792, cores=2, overlap=False,
+                                overlap_errors=(0.29, 0.02))
+
+
+def test_written_entry_loads_with_every_figure_measured(tmp_path: Path) -> None:
+    (tmp_path / "host.toml").write_text(calibrate.to_toml(FIGURES))
+    host = load_devices(tmp_path / "host.toml")["host"]
+    assert host.capacity_bytes == 17825792
+    assert host.figure("off_chip_bandwidth").value == 7e9 and host.figure("overlap").value == 0
+    assert host.figure("collective_latency").value == pytest.approx(4e-4 - 16384 / 2e9)
+    assert {host.figure(name).kind for name in ("fp32_flops", "link_latency", "on_chip_bandwidth")} == {"M"}
+
+
+def test_cli_writes_the_file_predict_uses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: FIGURES)
+    result = CliRunner().invoke(cli, ["calibrate", "-o", str(tmp_path / "host.toml")])
+    assert result.exit_code == 0 and "add up" in result.stdout
+    plan = api.plan("tiny-dense4", capacity="8MiB", cards=2)
+    ours, _ = api.predict(plan, device="host", devices_file=tmp_path / "host.toml", micro_batches=2)
+    # Not overlapped: each pass is compute + memory; the tiny model's stages fit the 17 MiB cache share, so they
+    # read at the in-cache bandwidth.
+    assert all(s.resident and s.pass_s == pytest.approx(s.compute_s + s.memory_s) for s in ours.stages)
+
+
+def test_probes_measure_something_plausible() -> None:
+    bandwidth, rate, roofline, serial = calibrate._fit(2 * calibrate._LAYER)
+    assert bandwidth > 1e8 and rate > 1e8 and roofline >= 0 and serial >= 0
+    latency, link, allreduce = calibrate._gloo_link()
+    assert 0 < latency < 0.1 and link > 1e6 and 0 < allreduce < 1.0
