@@ -8,12 +8,12 @@ import pytest
 
 pytest.importorskip("torch")
 
-from click.testing import CliRunner  # noqa: E402
+from click.testing import CliRunner
 
-from cachefit import api  # noqa: E402
-from cachefit.cli import cli  # noqa: E402
-from cachefit.hardware import load_devices  # noqa: E402
-from cachefit.runtime import calibrate  # noqa: E402
+from cachefit import api
+from cachefit.cli import cli
+from cachefit.hardware import load_devices
+from cachefit.runtime import calibrate
 
 FIGURES = calibrate.HostFigures(linear_flops=8e10, matmul_flops=8.2e10, cache_bandwidth=2e10, memory_bandwidth=1e10,
                                 memory_bandwidth_all_cores=7e9, link_latency=8e-5, link_bandwidth=2e9,
