@@ -137,3 +137,20 @@ def test_plan_objective_time_cli() -> None:
     code, _, stderr = run("plan", "llama-3-8b", "--capacity", "2GB", "--objective", "time")
     assert code == 2 and "--device" in stderr
     assert api.plan("llama-3-8b", capacity="2GB").cards == 9
+
+
+def test_seed_report_writes_the_analysis_and_the_measured_runs(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    from cachefit.runtime import calibrate
+    from test_calibrate import FIGURES
+
+    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: FIGURES)
+    code, _, stderr = run("seed-report", "--out-dir", str(tmp_path), "--baseline", "tp=2,pp=1")
+    assert code == 0, stderr
+    text = (tmp_path / "seed-experiment.md").read_text()
+    assert "30.7x the whole L2" in text and "768 H100 L2s" in text and "12,800 x 0.078 ms = 1.00" in text
+    assert "| baseline tp=2,pp=1 | measured | 2 | tokens identical |" in text
+    assert "| layer-wise pp=2 | predicted | 2 |" in text
+    assert (tmp_path / "seed-layers-vs-h100-l2.png").stat().st_size > 0
+    assert (tmp_path / "seed-predicted-speed.png").stat().st_size > 0

@@ -13,6 +13,7 @@ from cachefit.cli.plan import plan_command
 from cachefit.cli.predict import predict_command
 from cachefit.cli.profile import profile_command
 from cachefit.cli.run import run_command
+from cachefit.cli.seed_report import seed_report_command
 from cachefit.cli.shard import shard_command
 from cachefit.cli.weights import init_weights_command
 
@@ -36,7 +37,7 @@ def cli() -> None:
 
 
 for command in (devices_command, profile_command, plan_command, predict_command, export_command, init_weights_command,
-                shard_command, run_command, calibrate_command, demo_command):
+                shard_command, run_command, calibrate_command, seed_report_command, demo_command):
     cli.add_command(command)
 
 
