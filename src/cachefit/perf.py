@@ -21,7 +21,7 @@ Pure: plan, table and device figures in, numbers out.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -81,6 +81,7 @@ class Prediction:
     prefill_tokens_per_s: float
     prompt_len: int
     chunk: int
+    sources: Mapping[str, str] = field(default_factory=dict)    # each device figure used, with its source
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -91,7 +92,7 @@ class Prediction:
                 "prefill_chunk": self.chunk, "decode_tpot_ms": self.decode_tpot_s * 1e3,
                 "decode_tokens_per_s": self.decode_tokens_per_s, "prefill_s": self.prefill_s,
                 "prefill_tokens_per_s": self.prefill_tokens_per_s,
-                "stages": [_stage_dict(s) for s in self.stages],
+                "figures": dict(self.sources), "stages": [_stage_dict(s) for s in self.stages],
                 "prefill_stages": [_stage_dict(s) for s in self.prefill_stages]}
 
 
@@ -111,12 +112,12 @@ def rates_of(device: Device, dtype: str | None, capacity_bytes: int | None = Non
               "link_bandwidth": "link_bandwidth"}
     values: dict[str, float] = {}
     sources: dict[str, str] = {}
-    for field, figure_name in wanted.items():
+    for key, figure_name in wanted.items():
         figure = device.figure(figure_name)
         if figure is None:
             raise ValueError(f"device {device.name} has no {figure_name} figure, which predict needs; add it with "
                              "--devices-file (or measure this host with cachefit calibrate)")
-        values[field], sources[field] = figure.value, f"{figure_name}: {figure.source} ({figure.kind})"
+        values[key], sources[key] = figure.value, f"{figure_name}: {figure.source} ({figure.kind})"
     off_chip = device.figure("off_chip_bandwidth")
     sources["off_chip_bandwidth"] = (f"off_chip_bandwidth: {off_chip.source} ({off_chip.kind})" if off_chip else
                                      "off_chip_bandwidth: none (on-chip memory only)")
@@ -155,7 +156,7 @@ def predict_plan(plan: Plan, table: LayerTable, rates: Rates, micro_batches: int
     prefill_s = (passes - 1) * slowest + sum(s.pass_s + s.transfer_s for s in prefill)
     tpot = max(sum(s.pass_s + s.transfer_s for s in decode), micro_batches * max(s.pass_s for s in decode))
     return Prediction(decode, prefill, micro_batches, batch, tpot, prefill_s, batch * prompt / prefill_s, prompt,
-                      chunk)
+                      chunk, rates.sources)
 
 
 def _stage(part: Partition, table: LayerTable, rates: Rates, share: float, tokens: int, last: bool

@@ -55,6 +55,8 @@ def predict_command(plan_file: str, device: str | None, micro_batches: int, base
     if classic is not None:
         out.print(stage_table(classic, f"baseline {baseline}, per stage"))
     out.print(summary_table(ours, classic, baseline))
+    for source in ours.sources.values():
+        out.print(f"- {source}", highlight=False)
 
 
 def stage_table(prediction: Prediction, title: str) -> Table:
