@@ -12,7 +12,7 @@ def test_public_api_is_deliberate() -> None:
     assert set(cachefit.__all__) == {
         "__version__", "load_model", "plan", "devices", "make_plan", "LayerTable", "Layer", "SharedTensor",
         "Plan", "Partition", "ModelInfo", "Device", "Figure", "Breakdown", "IntervalCost", "interval_cost",
-        "parse_size", "format_size",
+        "parse_size", "format_size", "Split", "Prediction", "predict", "largest_micro_batch",
     }
     for name in cachefit.__all__:
         assert hasattr(cachefit, name), name
@@ -28,7 +28,9 @@ def test_design_example_runs_as_written(tmp_path: object) -> None:
 
 def test_planning_core_does_not_import_torch() -> None:
     code = ("import sys, cachefit, cachefit.cli, cachefit.report; "
-            "cachefit.plan('tiny-llama', capacity='1MiB'); "
+            "cachefit.plan('tiny-llama', capacity='1MiB'); cachefit.plan('tiny-llama', capacity='300KiB'); "
+            "cachefit.predict(cachefit.plan('seed-dense16', device='h100', baseline='tp=8,pp=2')); "
+            "cachefit.plan('llama-3-8b', device='h100', capacity='2GB', objective='time'); "
             "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -4,12 +4,15 @@
     table = cachefit.load_model("seed-dense16", batch=1, seq=10000, phase="decode")
     plan = cachefit.plan(table, capacity="50MiB", cards=16)
     plan.feasible, plan.cards, plan.bottleneck_bytes, plan.partitions[0].footprint_bytes
+    prediction, baseline = cachefit.predict(cachefit.plan(table, device="dmatrix-corsair"), device="h100",
+                                            baseline="tp=8,pp=2")
 """
 
-from cachefit.api import devices, load_model, plan
+from cachefit.api import devices, largest_micro_batch, load_model, plan, predict
 from cachefit.hardware import Device, Figure
-from cachefit.layers import Layer, LayerTable, SharedTensor
+from cachefit.layers import Layer, LayerTable, SharedTensor, Split
 from cachefit.memory import Breakdown, IntervalCost, interval_cost
+from cachefit.perf import Prediction
 from cachefit.plan import ModelInfo, Partition, Plan, make_plan
 from cachefit.units import format_size, parse_size
 
@@ -25,13 +28,17 @@ __all__ = [
     "ModelInfo",
     "Partition",
     "Plan",
+    "Prediction",
     "SharedTensor",
+    "Split",
     "__version__",
     "devices",
     "format_size",
     "interval_cost",
+    "largest_micro_batch",
     "load_model",
     "make_plan",
     "parse_size",
     "plan",
+    "predict",
 ]

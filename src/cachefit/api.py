@@ -17,11 +17,11 @@ from cachefit.split_plan import make_baseline_plan, make_split_plan, parse_basel
 from cachefit.timed_plan import make_time_plan
 from cachefit.units import parse_sizes
 
-__all__ = ["SPLITS", "Objective", "Split", "devices", "largest_micro_batch", "load_model", "plan", "predict"]
+__all__ = ["SPLITS", "Objective", "SplitMode", "devices", "largest_micro_batch", "load_model", "plan", "predict"]
 
 Capacity = int | str | Sequence[int | str]
-Split = Literal["auto", "never", "always"]
-SPLITS: tuple[Split, ...] = ("auto", "never", "always")
+SplitMode = Literal["auto", "never", "always"]
+SPLITS: tuple[SplitMode, ...] = ("auto", "never", "always")
 Objective = Literal["memory", "time"]
 
 
@@ -32,7 +32,7 @@ def devices(devices_file: str | Path | None = None) -> dict[str, Device]:
 
 def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, device: str | None = None,
          cards: int | None = None, memory_model: MemoryModel = "peak", strategy: Strategy = "balanced",
-         split: Split = "auto", baseline: str | tuple[int, int] | None = None, objective: Objective = "memory",
+         split: SplitMode = "auto", baseline: str | tuple[int, int] | None = None, objective: Objective = "memory",
          micro_batches: int = 1, devices_file: str | Path | None = None, **model_options: Any) -> Plan:
     """Plan ``model`` (a LayerTable or any MODEL the CLI takes) onto cards of ``capacity`` (bytes, a SIZE string,
     or one per card) or of a catalog ``device``'s usable on-chip capacity.

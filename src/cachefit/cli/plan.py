@@ -74,7 +74,7 @@ def plan_command(model: str, device: str | None, capacity: str | None, cards: in
         fail("give exactly one of --device NAME and --capacity SIZE[,SIZE...] (both only with --objective time)")
     arguments = model_arguments(kwargs)
     options: dict[str, Any] = dict(device=device, cards=cards, memory_model=cast(MemoryModel, memory_model),
-                                   strategy=cast(Strategy, strategy), split=cast(api.Split, split),
+                                   strategy=cast(Strategy, strategy), split=cast(api.SplitMode, split),
                                    baseline=baseline, objective=cast(api.Objective, objective),
                                    devices_file=devices_file)
     if micro_batch == "auto":
