@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from cachefit.runtime.residency import flatten_weights, pin_weights_in_l2
+from cachefit.runtime.residency import cuda_runtime, flatten_weights, pin_weights_in_l2
 
 
 def _timed(operation: Any, polluter: torch.Tensor, repeats: int = 50) -> float:
@@ -42,11 +42,7 @@ def _timed(operation: Any, polluter: torch.Tensor, repeats: int = 50) -> float:
 
 def _reset_window() -> None:
     """Drop any persisting lines and the window between measurements."""
-    try:
-        from cuda.bindings import runtime
-    except ImportError:  # pragma: no cover
-        from cuda import cudart as runtime
-    runtime.cudaCtxResetPersistingL2Cache()
+    cuda_runtime().cudaCtxResetPersistingL2Cache()
 
 
 def gemv(size: int, polluter: torch.Tensor) -> dict[str, Any]:

@@ -23,41 +23,27 @@ from rich.console import Console
 from rich.table import Table
 
 import cachefit
+from _bench_model import SPEC, run, spec_file
 from cachefit.nn import KVCache, build_model
-from cachefit.runtime import init_weights, shard_checkpoint
-from cachefit.runtime.launch import RunOptions, run_plan
+from cachefit.runtime.launch import RunOptions
 from cachefit.runtime.summary import summarise
 from cachefit.runtime.worker import prompts
 from cachefit.sources import TorchOptions
-from cachefit.sources.families import DenseSpec, Workload
+from cachefit.sources.families import Workload
 
-SPEC = DenseSpec("bench-dense8", layers=8, heads=8, head_dim=128, mlp_hidden=4096, vocab=2048)
 PROMPT, NEW, MICRO = 48, 32, 4
 
 
 def pipeline(cards: int, folder: Path, work: Workload, chunk: int) -> dict[str, Any]:
     options = TorchOptions(measure=True, prefill_chunk=chunk if chunk > 1 else None)
-    table = cachefit.load_model(_spec_file(folder, work), torch_options=options)
+    table = cachefit.load_model(spec_file(folder, work), torch_options=options)
     plan = cachefit.plan(table, capacity=1 << 40, cards=cards, memory_model="pipeline")
-    plan_file, weights, shards = folder / f"plan{cards}.json", folder / "w.safetensors", folder / f"shards{cards}"
-    plan.write(plan_file)
-    if not weights.exists():
-        init_weights(SPEC, work, weights, seed=0)
-    shard_checkpoint(plan, weights, shards)
-    result = run_plan(str(plan_file), str(shards), RunOptions(PROMPT, NEW, MICRO, check=True, timeout=120))
+    _, result = run(folder, plan, work, RunOptions(PROMPT, NEW, MICRO, check=True, timeout=120), f"plan{cards}")
     summary = summarise(result.ranks, work.batch, PROMPT, NEW)
     passes = -(-PROMPT // chunk) + NEW - 1
     summary["comm_ms_per_pass"] = [1e3 * (r["wait_s"] + r["send_s"]) / (passes * MICRO) for r in result.ranks]
     summary["tokens"] = result.tokens
     return summary
-
-
-def _spec_file(folder: Path, work: Workload) -> Path:
-    path = folder / "bench.toml"
-    path.write_text(f'family = "dense"\nname = "{SPEC.name}"\nlayers = {SPEC.layers}\nheads = {SPEC.heads}\n'
-                    f'head_dim = {SPEC.head_dim}\nmlp_hidden = {SPEC.mlp_hidden}\nvocab = {SPEC.vocab}\n'
-                    f'[workload]\nbatch = {work.batch}\nseq = {work.seq}\nphase = "decode"\ndtype = "float32"\n')
-    return path
 
 
 @torch.no_grad()

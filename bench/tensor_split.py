@@ -22,24 +22,15 @@ from rich.console import Console
 from rich.table import Table
 
 import cachefit
-from cachefit.runtime import init_weights, shard_checkpoint
-from cachefit.runtime.launch import RunOptions, run_plan
+from _bench_model import SPEC, run, spec_file
+from cachefit.runtime.launch import RunOptions
 from cachefit.runtime.summary import summarise
 from cachefit.sources import TorchOptions
-from cachefit.sources.families import DenseSpec, Workload
+from cachefit.sources.families import Workload
 
-SPEC = DenseSpec("bench-dense8", layers=8, heads=8, head_dim=128, mlp_hidden=4096, vocab=2048)
 PROMPT, NEW, MICRO = 48, 32, 4
 LAYOUTS = {4: {"PP=4 (whole layers)": None, "TP=2 x PP=2": "tp=2,pp=2", "TP=4": "tp=4,pp=1"},
            2: {"PP=2 (whole layers)": None, "TP=2": "tp=2,pp=1"}}
-
-
-def spec_file(folder: Path, work: Workload) -> Path:
-    path = folder / "bench.toml"
-    path.write_text(f'family = "dense"\nname = "{SPEC.name}"\nlayers = {SPEC.layers}\nheads = {SPEC.heads}\n'
-                    f'head_dim = {SPEC.head_dim}\nmlp_hidden = {SPEC.mlp_hidden}\nvocab = {SPEC.vocab}\n'
-                    f'[workload]\nbatch = {work.batch}\nseq = {work.seq}\nphase = "decode"\ndtype = "float32"\n')
-    return path
 
 
 def measure(name: str, baseline: str | None, folder: Path, work: Workload, chunk: int, ranks: int
@@ -51,12 +42,7 @@ def measure(name: str, baseline: str | None, folder: Path, work: Workload, chunk
     else:
         plan = cachefit.plan(table, capacity=1 << 40, memory_model="pipeline", baseline=baseline)
     tag = name.split()[0].replace("=", "").replace(",", "")
-    plan_file, weights, shards = folder / f"{tag}.json", folder / "w.safetensors", folder / f"shards-{tag}"
-    plan.write(plan_file)
-    if not weights.exists():
-        init_weights(SPEC, work, weights, seed=0)
-    shard_checkpoint(plan, weights, shards)
-    result = run_plan(str(plan_file), str(shards), RunOptions(PROMPT, NEW, MICRO, check=True, timeout=300))
+    _, result = run(folder, plan, work, RunOptions(PROMPT, NEW, MICRO, check=True, timeout=300), tag)
     summary = summarise(result.ranks, work.batch, PROMPT, NEW)
     summary["allreduce_share"] = (sum(r["allreduce_s"] for r in result.ranks)
                                   / sum(r["total_s"] for r in result.ranks))

@@ -21,15 +21,14 @@ from rich.console import Console
 from rich.table import Table
 
 import cachefit
+from _bench_model import SPEC, run, spec_file
 from cachefit import api
-from cachefit.runtime import init_weights, shard_checkpoint
 from cachefit.runtime.calibrate import measure_host, to_toml
-from cachefit.runtime.launch import RunOptions, run_plan
+from cachefit.runtime.launch import RunOptions
 from cachefit.runtime.summary import summarise
 from cachefit.sources import TorchOptions
-from cachefit.sources.families import DenseSpec, Workload
+from cachefit.sources.families import Workload
 
-SPEC = DenseSpec("bench-dense8", layers=8, heads=8, head_dim=128, mlp_hidden=4096, vocab=2048)
 PROMPT, NEW = 32, 16
 # (name, batch, cards, baseline, micro-batches, prompt chunk)
 CASES = [("k=1, M=1", 16, 1, None, 1, 8), ("k=1, M=4", 16, 1, None, 4, 8), ("k=2, M=2", 16, 2, None, 2, 8),
@@ -37,27 +36,15 @@ CASES = [("k=1, M=1", 16, 1, None, 1, 8), ("k=1, M=4", 16, 1, None, 4, 8), ("k=2
          ("k=2, M=4, batch 64", 64, 2, None, 4, 8), ("TP=2, M=4", 16, 0, "tp=2,pp=1", 4, 8)]
 
 
-def spec_file(folder: Path, batch: int) -> Path:
-    path = folder / f"bench-{batch}.toml"
-    path.write_text(f'family = "dense"\nname = "{SPEC.name}"\nlayers = {SPEC.layers}\nheads = {SPEC.heads}\n'
-                    f'head_dim = {SPEC.head_dim}\nmlp_hidden = {SPEC.mlp_hidden}\nvocab = {SPEC.vocab}\n'
-                    f'[workload]\nbatch = {batch}\nseq = 64\nphase = "decode"\ndtype = "float32"\n')
-    return path
-
-
 def case(folder: Path, devices: Path, name: str, batch: int, cards: int, baseline: str | None, micro: int,
          chunk: int) -> dict[str, Any]:
     options = TorchOptions(measure=True, prefill_chunk=chunk if chunk > 1 else None)
-    table = cachefit.load_model(spec_file(folder, batch), torch_options=options)
+    work = Workload(batch=batch, seq=64, phase="decode", dtype="float32")
+    table = cachefit.load_model(spec_file(folder, work), torch_options=options)
     plan = (api.plan(table, capacity=1 << 40, memory_model="pipeline", baseline=baseline) if baseline else
             api.plan(table, capacity=1 << 40, cards=cards, memory_model="pipeline"))
-    tag = str(abs(hash(name)))
-    plan_file, weights, shards = folder / f"{tag}.json", folder / f"w{batch}.safetensors", folder / f"s{tag}"
-    plan.write(plan_file)
-    if not weights.exists():
-        init_weights(SPEC, Workload(batch=batch, seq=64, phase="decode", dtype="float32"), weights, seed=0)
-    shard_checkpoint(plan, weights, shards)
-    result = run_plan(str(plan_file), str(shards), RunOptions(PROMPT, NEW, micro, check=True, timeout=300))
+    plan_file, result = run(folder, plan, work, RunOptions(PROMPT, NEW, micro, check=True, timeout=300),
+                            "".join(c if c.isalnum() else "-" for c in name))
     measured = summarise(result.ranks, batch, PROMPT, NEW)
     predicted, _ = api.predict(plan_file, device="host", devices_file=devices, micro_batches=micro,
                                prompt_len=PROMPT, chunk=chunk)
@@ -68,11 +55,14 @@ def case(folder: Path, devices: Path, name: str, batch: int, cards: int, baselin
         expected = (decode_passes * predicted.stages[index].pass_s
                     + prefill_passes * predicted.prefill_stages[index].pass_s)
         stages.append((rank["card"], rank["compute_s"], expected))
-    calls = [2 * sum(1 for layer in plan.partition_of(r["card"]).layers if layer.startswith("layers."))
-             * (prefill_passes + decode_passes) for r in result.ranks]
-    allreduce = [r["allreduce_s"] / n for r, n in zip(result.ranks, calls) if r["allreduce_s"]]
+    # All-reduces per pass on a rank: two per block of its stage.
+    per_pass = [2 * sum(1 for layer in plan.partition_of(r["card"]).layers if layer.startswith("layers."))
+                for r in result.ranks]
+    allreduce = [r["allreduce_s"] / (n * (prefill_passes + decode_passes))
+                 for r, n in zip(result.ranks, per_pass) if r["allreduce_s"]]
+    modelled = [s.allreduce_s / n for s, n in zip(predicted.stages, per_pass) if s.allreduce_s]
     return {"name": name, "measured": measured, "predicted": predicted, "stages": stages,
-            "allreduce_per_call_s": allreduce,
+            "allreduce_per_call_s": allreduce, "modelled_per_call_s": modelled,
             "identical": result.checked["tokens_identical"] if result.checked else None}
 
 
@@ -106,11 +96,11 @@ def main() -> None:
     console.print(view)
     for result in results:
         if result["allreduce_per_call_s"]:
-            predicted_call = max(s.allreduce_s for s in result["predicted"].stages) / (
-                2 * sum(1 for _ in range(SPEC.layers)))
             console.print(f"{result['name']}: all-reduce per call in the run "
                           + ", ".join(f"{1e6 * value:.0f} us" for value in result["allreduce_per_call_s"])
-                          + f" per rank; the model's {1e6 * predicted_call:.0f} us (calibrated back to back)")
+                          + " per rank; the model's " + ", ".join(f"{1e6 * value:.0f} us" for value in
+                                                                  result["modelled_per_call_s"])
+                          + " (calibrated back to back)")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ def test_footprint_and_jump_match_the_definition(table: LayerTable, model: str, 
     fitting = [last for last in range(first, n) if reference.footprint(table, model, first, last) <= limit]
     assert cost.jump(first, limit) == (max(fitting) if fitting else first - 1)
     assert cost.jump(first, limit, hint=data.draw(st.integers(1, 5))) == cost.jump(first, limit)
+    last = data.draw(st.integers(0, n - 1))
+    assert cost.footprints_ending_at(last).tolist() == [reference.footprint(table, model, start, last)
+                                                         for start in range(last + 1)]
 
 
 @given(tables(), MODELS, st.data())

@@ -8,18 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachefit import api
-from cachefit.cli import cli
 from cachefit.hardware import load_devices
 from cachefit.layers import Layer, LayerTable
 from cachefit.memory import interval_cost
 from cachefit.partition.timed import StageCosts, least_time
 from cachefit.perf import Rates, predict_plan, rates_of
 from cachefit.plan import make_plan
+from test_cli import run
 
 import reference
 from strategies import tables
@@ -102,13 +101,6 @@ def test_least_time_matches_enumeration(table: LayerTable, model: str, cards: in
     if found is not None:
         assert found.bottleneck_seconds == pytest.approx(expected)
         assert len(found.lasts) == cards and found.lasts[-1] == n - 1
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def test_predict_cli_with_the_baseline(tmp_path: Path) -> None:

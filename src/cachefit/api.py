@@ -54,8 +54,7 @@ def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, de
     if baseline is not None or split == "always":
         _check_single_capacity(capacities, strategy, "--baseline" if baseline is not None else "--split always")
     if baseline is not None:
-        tensor_parallel, stages = parse_baseline(baseline) if isinstance(baseline, str) else baseline
-        return make_baseline_plan(table, capacities[0], tensor_parallel, stages, memory_model, device_record)
+        return make_baseline_plan(table, capacities[0], *_baseline_shape(baseline), memory_model, device_record)
     if split == "always":
         return make_split_plan(table, capacities[0], cards, memory_model, device_record)
     larger = sorted(((d.name, d.capacity_bytes) for d in catalog.values()), key=lambda item: item[1])
@@ -77,14 +76,12 @@ def _time_plan(table: LayerTable, capacity: Capacity | None, device: str | None,
         raise ValueError("--objective time predicts stage times from a device's figures: give --device (and "
                          "--capacity to plan for another capacity than the device's)")
     chosen = get_device(device, catalog)
-    limits = [chosen.capacity_bytes] if capacity is None else parse_sizes(
-        capacity if not isinstance(capacity, Sequence) or isinstance(capacity, str) else list(capacity), "capacity")
+    limits = [chosen.capacity_bytes] if capacity is None else _parse_capacity(capacity)
     if len(limits) != 1:
         raise ValueError("--objective time plans same-size cards: give one capacity")
-    limit = limits[0]
     rates = rates_of(chosen, table.dtype, chosen.capacity_bytes)
-    record = {"name": chosen.name, "label": chosen.label, "capacity_bytes": chosen.capacity_bytes}
-    return make_time_plan(table, limit, layer_costs(table, rates, micro_batches), cards, memory_model, record)
+    return make_time_plan(table, limits[0], layer_costs(table, rates, micro_batches), cards, memory_model,
+                          _device_record(chosen))
 
 
 def largest_micro_batch(model: str | Path, capacity: Capacity | None = None, **arguments: Any
@@ -119,12 +116,26 @@ def _capacities(capacity: Capacity | None, device: str | None, catalog: dict[str
         raise ValueError("give exactly one of capacity (e.g. '50MiB' or a list, one per card) and device")
     if device is not None:
         chosen = get_device(device, catalog)
-        return [chosen.capacity_bytes], {
-            "name": chosen.name, "label": chosen.label, "memory": chosen.memory, "on_chip_bytes": chosen.on_chip_bytes,
-            "usable_fraction": chosen.usable_fraction, "capacity_bytes": chosen.capacity_bytes}
+        return [chosen.capacity_bytes], _device_record(chosen)
     assert capacity is not None
+    return _parse_capacity(capacity), None
+
+
+def _parse_capacity(capacity: Capacity) -> list[int]:
     return parse_sizes(capacity if not isinstance(capacity, Sequence) or isinstance(capacity, str)
-                       else list(capacity), "capacity"), None
+                       else list(capacity), "capacity")
+
+
+def _device_record(chosen: Device) -> dict[str, Any]:
+    """What a plan keeps of the device it was made for."""
+    return {"name": chosen.name, "label": chosen.label, "memory": chosen.memory,
+            "on_chip_bytes": chosen.on_chip_bytes, "usable_fraction": chosen.usable_fraction,
+            "capacity_bytes": chosen.capacity_bytes}
+
+
+def _baseline_shape(baseline: str | tuple[int, int]) -> tuple[int, int]:
+    """(tensor parallel, pipeline stages) of ``tp=T,pp=P`` or of a pair."""
+    return parse_baseline(baseline) if isinstance(baseline, str) else baseline
 
 
 def _check_single_capacity(capacities: list[int], strategy: str, what: str) -> None:
@@ -153,8 +164,7 @@ def predict(plan_or_file: Plan | str | Path, *, device: str | None = None, micro
     ours = predict_plan(plan, table, rates, micro_batches, prompt_len, chunk)
     if baseline is None:
         return ours, None
-    tensor_parallel, stages = parse_baseline(baseline) if isinstance(baseline, str) else baseline
-    classic = make_baseline_plan(table, capacity, tensor_parallel, stages, plan.memory_model)
+    classic = make_baseline_plan(table, capacity, *_baseline_shape(baseline), plan.memory_model)
     return ours, predict_plan(classic, table, rates, micro_batches, prompt_len, chunk)
 
 

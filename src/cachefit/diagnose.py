@@ -37,14 +37,16 @@ def explain_oversized(table: LayerTable, model: MemoryModel, cost: IntervalCost,
     return lines
 
 
-def _layer_line(table: LayerTable, index: int, parts: Breakdown, capacity: int) -> str:
+WHOLE_ONLY = "a layer cannot be split across cards by whole-layer partitioning"
+
+
+def _layer_line(table: LayerTable, index: int, parts: Breakdown, capacity: int, why: str = WHOLE_ONLY) -> str:
     total = parts.footprint_bytes
     shares = ", ".join(f"{label} {value / total:.1%}" for label, value in (
         ("weights", parts.weight_bytes), ("activations", parts.activation_bytes),
         ("workspace", parts.workspace_bytes), ("KV cache", parts.kv_cache_bytes)) if value)
     return (f"layer {index} ({table.layers[index].name}) needs {format_size(total)} ({shares}) but a card holds "
-            f"{format_size(capacity)}: over by {format_size(total - capacity)} ({total / capacity:.1f}x); "
-            "a layer cannot be split across cards by whole-layer partitioning")
+            f"{format_size(capacity)}: over by {format_size(total - capacity)} ({total / capacity:.1f}x); {why}")
 
 
 def _remedies(table: LayerTable, worst: Breakdown, capacity: int,
@@ -93,26 +95,23 @@ def explain_order(table: LayerTable, cost: IntervalCost, capacities: Sequence[in
 def explain_unsplittable(table: LayerTable, model: MemoryModel, options: Sequence[SplitOption],
                          capacity: int) -> list[str]:
     """Layers that fit no card at any width their shapes allow: each at its best width, by kind, and what would."""
+    singles = {o.ways: single_layer_footprints(o.cost) for o in options}
     best: list[tuple[int, int, int]] = []        # (per-card footprint at the best width, layer, width)
     for index in range(len(table.layers)):
-        sizes = [(int(single_layer_footprints(o.cost)[index]), o.ways) for o in options if o.allowed[index]]
-        size, ways = min(sizes)
+        size, ways = min((int(singles[o.ways][index]), o.ways) for o in options if o.allowed[index])
         if size > capacity:
             best.append((size, index, ways))
     best.sort(key=lambda item: (-item[0], item[1]))
+    shares = {ways: per_card_table(table, ways)[0] for _, _, ways in best[:_SHOWN]}
     lines = []
     for _size, index, ways in best[:_SHOWN]:
-        share, _ = per_card_table(table, ways)
-        parts = breakdown(share, model, index, index)
         widest = max(o.ways for o in options if o.allowed[index])
-        lines.append(_layer_line(table, index, parts, capacity).replace(
-            "a layer cannot be split across cards by whole-layer partitioning",
-            f"that is per card split {ways} ways (widths up to {widest} allowed by its shapes)"))
+        lines.append(_layer_line(table, index, breakdown(shares[ways], model, index, index), capacity,
+                                 f"that is per card split {ways} ways (widths up to {widest} allowed by its shapes)"))
     if len(best) > _SHOWN:
         lines.append(f"{len(best) - _SHOWN} more layers fit no card at any split")
     size, index, ways = best[0]
-    share, _ = per_card_table(table, ways)
-    parts = breakdown(share, model, index, index)
+    parts = breakdown(shares[ways], model, index, index)
     if parts.weight_bytes > capacity:
         lines.append(f"its weights alone, split {ways} ways, are {format_size(parts.weight_bytes)} per card: no "
                      f"batch or sequence fits; a card of at least {format_size(size)}, a narrower dtype, or a "

@@ -96,6 +96,15 @@ class IntervalCost:
             total += int(self.transient[first:last + 1].max())
         return total + self.shared_bytes(first, last)
 
+    def footprints_ending_at(self, last: int) -> Int64Array:
+        """F(first, last) for every first <= last, vectorised (a suffix maximum of the transient term)."""
+        if self.shared:
+            return np.array([self.footprint(first, last) for first in range(last + 1)], dtype=np.int64)
+        total = self.prefix[last + 1] - self.prefix[: last + 1]
+        if self.transient is not None:
+            total = total + np.maximum.accumulate(self.transient[last::-1])[::-1]
+        return np.asarray(total, dtype=np.int64)
+
     def shared_bytes(self, first: int, last: int) -> int:
         return shared_bytes(self.shared, first, last)
 

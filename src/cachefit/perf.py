@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cachefit.hardware import Device
+from cachefit.hardware import Device, Figure
 from cachefit.layers import LayerTable
 from cachefit.partition.timed import StageCosts
 from cachefit.plan import Partition, Plan
@@ -118,26 +118,26 @@ def rates_of(device: Device, dtype: str | None, capacity_bytes: int | None = Non
             raise ValueError(f"device {device.name} has no {figure_name} figure, which predict needs; add it with "
                              "--devices-file (or measure this host with cachefit calibrate)")
         values[key], sources[key] = figure.value, f"{figure_name}: {figure.source} ({figure.kind})"
-    off_chip = device.figure("off_chip_bandwidth")
-    sources["off_chip_bandwidth"] = (f"off_chip_bandwidth: {off_chip.source} ({off_chip.kind})" if off_chip else
-                                     "off_chip_bandwidth: none (on-chip memory only)")
-    latency = device.figure("link_latency")
-    sources["link_latency"] = (f"link_latency: {latency.source} ({latency.kind})" if latency else
-                               "link_latency: not in the catalog, taken as 0")
-    collective = device.figure("collective_latency")
-    sources["collective_latency"] = (f"collective_latency: {collective.source} ({collective.kind})" if collective
-                                     else "collective_latency: not in the catalog, taken as link_latency")
-    overlap = device.figure("overlap")
-    sources["overlap"] = (f"overlap: {overlap.source} ({overlap.kind})" if overlap else
-                          "overlap: not in the catalog, taken as 1 (roofline: max of compute and memory time)")
+    off_chip = _optional(device, "off_chip_bandwidth", "none (on-chip memory only)", sources)
+    latency = _optional(device, "link_latency", "not in the catalog, taken as 0", sources)
+    collective = _optional(device, "collective_latency", "not in the catalog, taken as link_latency", sources)
+    overlap = _optional(device, "overlap", "not in the catalog, taken as 1 (roofline: max of compute and memory "
+                        "time)", sources)
     return Rates(values["flops"], values["on_chip_bandwidth"], off_chip.value if off_chip else None,
                  values["link_bandwidth"], latency.value if latency else 0.0,
                  capacity_bytes or device.capacity_bytes, sources, overlap.value >= 0.5 if overlap else True,
                  collective.value if collective else None)
 
 
+def _optional(device: Device, name: str, missing: str, sources: dict[str, str]) -> Figure | None:
+    """A figure the model can do without; its source (or what is assumed instead) goes into ``sources``."""
+    figure = device.figure(name)
+    sources[name] = f"{name}: {figure.source} ({figure.kind})" if figure else f"{name}: {missing}"
+    return figure
+
+
 def predict_plan(plan: Plan, table: LayerTable, rates: Rates, micro_batches: int = 1, prompt_len: int | None = None,
-            chunk: int = 1) -> Prediction:
+                 chunk: int = 1) -> Prediction:
     """Per-stage pass times of ``plan`` (whose model ``table`` is, for its flops and activations), and the
     pipeline's prefill and decode speed with ``micro_batches`` in flight. Prefill passes carry ``chunk`` tokens
     per sequence (``prompt_len`` of them in all; default the table's sequence)."""
@@ -147,10 +147,9 @@ def predict_plan(plan: Plan, table: LayerTable, rates: Rates, micro_batches: int
     if not plan.partitions:
         raise ValueError("the plan has no partitions to predict: it is not feasible")
     share = 1.0 / micro_batches
-    decode = tuple(_stage(part, table, rates, share, 1, part is plan.partitions[-1]) for part in plan.partitions)
+    decode = tuple(_stage(part, table, rates, share, 1) for part in plan.partitions)
     prompt = prompt_len or int(table.seq or 1)
-    prefill = tuple(_stage(part, table, rates, share, chunk, part is plan.partitions[-1])
-                    for part in plan.partitions)
+    prefill = tuple(_stage(part, table, rates, share, chunk) for part in plan.partitions)
     passes = -(-prompt // chunk) * micro_batches
     slowest = max(s.pass_s + s.transfer_s for s in prefill)
     prefill_s = (passes - 1) * slowest + sum(s.pass_s + s.transfer_s for s in prefill)
@@ -159,8 +158,7 @@ def predict_plan(plan: Plan, table: LayerTable, rates: Rates, micro_batches: int
                       chunk, rates.sources)
 
 
-def _stage(part: Partition, table: LayerTable, rates: Rates, share: float, tokens: int, last: bool
-           ) -> StagePrediction:
+def _stage(part: Partition, table: LayerTable, rates: Rates, share: float, tokens: int) -> StagePrediction:
     """One pass of ``share`` of the batch with ``tokens`` new tokens per sequence on one card of ``part``."""
     layers = table.layers[part.first:part.last + 1]
     ways = part.tensor_parallel
@@ -175,18 +173,25 @@ def _stage(part: Partition, table: LayerTable, rates: Rates, share: float, token
                          "bandwidth figure to stream from")
     memory_s = (part.weight_bytes + kv_bytes + activation_bytes) / bandwidth
     allreduce_s = 0.0
-    if ways > 1:
-        for layer, split in zip(layers, shares):
-            if split is None or not split.allreduce_bytes or not layer.activation_bytes:
-                continue
+    step = rates.collective_latency if rates.collective_latency is not None else rates.link_latency
+    for layer, split in zip(layers, shares):
+        if ways > 1 and split is not None and split.allreduce_bytes and layer.activation_bytes:
             count = round(split.allreduce_bytes / layer.activation_bytes)      # messages of one output each
             size = layer.activation_bytes * share * tokens
-            step = rates.collective_latency if rates.collective_latency is not None else rates.link_latency
             allreduce_s += count * (2 * (ways - 1) / ways * size / rates.link_bandwidth + 2 * (ways - 1) * step)
-    out_bytes = (table.batch or 1) * share * TOKEN_ID_BYTES if last else layers[-1].activation_bytes * share * tokens
-    transfer_s = out_bytes / rates.link_bandwidth + rates.link_latency
+    transfer_s = _send_seconds(table, part.last, share, tokens, rates)
     return StagePrediction(part.card, part.first, part.last, ways, resident, flops / rates.flops, memory_s,
                            allreduce_s, transfer_s, rates.overlap)
+
+
+def _send_seconds(table: LayerTable, last: int, share: float, tokens: int, rates: Rates) -> float:
+    """Sending layer ``last``'s output to the next card; after the model's last layer, token ids back to the
+    first."""
+    if last == len(table.layers) - 1:
+        sent = (table.batch or 1) * share * TOKEN_ID_BYTES
+    else:
+        sent = table.layers[last].activation_bytes * share * tokens
+    return sent / rates.link_bandwidth + rates.link_latency
 
 
 def layer_costs(table: LayerTable, rates: Rates, micro_batches: int = 1) -> StageCosts:
@@ -196,7 +201,6 @@ def layer_costs(table: LayerTable, rates: Rates, micro_batches: int = 1) -> Stag
     compute = np.array([x.flops * share / rates.flops for x in table.layers])
     moved = np.array([x.weight_bytes + x.kv_cache_bytes * share + 2 * x.activation_bytes * share
                       for x in table.layers], dtype=np.float64)
-    cut = np.array([x.activation_bytes * share / rates.link_bandwidth + rates.link_latency for x in table.layers])
-    cut[-1] = (table.batch or 1) * share * TOKEN_ID_BYTES / rates.link_bandwidth + rates.link_latency
+    cut = np.array([_send_seconds(table, index, share, 1, rates) for index in range(len(table.layers))])
     off_chip = rates.off_chip_bandwidth if rates.off_chip_bandwidth is not None else rates.on_chip_bandwidth
     return StageCosts(compute, moved, cut, rates.on_chip_bandwidth, off_chip, rates.capacity_bytes, rates.overlap)

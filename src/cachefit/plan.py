@@ -20,7 +20,8 @@ from cachefit.layers import LayerTable
 from cachefit.memory import MEMORY_MODELS, IntervalCost, MemoryModel, breakdown, interval_cost
 from cachefit.partition import Solution, fewest_cards, front_fill, lower_bound, min_max, ordered_fill, ordered_min_max
 
-__all__ = ["SCHEMA", "STRATEGIES", "ModelInfo", "Partition", "Plan", "Strategy", "build_plan", "make_plan"]
+__all__ = ["SCHEMA", "STRATEGIES", "ModelInfo", "Partition", "Plan", "Strategy", "build_plan", "check_arguments",
+           "make_plan"]
 
 SCHEMA = "cachefit.plan/v1"
 Strategy = Literal["balanced", "greedy", "baseline", "time"]
@@ -135,7 +136,7 @@ def make_plan(table: LayerTable, capacity_bytes: Sequence[int], cards: int | Non
               larger_devices: Sequence[tuple[str, int]] = ()) -> Plan:
     """Partition ``table`` over cards of ``capacity_bytes`` (one entry: same-size cards; several: one per card,
     in order). ``cards``: exactly that many same-size cards; None: the fewest that fit."""
-    capacities = _check_arguments(capacity_bytes, cards, memory_model, strategy)
+    capacities = check_arguments(capacity_bytes, cards, memory_model, strategy)
     if cards is not None:
         _check_card_count(cards, len(table.layers))
     cost = interval_cost(table, memory_model)
@@ -220,8 +221,9 @@ def _infeasible(base: dict[str, Any], capacities: tuple[int, ...], count: int, c
                 lower_bound_bytes=lower_bound(cost, count), diagnosis=tuple(lines), **base)
 
 
-def _check_arguments(capacity_bytes: Sequence[int], cards: int | None, memory_model: str, strategy: str
-                     ) -> tuple[int, ...]:
+def check_arguments(capacity_bytes: Sequence[int], cards: int | None, memory_model: str, strategy: str
+                    ) -> tuple[int, ...]:
+    """Bad arguments of a planner raise ValueError naming the argument and its value; the capacities back."""
     if memory_model not in MEMORY_MODELS:
         raise ValueError(f"memory_model must be one of {', '.join(MEMORY_MODELS)}, got {memory_model!r}")
     if strategy not in STRATEGIES:

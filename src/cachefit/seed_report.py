@@ -13,12 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from cachefit import api, report
+from cachefit._files import atomic_write_text
+from cachefit.memory import interval_cost
 from cachefit.perf import Prediction
 from cachefit.plan import Plan
+from cachefit.seed_text import render
 from cachefit.sources import TorchOptions
+from cachefit.split_plan import parse_baseline
 from cachefit.units import format_size
 
-__all__ = ["CLAIMS", "Row", "full_scale", "write_report"]
+__all__ = ["CLAIMS", "Row", "full_scale", "measured_small", "write_report"]
 
 # seed.md, "Experimental Results": 16 H100s, FP16, batch 1024, seq 10000.
 CLAIMS = {"baseline tp=8,pp=2": (12800.0, 0.078), "layer-wise (seed)": (15360.0, 0.065)}
@@ -49,18 +53,17 @@ def full_scale(folder: Path) -> dict[str, Any]:
     """The analytical half: facts, what would fit, predictions. Writes the plots into ``folder``."""
     table = api.load_model("seed-dense16")
     h100 = api.devices()["h100"]
-    layer = table.layers[0]
     whole = api.plan(table, device="h100", split="never")
     report.plot_plan(whole, table, folder / "seed-layers-vs-h100-l2.png")
-    single = layer.weight_bytes + layer.kv_cache_bytes + layer.activation_bytes * 2 + layer.workspace_bytes
-    facts: dict[str, Any] = {"layer": layer, "table": table, "h100": h100, "single": single,
-             "kv_total": sum(x.kv_cache_bytes for x in table.layers),
-             "hbm_total": 16 * int(h100.figure("off_chip_bytes").value),  # type: ignore[union-attr]
-             "blocks": api.plan(table, device="h100"),
-             "sublayer": api.plan("seed-dense16", device="h100", torch_options=SUBLAYER),
-             "micro": api.largest_micro_batch("seed-dense16", device="h100", torch_options=SUBLAYER),
-             "short": api.plan("seed-dense16", device="h100", batch=1, seq=1000, torch_options=SUBLAYER),
-             "sram": _sram_cards()}
+    facts: dict[str, Any] = {
+        "layer": table.layers[0], "h100": h100, "single": interval_cost(table, "peak").footprint(0, 0),
+        "kv_total": sum(x.kv_cache_bytes for x in table.layers),
+        "hbm_total": 16 * int(h100.figure("off_chip_bytes").value),  # type: ignore[union-attr]
+        "blocks": api.plan(table, device="h100"),
+        "sublayer": api.plan("seed-dense16", device="h100", torch_options=SUBLAYER),
+        "micro": api.largest_micro_batch("seed-dense16", device="h100", torch_options=SUBLAYER),
+        "short": api.plan("seed-dense16", device="h100", batch=1, seq=1000, torch_options=SUBLAYER),
+        "sram": _sram_cards()}
     facts["rows"] = _predictions(facts["short"])
     _plot_predictions(facts["rows"], folder / "seed-predicted-speed.png")
     return facts
@@ -119,12 +122,8 @@ def _plot_predictions(rows: list[Row], path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(path: Path, facts: dict[str, Any], measured: list[Row] | None,
-                 progress: Callable[[str], None] = lambda _: None) -> None:
-    from cachefit.seed_text import render
-
-    progress("writing")
-    path.write_text(render(facts, measured, CLAIMS), encoding="utf-8")
+def write_report(path: Path, facts: dict[str, Any], measured: list[Row] | None) -> None:
+    atomic_write_text(path, render(facts, measured, CLAIMS))
 
 
 # The seed's shape scaled down: 16 dense layers, 16 heads, MLP 4x the hidden size (as 32768 / 8192), FP32 on CPU.
@@ -148,7 +147,7 @@ def measured_small(folder: Path, baseline: str = "tp=8,pp=2", progress: Callable
     progress("calibrating this host")
     devices.write_text(to_toml(measure_host()))
     table = api.load_model(spec_path, torch_options=TorchOptions(measure=True, prefill_chunk=CHUNK))
-    ways, stages = (int(part.split("=")[1]) for part in baseline.split(","))
+    ways, stages = parse_baseline(baseline)
     layouts = {f"baseline {baseline}": api.plan(table, capacity=1 << 40, memory_model="pipeline", baseline=baseline),
                f"layer-wise pp={ways * stages}": api.plan(table, capacity=1 << 40, memory_model="pipeline",
                                                           cards=ways * stages)}

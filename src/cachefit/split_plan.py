@@ -18,7 +18,7 @@ from cachefit.partition.split import (
     split_lower_bound,
     split_min_max,
 )
-from cachefit.plan import ModelInfo, Partition, Plan
+from cachefit.plan import ModelInfo, Partition, Plan, check_arguments
 from cachefit.units import format_size
 
 __all__ = ["make_baseline_plan", "make_split_plan", "parse_baseline", "split_options"]
@@ -37,10 +37,7 @@ def make_split_plan(table: LayerTable, capacity: int, cards: int | None = None, 
                     device: Mapping[str, Any] | None = None) -> Plan:
     """Stages of contiguous layers, each on a tensor group of any width its layers allow: the fewest cards in all
     (``cards`` None), balanced over that count, or the least bottleneck within ``cards`` cards."""
-    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0:
-        raise ValueError(f"capacity must be a positive byte count, got {capacity!r}")
-    if cards is not None and (not isinstance(cards, int) or isinstance(cards, bool) or cards < 1):
-        raise ValueError(f"cards must be a positive integer, got {cards!r}")
+    check_arguments((capacity,), cards, memory_model, "balanced")
     options = split_options(table, memory_model)
     base: dict[str, Any] = dict(memory_model=memory_model, strategy="balanced", model=ModelInfo.of(table),
                                 device=device)
@@ -49,17 +46,14 @@ def make_split_plan(table: LayerTable, capacity: int, cards: int | None = None, 
         lines = diagnose.explain_unsplittable(table, memory_model, options, capacity)
         lines.append(f"whatever the split, the cards together hold every weight and KV-cache byte: at least "
                      f"{split_card_lower_bound(options, capacity)} cards of {format_size(capacity)}")
-        count = cards or 1
-        return Plan(feasible=False, capacity_bytes=(capacity,) * count, cards=count, bottleneck_bytes=0,
-                    lower_bound_bytes=split_lower_bound(options, count), diagnosis=tuple(lines), **base)
+        return _refused(base, capacity, cards or 1, options, lines)
     budget = fewest.cards if cards is None else cards
     best = split_min_max(options, budget)
     if best is None or best.bottleneck > capacity:
         bottleneck = best.bottleneck if best is not None else 0
         lines = diagnose.explain_too_few_cards(budget, capacity, bottleneck, fewest.cards) if best else [
             f"{budget} cards are too few for any split; the fewest that fit are {fewest.cards}"]
-        return Plan(feasible=False, capacity_bytes=(capacity,) * budget, cards=budget, bottleneck_bytes=0,
-                    lower_bound_bytes=split_lower_bound(options, budget), diagnosis=tuple(lines), **base)
+        return _refused(base, capacity, budget, options, lines)
     notes = () if best.cards == budget else (
         f"{best.cards} of the {budget} cards suffice: more would not lower the fullest card",)
     return _plan(table, options, best, (capacity,) * best.cards, base, True, notes)
@@ -109,13 +103,20 @@ def make_baseline_plan(table: LayerTable, capacity: int, tensor_parallel: int, p
                  feasible=fits)
 
 
+def _refused(base: dict[str, Any], capacity: int, cards: int, options: Sequence[SplitOption], lines: list[str]
+             ) -> Plan:
+    return Plan(feasible=False, capacity_bytes=(capacity,) * cards, cards=cards, bottleneck_bytes=0,
+                lower_bound_bytes=split_lower_bound(options, cards), diagnosis=tuple(lines), **base)
+
+
 def _plan(table: LayerTable, options: Sequence[SplitOption], solution: SplitSolution, capacities: tuple[int, ...],
           base: dict[str, Any], optimal: bool, notes: tuple[str, ...], feasible: bool = True) -> Plan:
     by_ways = {option.ways: option for option in options}
+    shares = {ways: per_card_table(table, ways)[0] for ways in {stage.ways for stage in solution.stages}}
     partitions, card = [], 0
     for stage in solution.stages:
-        share, _ = per_card_table(table, stage.ways)
-        parts = breakdown(share, base["memory_model"], stage.first, stage.last, by_ways[stage.ways].cost.shared)
+        parts = breakdown(shares[stage.ways], base["memory_model"], stage.first, stage.last,
+                          by_ways[stage.ways].cost.shared)
         layers = table.layers[stage.first:stage.last + 1]
         partitions.append(Partition(card, stage.first, stage.last, tuple(x.name for x in layers), parts.weight_bytes,
                                     parts.activation_bytes, parts.workspace_bytes, parts.kv_cache_bytes,

@@ -53,16 +53,6 @@ class TimedSolution:
         return max(self.seconds)
 
 
-def _footprints(cost: IntervalCost, last: int) -> npt.NDArray[np.int64]:
-    """F(first, last) for every first <= last."""
-    if cost.shared:
-        return np.array([cost.footprint(first, last) for first in range(last + 1)], dtype=np.int64)
-    total = cost.prefix[last + 1] - cost.prefix[: last + 1]
-    if cost.transient is not None:
-        total = total + np.maximum.accumulate(cost.transient[last::-1])[::-1]
-    return np.asarray(total, dtype=np.int64)
-
-
 def least_time(cost: IntervalCost, costs: StageCosts, capacity: int, cards: int) -> TimedSolution | None:
     """Exactly ``cards`` contiguous stages, each within ``capacity``, with the least slowest-stage time; None when
     no such split exists."""
@@ -73,7 +63,7 @@ def least_time(cost: IntervalCost, costs: StageCosts, capacity: int, cards: int)
     best[0, 0] = 0.0
     choice = np.zeros((cards + 1, n + 1), dtype=np.int64)
     for end in range(1, n + 1):
-        footprints = _footprints(cost, end - 1)
+        footprints = cost.footprints_ending_at(end - 1)
         bandwidth = np.where(footprints <= costs.on_chip_bytes, costs.on_chip_bandwidth, costs.off_chip_bandwidth)
         moved = (bytes_prefix[end] - bytes_prefix[:end]) / bandwidth
         compute = compute_prefix[end] - compute_prefix[:end]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["flatten_weights", "pin_weights_in_l2"]
+__all__ = ["cuda_runtime", "flatten_weights", "pin_weights_in_l2"]
 
 
 def flatten_weights(module: nn.Module) -> torch.Tensor:
@@ -42,7 +42,7 @@ def pin_weights_in_l2(buffer: torch.Tensor) -> dict[str, Any]:
     if buffer.device.type != "cuda":
         return {"applied": False, "reason": "no CUDA device (a CPU run): L2 residency applies to GPUs only"}
     try:
-        runtime = _runtime_bindings()
+        runtime = cuda_runtime()
     except ImportError as error:
         return {"applied": False, "reason": f"cuda-python is not installed ({error})"}
     try:
@@ -51,7 +51,8 @@ def pin_weights_in_l2(buffer: torch.Tensor) -> dict[str, Any]:
         return {"applied": False, "reason": f"{type(error).__name__}: {error}"}
 
 
-def _runtime_bindings() -> Any:
+def cuda_runtime() -> Any:
+    """cuda-python's runtime bindings (ImportError when it is not installed)."""
     try:
         from cuda.bindings import runtime  # type: ignore[import-not-found]
     except ImportError:

@@ -205,7 +205,8 @@ def _share_layer(name: str, share: Callable[[int], Split], ways: tuple[int, ...]
 def _blocks(spec: DenseSpec | LlamaSpec, work: Workload, p: int, sublayers: bool) -> list[Layer]:
     """Each block as one layer, or (``sublayers``) as two: ``layers.N.attn`` and ``layers.N.mlp``, each with the
     widths its own shapes allow (the MLP splits far finer than attention's heads)."""
-    shape, activation = _Shape.of(spec), work.tokens * _Shape.of(spec).hidden * p
+    shape = _Shape.of(spec)
+    activation = work.tokens * shape.hidden * p
     if not sublayers:
         ways = tuple(t for t in shape.attention_ways() if shape.mlp_hidden % t == 0)
         return [_share_layer(f"layers.{i}", lambda t: _block_share(shape, work, p, t), ways, activation)
@@ -249,15 +250,11 @@ def _check_dims(spec: DenseSpec | LlamaSpec, names: tuple[str, ...]) -> None:
 def dense_table(spec: DenseSpec, work: Workload, sublayers: bool = False) -> LayerTable:
     _check_dims(spec, ("layers", "heads", "head_dim", "mlp_hidden"))
     dtype, p = dtype_bytes(work.dtype)
-    d, tokens = spec.model_dim, work.tokens
     block = _blocks(spec, work, p, sublayers)
     if not spec.vocab:
-        return _table(spec, work, dtype, block, tokens * d * p, "dense")
-    ways = tuple(sorted({s.ways for layer in block for s in layer.splits}))
-    layers = [_replicated(_embedding("embed", spec.vocab, d, work, p, ("embed",)), ways), *block,
-              _replicated(_head(spec.vocab, d, 0, spec.tie_embeddings, work, p, ("head",), "embed", "embed.weight"),
-                          ways)]
-    return _table(spec, work, dtype, layers, tokens * TOKEN_ID_BYTES, "dense")
+        return _table(spec, work, dtype, block, work.tokens * spec.model_dim * p, sublayers)
+    layers = _with_embedding_and_head(block, spec, spec.model_dim, 0, work, p)
+    return _table(spec, work, dtype, layers, work.tokens * TOKEN_ID_BYTES, sublayers)
 
 
 def llama_table(spec: LlamaSpec, work: Workload, sublayers: bool = False) -> LayerTable:
@@ -268,14 +265,18 @@ def llama_table(spec: LlamaSpec, work: Workload, sublayers: bool = False) -> Lay
         raise ValueError(f"{spec.name}: hidden ({spec.hidden}) must be a multiple of heads ({spec.heads}), "
                          "or give head_dim")
     dtype, p = dtype_bytes(work.dtype)
-    d, tokens = spec.hidden, work.tokens
-    block = _blocks(spec, work, p, sublayers)
+    layers = _with_embedding_and_head(_blocks(spec, work, p, sublayers), spec, spec.hidden, spec.hidden, work, p)
+    return _table(spec, work, dtype, layers, work.tokens * TOKEN_ID_BYTES, sublayers)
+
+
+def _with_embedding_and_head(block: list[Layer], spec: DenseSpec | LlamaSpec, d: int, norm_params: int,
+                             work: Workload, p: int) -> list[Layer]:
+    """The embedding first and the head last, replicated on every card of a group of any width the blocks allow.
+    Module names are those of the reference implementation (cachefit.nn), whose checkpoints shards are cut from."""
     ways = tuple(sorted({s.ways for layer in block for s in layer.splits}))
-    # Module names are those of the reference implementation (cachefit.nn), whose checkpoints shards are cut from.
-    layers = [_replicated(_embedding("embed", spec.vocab, d, work, p, ("embed",)), ways), *block,
-              _replicated(_head(spec.vocab, d, d, spec.tie_embeddings, work, p, ("head",), "embed", "embed.weight"),
-                          ways)]
-    return _table(spec, work, dtype, layers, tokens * TOKEN_ID_BYTES, "llama")
+    embed = _embedding("embed", spec.vocab, d, work, p, ("embed",))
+    head = _head(spec.vocab, d, norm_params, spec.tie_embeddings, work, p, ("head",), "embed", "embed.weight")
+    return [_replicated(embed, ways), *block, _replicated(head, ways)]
 
 
 def spec_record(spec: DenseSpec | LlamaSpec, work: Workload, sublayers: bool = False) -> dict[str, object]:
@@ -299,7 +300,6 @@ def spec_from_record(record: Mapping[str, Any] | None) -> DenseSpec | LlamaSpec:
 
 
 def _table(spec: DenseSpec | LlamaSpec, work: Workload, dtype: str, layers: list[Layer], input_bytes: int,
-           family: str) -> LayerTable:
-    sublayers = any(layer.name.endswith(".attn") for layer in layers)
+           sublayers: bool) -> LayerTable:
     return LayerTable(name=spec.name, layers=tuple(layers), input_bytes=input_bytes, dtype=dtype,
                       batch=work.batch, seq=work.seq, phase=work.phase, spec=spec_record(spec, work, sublayers))
