@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cachefit.plan import Plan
+from cachefit.planning.plan import Plan
 from cachefit.runtime import init_weights, shard_checkpoint
 from cachefit.runtime.launch import RunOptions, RunResult, run_plan
 from cachefit.sources.families import DenseSpec, Workload

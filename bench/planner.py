@@ -23,8 +23,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from cachefit.memory import IntervalCost
-from cachefit.partition import min_max
+from cachefit.core.memory import IntervalCost
+from cachefit.planning.algorithms import min_max
 
 TARGET = {"sum": 10.0, "peak": 20.0}
 

@@ -24,13 +24,13 @@ from accelerate.utils import compute_module_sizes, infer_auto_device_map
 from rich.console import Console
 from rich.table import Table
 
-from cachefit.layers import LayerTable
-from cachefit.memory import interval_cost
-from cachefit.plan import make_plan
+from cachefit.core.layers import LayerTable
+from cachefit.core.memory import interval_cost
+from cachefit.core.units import format_size, parse_size
+from cachefit.planning.plan import make_plan
 from cachefit.sources.families import Workload
 from cachefit.sources.hf import _build, hf_presets, hf_table
 from cachefit.sources.torch_profile import find_blocks
-from cachefit.units import format_size, parse_size
 
 # Capacities from where the embedding just fits a card up to a few times that.
 CASES = [("hf/gpt2", ["128MiB", "256MiB"]), ("hf/phi-3-mini", ["1GiB", "2GiB"]),

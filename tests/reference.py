@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Iterator
 from fractions import Fraction
 
-from cachefit.layers import LayerTable
+from cachefit.core.layers import LayerTable
 
 
 def footprint(table: LayerTable, model: str, first: int, last: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from cachefit.layers import Layer, LayerTable, SharedTensor
+from cachefit.core.layers import Layer, LayerTable, SharedTensor
 
 SIZES = st.one_of(st.just(0), st.integers(0, 12), st.sampled_from([5, 10, 100]))
 

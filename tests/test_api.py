@@ -27,7 +27,7 @@ def test_design_example_runs_as_written(tmp_path: object) -> None:
 
 
 def test_planning_core_does_not_import_torch() -> None:
-    code = ("import sys, cachefit, cachefit.cli, cachefit.report; "
+    code = ("import sys, cachefit, cachefit.cli, cachefit.output.report; "
             "cachefit.plan('tiny-llama', capacity='1MiB'); cachefit.plan('tiny-llama', capacity='300KiB'); "
             "cachefit.predict(cachefit.plan('seed-dense16', device='h100', baseline='tp=8,pp=2')); "
             "cachefit.plan('llama-3-8b', device='h100', capacity='2GB', objective='time'); "

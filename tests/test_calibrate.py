@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from cachefit import api
 from cachefit.cli import cli
-from cachefit.hardware import load_devices
+from cachefit.core.hardware import load_devices
 from cachefit.runtime import calibrate
 
 FIGURES = calibrate.HostFigures(linear_flops=8e10, matmul_flops=8.2e10, cache_bandwidth=2e10, memory_bandwidth=1e10,

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from cachefit.cli import cli
-from cachefit.layers import LayerTable
-from cachefit.plan import Plan
+from cachefit.core.layers import LayerTable
+from cachefit.planning.plan import Plan
 
 
 def run(*args: str) -> tuple[int, str, str]:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cachefit.hardware import get_device, load_devices
+from cachefit.core.hardware import get_device, load_devices
 
 
 def test_catalog_has_the_shared_devices_with_sources() -> None:

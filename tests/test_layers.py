@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 
-from cachefit.layers import Layer, LayerTable, SharedTensor
+from cachefit.core.layers import Layer, LayerTable, SharedTensor
 
 from strategies import tables
 

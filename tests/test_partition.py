@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cachefit.layers import Layer, LayerTable
-from cachefit.memory import IntervalCost, interval_cost
-from cachefit.partition import (
+from cachefit.core.layers import Layer, LayerTable
+from cachefit.core.memory import IntervalCost, interval_cost
+from cachefit.planning.algorithms import (
     fewest_cards,
     front_fill,
     greedy_probe,

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachefit import api
-from cachefit.hardware import load_devices
-from cachefit.layers import Layer, LayerTable
-from cachefit.memory import interval_cost
-from cachefit.partition.timed import StageCosts, least_time
-from cachefit.perf import Rates, predict_plan, rates_of
-from cachefit.plan import make_plan
+from cachefit.core.hardware import load_devices
+from cachefit.core.layers import Layer, LayerTable
+from cachefit.core.memory import interval_cost
+from cachefit.perf.predict import Rates, predict_plan, rates_of
+from cachefit.planning.algorithms.timed import StageCosts, least_time
+from cachefit.planning.plan import make_plan
 from test_cli import run
 
 import reference

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cachefit
-from cachefit.layers import Layer, LayerTable
-from cachefit.plan import Plan, make_plan
+from cachefit.core.layers import Layer, LayerTable
+from cachefit.planning.plan import Plan, make_plan
 
 import reference
 from strategies import tables

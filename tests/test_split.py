@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachefit import api
-from cachefit.layers import Layer, LayerTable, Split
-from cachefit.plan import Plan
+from cachefit.core.layers import Layer, LayerTable, Split
+from cachefit.planning.groups import make_baseline_plan, make_split_plan, parse_baseline
+from cachefit.planning.plan import Plan
 from cachefit.sources import TorchOptions
-from cachefit.split_plan import make_baseline_plan, make_split_plan, parse_baseline
 
 import reference
 from strategies import SIZES, tables
@@ -34,7 +34,7 @@ def split_tables(draw: st.DrawFn) -> LayerTable:
 
 
 def _share(table: LayerTable, ways: int) -> LayerTable | None:
-    """The per-card table of width ``ways``, written out independently of cachefit.memory; None if not allowed."""
+    """The per-card table of width ``ways``, written out independently of cachefit.core.memory; None if not allowed."""
     layers = []
     for x in table.layers:
         found = [s for s in x.splits if s.ways == ways]

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cachefit.layers import LayerTable  # noqa: E402
+from cachefit.core.layers import LayerTable  # noqa: E402
 from cachefit.sources import TorchOptions, load_model, presets  # noqa: E402
 from cachefit.sources.families import DenseSpec, LlamaSpec, Workload, dense_table, llama_table  # noqa: E402
 from cachefit.sources.torch_profile import profile_module  # noqa: E402

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from cachefit.units import format_size, parse_size, parse_sizes
+from cachefit.core.units import format_size, parse_size, parse_sizes
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -9,12 +9,12 @@
 """
 
 from cachefit.api import devices, largest_micro_batch, load_model, plan, predict
-from cachefit.hardware import Device, Figure
-from cachefit.layers import Layer, LayerTable, SharedTensor, Split
-from cachefit.memory import Breakdown, IntervalCost, interval_cost
-from cachefit.perf import Prediction
-from cachefit.plan import ModelInfo, Partition, Plan, make_plan
-from cachefit.units import format_size, parse_size
+from cachefit.core.hardware import Device, Figure
+from cachefit.core.layers import Layer, LayerTable, SharedTensor, Split
+from cachefit.core.memory import Breakdown, IntervalCost, interval_cost
+from cachefit.core.units import format_size, parse_size
+from cachefit.perf.predict import Prediction
+from cachefit.planning.plan import ModelInfo, Partition, Plan, make_plan
 
 __version__ = "0.1.0"
 

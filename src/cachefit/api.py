@@ -7,15 +7,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from cachefit.hardware import Device, get_device, load_devices
-from cachefit.layers import LayerTable
-from cachefit.memory import MemoryModel
-from cachefit.perf import Prediction, layer_costs, predict_plan, rates_of
-from cachefit.plan import Plan, Strategy, make_plan
+from cachefit.core.errors import InputError
+from cachefit.core.hardware import Device, get_device, load_devices
+from cachefit.core.layers import LayerTable
+from cachefit.core.memory import MemoryModel
+from cachefit.core.units import parse_sizes
+from cachefit.perf.predict import Prediction, layer_costs, predict_plan, rates_of
+from cachefit.planning.groups import make_baseline_plan, make_split_plan, parse_baseline
+from cachefit.planning.plan import Plan, Strategy, make_plan
+from cachefit.planning.timed import make_time_plan
 from cachefit.sources import load_model, rebuild_table
-from cachefit.split_plan import make_baseline_plan, make_split_plan, parse_baseline
-from cachefit.timed_plan import make_time_plan
-from cachefit.units import parse_sizes
 
 __all__ = ["SPLITS", "Objective", "SplitMode", "devices", "largest_micro_batch", "load_model", "plan", "predict"]
 
@@ -47,10 +48,10 @@ def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, de
     if objective == "time":
         return _time_plan(table, capacity, device, cards, memory_model, micro_batches, catalog)
     if objective != "memory":
-        raise ValueError(f"objective must be 'memory' or 'time', got {objective!r}")
+        raise InputError(f"objective must be 'memory' or 'time', got {objective!r}")
     capacities, device_record = _capacities(capacity, device, catalog)
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if baseline is not None or split == "always":
         _check_single_capacity(capacities, strategy, "--baseline" if baseline is not None else "--split always")
     if baseline is not None:
@@ -73,12 +74,12 @@ def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, de
 def _time_plan(table: LayerTable, capacity: Capacity | None, device: str | None, cards: int | None,
                memory_model: MemoryModel, micro_batches: int, catalog: dict[str, Device]) -> Plan:
     if device is None:
-        raise ValueError("--objective time predicts stage times from a device's figures: give --device (and "
+        raise InputError("--objective time predicts stage times from a device's figures: give --device (and "
                          "--capacity to plan for another capacity than the device's)")
     chosen = get_device(device, catalog)
     limits = [chosen.capacity_bytes] if capacity is None else _parse_capacity(capacity)
     if len(limits) != 1:
-        raise ValueError("--objective time plans same-size cards: give one capacity")
+        raise InputError("--objective time plans same-size cards: give one capacity")
     rates = rates_of(chosen, table.dtype, chosen.capacity_bytes)
     return make_time_plan(table, limits[0], layer_costs(table, rates, micro_batches), cards, memory_model,
                           _device_record(chosen))
@@ -90,7 +91,7 @@ def largest_micro_batch(model: str | Path, capacity: Capacity | None = None, **a
     and that plan; None when even one sequence does not fit. Footprints grow with the batch, so bisection is
     exact. ``arguments``: those of :func:`plan`, model options included."""
     if isinstance(model, LayerTable):
-        raise ValueError("--micro-batch auto re-sizes the model, so it needs a preset, spec, HF config or module, "
+        raise InputError("--micro-batch auto re-sizes the model, so it needs a preset, spec, HF config or module, "
                          "not a layer table")
     batch = arguments.pop("batch", None) or load_model(model, **_model_only(arguments)).batch or 1
     found: tuple[int, Plan] | None = None
@@ -113,7 +114,7 @@ def _model_only(arguments: dict[str, Any]) -> dict[str, Any]:
 def _capacities(capacity: Capacity | None, device: str | None, catalog: dict[str, Device]
                 ) -> tuple[list[int], dict[str, Any] | None]:
     if (capacity is None) == (device is None):
-        raise ValueError("give exactly one of capacity (e.g. '50MiB' or a list, one per card) and device")
+        raise InputError("give exactly one of capacity (e.g. '50MiB' or a list, one per card) and device")
     if device is not None:
         chosen = get_device(device, catalog)
         return [chosen.capacity_bytes], _device_record(chosen)
@@ -140,9 +141,9 @@ def _baseline_shape(baseline: str | tuple[int, int]) -> tuple[int, int]:
 
 def _check_single_capacity(capacities: list[int], strategy: str, what: str) -> None:
     if len(capacities) > 1:
-        raise ValueError(f"{what} plans tensor groups of same-size cards: give one capacity, not {len(capacities)}")
+        raise InputError(f"{what} plans tensor groups of same-size cards: give one capacity, not {len(capacities)}")
     if strategy != "balanced":
-        raise ValueError(f"{what} has no greedy strategy: drop --strategy {strategy}")
+        raise InputError(f"{what} has no greedy strategy: drop --strategy {strategy}")
 
 
 def predict(plan_or_file: Plan | str | Path, *, device: str | None = None, micro_batches: int = 1,
@@ -153,7 +154,7 @@ def predict(plan_or_file: Plan | str | Path, *, device: str | None = None, micro
     plan = plan_or_file if isinstance(plan_or_file, Plan) else Plan.read(plan_or_file)
     name = device or (plan.device or {}).get("name")
     if name is None:
-        raise ValueError("this plan names no device (it was planned with --capacity): give --device NAME, e.g. "
+        raise InputError("this plan names no device (it was planned with --capacity): give --device NAME, e.g. "
                          "a calibrated host (cachefit calibrate)")
     chosen = get_device(name, load_devices(devices_file))
     table = rebuild_table(_model_record(plan))

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
 
-from cachefit.sources import TorchOptions
+from cachefit.core.errors import EXIT_BUG, EXIT_INFEASIBLE, EXIT_USAGE, InputError, RunError
 
-EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_INFEASIBLE = 0, 1, 2, 3
+__all__ = ["EXIT_INFEASIBLE", "emit_json", "err", "fail", "handle_errors", "model_arguments", "model_options", "out"]
+from cachefit.sources import TorchOptions
 
 # Rich falls back to 80 columns when output is not a terminal (pipes, CI logs); the plan tables need more.
 out = Console(width=None if sys.stdout.isatty() else 140)
@@ -25,23 +29,57 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def fail(message: str, code: int = EXIT_USAGE) -> None:
+DEBUG_VARIABLE = "CACHEFIT_DEBUG"   # set (to anything) for the traceback of an internal error
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """One clear line on stderr, then exit."""
     click.echo(f"cachefit: error: {message}", err=True)
     sys.exit(code)
 
 
+def flag_text(error: InputError) -> str:
+    """The message with the parameters it names written as flags (``prefill_chunk`` -> ``--prefill-chunk``)."""
+    text = str(error)
+    for name in error.parameters:
+        text = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", "--" + name.replace("_", "-"), text)
+    return text
+
+
 def handle_errors(function: F) -> F:
-    """Bad input (ValueError, unreadable or unwritable files) -> one line and exit 2; anything else is a bug."""
+    """Bad input (InputError, OS errors on the user's own paths) -> one line and exit 2; a failed run -> one line
+    and exit 1; anything else is a bug: one line saying so and how to see the traceback, exit 1."""
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
-        except ValueError as error:
-            fail(str(error))
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except InputError as error:
+            fail(flag_text(error), error.exit_code)
+        except RunError as error:
+            fail(str(error), error.exit_code)
         except OSError as error:
-            fail(f"{error.filename or ''}: {error.strerror or error}".lstrip(": "))
+            if error.filename is None or _inside_package(str(error.filename)):
+                _internal(error)
+            fail(f"{error.filename}: {error.strerror or error}")
+        except Exception as error:
+            _internal(error)
     return wrapper  # type: ignore[return-value]
+
+
+def _inside_package(path: str) -> bool:
+    """A file of cachefit's own (its bundled data): missing there is a broken install, not the user's input."""
+    return Path(path).resolve().is_relative_to(_PACKAGE)
+
+
+def _internal(error: BaseException) -> NoReturn:
+    if os.environ.get(DEBUG_VARIABLE):
+        raise error
+    first = (str(error).strip().splitlines() or [""])[0]
+    fail(f"internal error: {type(error).__name__}: {first} (this is a bug in cachefit; rerun with "
+         f"{DEBUG_VARIABLE}=1 for the traceback)", EXIT_BUG)
 
 
 def model_options(function: F) -> F:
@@ -78,7 +116,7 @@ def model_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
     try:
         shape = tuple(int(part) for part in shape_text.split(",")) if shape_text else None
     except ValueError:
-        raise ValueError(f"--input-shape must be integers joined by commas, e.g. 1,128; got {shape_text!r}") from None
+        raise InputError(f"--input-shape must be integers joined by commas, e.g. 1,128; got {shape_text!r}") from None
     arguments["torch_options"] = TorchOptions(granularity=kwargs.pop("granularity"), input_shape=shape,
                                               input_dtype=kwargs.pop("input_dtype"), measure=kwargs.pop("measure"),
                                               prefill_chunk=kwargs.pop("prefill_chunk"))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from cachefit._files import atomic_write_text
 from cachefit.cli._common import err, handle_errors, out
-from cachefit.units import format_size
+from cachefit.core.files import atomic_write_text
+from cachefit.core.units import format_size
 
 
 @click.command("calibrate")

@@ -8,10 +8,11 @@ from typing import Any
 
 import click
 
-from cachefit import api, report
-from cachefit._files import atomic_write_text
+from cachefit import api
 from cachefit.cli._common import handle_errors, out
-from cachefit.units import format_size
+from cachefit.core.files import atomic_write_text
+from cachefit.core.units import format_size
+from cachefit.output import report
 
 MODEL, CARDS = "tiny-llama", 3
 

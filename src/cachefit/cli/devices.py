@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from cachefit import api, report
+from cachefit import api
 from cachefit.cli._common import emit_json, handle_errors, out
+from cachefit.output import report
 
 
 @click.command("devices")

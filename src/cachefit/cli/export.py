@@ -6,10 +6,10 @@ from typing import cast
 
 import click
 
-from cachefit._files import atomic_write_text
 from cachefit.cli._common import err, handle_errors
-from cachefit.export import TARGETS, Target, export_plan
-from cachefit.plan import Plan
+from cachefit.core.files import atomic_write_text
+from cachefit.output.export import TARGETS, Target, export_plan
+from cachefit.planning.plan import Plan
 
 
 @click.command("export")

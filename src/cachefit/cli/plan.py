@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import click
 
-from cachefit import api, report
+from cachefit import api
 from cachefit.cli._common import (
     EXIT_INFEASIBLE,
     emit_json,
@@ -19,9 +19,10 @@ from cachefit.cli._common import (
     model_options,
     out,
 )
-from cachefit.layers import LayerTable
-from cachefit.memory import MemoryModel
-from cachefit.plan import Plan, Strategy
+from cachefit.core.layers import LayerTable
+from cachefit.core.memory import MemoryModel
+from cachefit.output import report
+from cachefit.planning.plan import Plan, Strategy
 
 
 @click.command("plan")

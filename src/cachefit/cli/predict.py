@@ -8,9 +8,9 @@ import click
 from rich.table import Table
 
 from cachefit import api
-from cachefit._files import atomic_write_text
 from cachefit.cli._common import emit_json, err, handle_errors, out
-from cachefit.perf import Prediction
+from cachefit.core.files import atomic_write_text
+from cachefit.perf.predict import Prediction
 
 
 @click.command("predict")

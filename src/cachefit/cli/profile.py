@@ -6,8 +6,9 @@ from typing import Any
 
 import click
 
-from cachefit import api, report
+from cachefit import api
 from cachefit.cli._common import emit_json, err, handle_errors, model_arguments, model_options, out
+from cachefit.output import report
 
 
 @click.command("profile")

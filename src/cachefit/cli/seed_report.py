@@ -28,7 +28,7 @@ def seed_report_command(out_dir: str, skip_runs: bool, baseline: str) -> None:
       cachefit seed-report --skip-runs --out-dir /tmp/seed
       cachefit seed-report --baseline tp=2,pp=2  # a 4-rank CPU comparison
     """
-    from cachefit.seed_report import full_scale, measured_small, write_report
+    from cachefit.apps.seed_report import full_scale, measured_small, write_report
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from cachefit.cli._common import handle_errors, out
-from cachefit.plan import Plan
-from cachefit.units import format_size
+from cachefit.core.units import format_size
+from cachefit.planning.plan import Plan
 
 
 @click.command("shard")

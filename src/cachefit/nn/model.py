@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from cachefit.core.errors import InputError
 from cachefit.sources.families import DenseSpec, LlamaSpec
 
 __all__ = ["TORCH_DTYPES", "KVCache", "ModelConfig", "Transformer", "build_model", "tensor_share",
@@ -57,7 +58,7 @@ class ModelConfig:
         if ways == 1:
             return self
         if self.heads % ways or self.mlp_hidden % ways or (self.kv_heads % ways and ways % self.kv_heads):
-            raise ValueError(f"a block of {self.heads} heads ({self.kv_heads} KV heads) and MLP width "
+            raise InputError(f"a block of {self.heads} heads ({self.kv_heads} KV heads) and MLP width "
                              f"{self.mlp_hidden} cannot be split {ways} ways")
         return ModelConfig(self.family, self.layers, self.hidden, self.heads // ways, max(self.kv_heads // ways, 1),
                            self.head_dim, self.mlp_hidden // ways, self.vocab, self.tie_embeddings)

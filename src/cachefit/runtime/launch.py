@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from cachefit.plan import Plan
+from cachefit.core.errors import InputError, RunError
+from cachefit.planning.plan import Plan
 from cachefit.runtime.shard import Manifest, verify_card
 from cachefit.runtime.weights import spec_from_record
 
@@ -71,27 +72,27 @@ def torchrun_command(plan_file: str, weights: str, out: str, options: RunOptions
 def check_run(plan: Plan, weights: str | Path, options: RunOptions) -> None:
     """Everything that can be refused before a process starts: the plan, the sizes, every shard."""
     if not plan.partitions:
-        raise ValueError("the plan is not feasible: nothing to run")
+        raise InputError("the plan is not feasible: nothing to run")
     spec = spec_from_record(plan.model.spec)
     if plan.model.phase != "decode":
-        raise ValueError(f"cachefit run generates tokens, which needs the KV cache a decode plan counts; this plan "
+        raise InputError(f"cachefit run generates tokens, which needs the KV cache a decode plan counts; this plan "
                          f"is for {plan.model.phase}: re-plan with --phase decode")
     if plan.memory_model != "pipeline" or not (plan.model.spec or {}).get("measured"):
-        raise ValueError(f"cachefit run holds what a 'pipeline' plan of the measured reference module counts (its "
+        raise InputError(f"cachefit run holds what a 'pipeline' plan of the measured reference module counts (its "
                          f"receive buffers, its real transients); this plan is '{plan.memory_model}'"
                          f"{'' if (plan.model.spec or {}).get('measured') else ' of closed-form sizes'}: re-plan "
                          f"with cachefit plan {plan.model.name} --measure --memory-model pipeline ...")
     vocab = getattr(spec, "vocab", 0)
     if not vocab:
-        raise ValueError(f"{plan.model.name} has no vocabulary (embedding and head): cachefit run generates tokens")
+        raise InputError(f"{plan.model.name} has no vocabulary (embedding and head): cachefit run generates tokens")
     batch, seq = int(plan.model.batch or 1), int(plan.model.seq or 0)
     if options.prompt_len + options.new_tokens > seq + 1:
-        raise ValueError(f"prompt ({options.prompt_len}) + new tokens ({options.new_tokens}) exceed the {seq} tokens "
+        raise InputError(f"prompt ({options.prompt_len}) + new tokens ({options.new_tokens}) exceed the {seq} tokens "
                          "of KV cache the plan counted; plan with a larger --seq or generate fewer")
     if options.micro_batches < 1 or batch % options.micro_batches:
-        raise ValueError(f"--micro-batches ({options.micro_batches}) must divide the plan's batch ({batch})")
+        raise InputError(f"--micro-batches ({options.micro_batches}) must divide the plan's batch ({batch})")
     if options.nnodes < 1 or plan.cards % options.nnodes:
-        raise ValueError(f"--nnodes ({options.nnodes}) must divide the plan's {plan.cards} cards")
+        raise InputError(f"--nnodes ({options.nnodes}) must divide the plan's {plan.cards} cards")
     Manifest.read(Path(weights))
     for card in range(plan.cards):
         verify_card(weights, card, plan)
@@ -130,7 +131,7 @@ def _launch(command: list[str], env: dict[str, str], plan: Plan, options: RunOpt
                 progress(time.monotonic())
             if time.monotonic() > limit:
                 _stop(process)
-                raise RuntimeError(f"the run did not finish within {options.timeout * 4 + 60:.0f} s; stopped it")
+                raise RunError(f"the run did not finish within {options.timeout * 4 + 60:.0f} s; stopped it")
             time.sleep(0.1)
     except KeyboardInterrupt:
         _stop(process)
@@ -141,7 +142,7 @@ def _launch(command: list[str], env: dict[str, str], plan: Plan, options: RunOpt
     log = process.stdout.read() if process.stdout else ""
     if process.returncode != 0:
         _stop(process)                 # torchrun stopped its workers; make sure none is left before reporting
-        raise RuntimeError(_failure(out, log, process.returncode))
+        raise RunError(_failure(out, log, process.returncode))
     return log
 
 
@@ -244,7 +245,7 @@ def reference_check(plan: Plan, weights: str | Path, options: RunOptions, result
     same = bool(torch.equal(tokens, result.tokens))
     difference = float((logits.float() - result.logits).abs().max())
     if not same or difference > 1e-3:
-        raise RuntimeError(f"--check failed: tokens {'match' if same else 'differ'}, largest logit difference "
+        raise RunError(f"--check failed: tokens {'match' if same else 'differ'}, largest logit difference "
                            f"{difference:.3g} against the unpartitioned model")
     return {"tokens_identical": same, "max_logit_difference": difference}
 

@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cachefit._files import atomic_write_text, describe_validation_error, read_json_object
+from cachefit.core.errors import InputError
+from cachefit.core.files import atomic_write_text, describe_validation_error, read_json_object
 from cachefit.nn.model import ModelConfig, tensor_share
-from cachefit.plan import Plan
+from cachefit.planning.plan import Plan
 from cachefit.runtime.weights import read_checkpoint_info, spec_from_record, tensor_sources
 
 __all__ = [
@@ -70,7 +71,7 @@ class Manifest:
         try:
             model = _ManifestModel.model_validate(read_json_object(folder / MANIFEST, "shard manifest"))
         except ValidationError as error:
-            raise ValueError(describe_validation_error(error, source)) from error
+            raise InputError(describe_validation_error(error, source)) from error
         return cls(model.plan_fingerprint, model.model_fingerprint, model.checkpoint_sha256, model.dtype,
                    tuple(CardShard(c.card, c.file, c.sha256, c.bytes, tuple(c.tensors)) for c in model.cards),
                    tuple(SharedWeight(s.tensor, tuple(s.names), tuple(s.cards)) for s in model.shared))
@@ -92,14 +93,14 @@ def file_sha256(path: Path) -> str:
 def shard_checkpoint(plan: Plan, checkpoint: str | Path, out: str | Path) -> Manifest:
     """Write ``out/card-K.safetensors`` for every card of ``plan`` and ``out/manifest.json``."""
     if not plan.partitions:
-        raise ValueError("the plan is not feasible: there are no partitions to shard")
+        raise InputError("the plan is not feasible: there are no partitions to shard")
     info = read_checkpoint_info(checkpoint)
     spec = spec_from_record(plan.model.spec)
     if spec_from_record(info["spec"]) != spec:
-        raise ValueError(f"checkpoint {checkpoint} holds {info['spec'].get('name')!r} with other dimensions than "
+        raise InputError(f"checkpoint {checkpoint} holds {info['spec'].get('name')!r} with other dimensions than "
                          f"the plan's model {plan.model.name!r}")
     if plan.model.dtype is not None and plan.model.dtype != info["dtype"]:
-        raise ValueError(f"the plan counted {plan.model.dtype} weights but the checkpoint holds {info['dtype']}; "
+        raise InputError(f"the plan counted {plan.model.dtype} weights but the checkpoint holds {info['dtype']}; "
                          f"make one with cachefit init-weights --dtype {plan.model.dtype}")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -132,18 +133,18 @@ def verify_card(folder: str | Path, card: int, plan: Plan) -> CardShard:
     directory = Path(folder)
     manifest = Manifest.read(directory)
     if manifest.plan_fingerprint != plan_fingerprint(plan):
-        raise ValueError(f"{directory}/{MANIFEST} was made for another plan (fingerprint "
+        raise InputError(f"{directory}/{MANIFEST} was made for another plan (fingerprint "
                          f"{manifest.plan_fingerprint[:19]}..., this plan {plan_fingerprint(plan)[:19]}...); "
                          "re-run cachefit shard with this plan")
     entry = next((shard for shard in manifest.cards if shard.card == card), None)
     if entry is None:
-        raise ValueError(f"{directory}/{MANIFEST} has no shard for card {card}")
+        raise InputError(f"{directory}/{MANIFEST} has no shard for card {card}")
     path = directory / entry.file
     if not path.is_file():
-        raise ValueError(f"card {card}: shard {path} is missing")
+        raise InputError(f"card {card}: shard {path} is missing")
     digest = file_sha256(path)
     if digest != entry.sha256:
-        raise ValueError(f"card {card}: shard {path} does not match its manifest (sha256 {digest[:19]}..., expected "
+        raise InputError(f"card {card}: shard {path} does not match its manifest (sha256 {digest[:19]}..., expected "
                          f"{entry.sha256[:19]}...): tampered or truncated; re-run cachefit shard")
     return entry
 

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from cachefit.core.errors import InputError
 from cachefit.nn.model import Block, Head, KVCache, ModelConfig
-from cachefit.plan import Partition
+from cachefit.planning.plan import Partition
 from cachefit.sources.families import DenseSpec, LlamaSpec
 
 __all__ = ["Stage"]
@@ -45,7 +46,7 @@ class Stage(nn.Module):
         tensors = load_file(str(path))
         missing, unexpected = self.load_state_dict(tensors, strict=False)
         if missing or unexpected:
-            raise ValueError(f"shard {path} does not fit this card's layers: missing {missing[:3]}, "
+            raise InputError(f"shard {path} does not fit this card's layers: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
 
     def make_caches(self, batch: int, length: int, dtype: torch.dtype, device: str = "cpu") -> dict[str, KVCache]:

@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from cachefit.core.errors import InputError
 from cachefit.nn import build_model
 from cachefit.nn.model import TORCH_DTYPES
 from cachefit.sources.families import DenseSpec, LlamaSpec, Workload, dtype_bytes, spec_from_record, spec_record
@@ -28,7 +29,7 @@ def init_weights(spec: DenseSpec | LlamaSpec, work: Workload, out: str | Path, s
     info = {"spec": spec_record(spec, work), "seed": seed, "dtype": dtype}
     target = Path(out)
     if not target.parent.is_dir():
-        raise ValueError(f"cannot write {target}: folder {target.parent} does not exist")
+        raise InputError(f"cannot write {target}: folder {target.parent} does not exist")
     temporary = target.with_name(f".{target.name}.partial")
     # Tied parameters are stored once, under their first name in state-dict order; one metadata key, so the
     # file is the same byte for byte in every process (safetensors' save_model orders aliases by hash seed).
@@ -52,9 +53,9 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (OSError, SafetensorError) as error:
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+        raise InputError(f"cannot read checkpoint {path}: {error}") from error
     if METADATA_KEY not in metadata:
-        raise ValueError(f"{path} is not a cachefit checkpoint (no '{METADATA_KEY}' metadata); make one with "
+        raise InputError(f"{path} is not a cachefit checkpoint (no '{METADATA_KEY}' metadata); make one with "
                          "cachefit init-weights")
     info: dict[str, Any] = json.loads(metadata[METADATA_KEY])
     return info
@@ -71,7 +72,7 @@ def tensor_sources(spec: DenseSpec | LlamaSpec, stored: set[str]) -> dict[str, s
     for aliases in names.values():
         kept = [name for name in aliases if name in stored]
         if not kept:
-            raise ValueError(f"the checkpoint lacks {aliases[0]}: it does not match this plan's model")
+            raise InputError(f"the checkpoint lacks {aliases[0]}: it does not match this plan's model")
         sources.update({name: kept[0] for name in aliases})
     return sources
 

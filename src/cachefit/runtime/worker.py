@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from cachefit.nn.model import TORCH_DTYPES
-from cachefit.plan import Partition, Plan
+from cachefit.planning.plan import Partition, Plan
 from cachefit.runtime.measure import PeakTracker, tensor_bytes
 from cachefit.runtime.residency import flatten_weights, pin_weights_in_l2
 from cachefit.runtime.shard import verify_card

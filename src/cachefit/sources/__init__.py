@@ -1,4 +1,4 @@
-"""Model sources: everything that turns a MODEL argument into a :class:`~cachefit.layers.LayerTable`.
+"""Model sources: everything that turns a MODEL argument into a :class:`~cachefit.core.layers.LayerTable`.
 
 MODEL (DESIGN.md): a layer table (``.json``/``.csv``), a spec (``.toml``), a bundled preset name, a Hugging Face
 ``config.json`` (or a folder holding one, or a bundled ``hf/NAME``), or ``package.module:factory``. The last three
@@ -16,7 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from cachefit.layers import LayerTable
+from cachefit.core.errors import InputError
+from cachefit.core.layers import LayerTable
 from cachefit.sources.families import Workload, spec_from_record
 from cachefit.sources.spec import ModelSpec, build_table, parse_spec_text, read_spec
 
@@ -74,7 +75,7 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     options = torch_options or TorchOptions()
     unknown = set(workload) - set(WORKLOAD_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown model option(s) {', '.join(sorted(unknown))}; known: {', '.join(WORKLOAD_OPTIONS)}")
+        raise InputError(f"unknown model option(s) {', '.join(sorted(unknown))}; known: {', '.join(WORKLOAD_OPTIONS)}")
     chosen = {key: value for key, value in workload.items() if value is not None}
     if isinstance(model, LayerTable):
         _refuse_options(chosen, "a LayerTable")
@@ -83,7 +84,7 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     path = Path(text)
     suffix = path.suffix.lower()
     if (options.measure or options.prefill_chunk) and not (suffix == ".toml" or text in presets()):
-        raise ValueError("--measure and --prefill-chunk apply to presets and .toml specs (torch models and Hugging "
+        raise InputError("--measure and --prefill-chunk apply to presets and .toml specs (torch models and Hugging "
                          "Face configs are always measured)")
     if (path.is_dir() and (path / "config.json").exists()) or _is_hf_config(path):
         table: LayerTable = _torch().profile_hf(path, path.stem if path.is_file() else path.name,
@@ -92,7 +93,7 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     if suffix in (".json", ".csv"):
         return _load_table_file(path, input_bytes, chosen)
     if input_bytes is not None:
-        raise ValueError("--input-bytes applies to CSV layer tables only")
+        raise InputError("--input-bytes applies to CSV layer tables only")
     if suffix == ".toml" or text in presets():
         spec, work = spec_of(text)
         return _spec_table(spec, work, chosen, options)
@@ -106,7 +107,7 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
         table = _torch().profile_factory(text, options.input_shape, options.input_dtype, chosen.get("phase"),
                                          _torch_granularity(options))
         return table
-    raise ValueError(f"model {text!r} is not a file, nor a preset; presets: {', '.join(presets())}, "
+    raise InputError(f"model {text!r} is not a file, nor a preset; presets: {', '.join(presets())}, "
                      f"{', '.join(hf_preset_names())} (or a layer table .json/.csv, a model spec .toml, a Hugging "
                      "Face config.json, or package.module:factory)")
 
@@ -129,16 +130,16 @@ def spec_of(model: str | Path) -> tuple[ModelSpec, Workload]:
         return spec, work
     if str(model) in presets():
         return presets()[str(model)].spec, presets()[str(model)].workload
-    raise ValueError(f"expected a preset ({', '.join(presets())}) or a .toml spec, got {str(model)!r}")
+    raise InputError(f"expected a preset ({', '.join(presets())}) or a .toml spec, got {str(model)!r}")
 
 
 def _spec_table(spec: ModelSpec, work: Workload, chosen: dict[str, Any], options: TorchOptions) -> LayerTable:
     if not options.measure:
         if options.prefill_chunk is not None:
-            raise ValueError("--prefill-chunk measures a prompt chunk: use it with --measure")
+            raise InputError("--prefill-chunk measures a prompt chunk: use it with --measure")
         return build_table(spec, work, options.granularity == "sublayer", **chosen)
     if options.granularity == "sublayer":
-        raise ValueError("--granularity sublayer splits the closed form's blocks; with --measure use block or leaf")
+        raise InputError("--granularity sublayer splits the closed form's blocks; with --measure use block or leaf")
     table: LayerTable = _torch().measure_spec(spec, replace(work, **chosen), options.granularity,
                                               options.prefill_chunk)
     return table
@@ -146,7 +147,7 @@ def _spec_table(spec: ModelSpec, work: Workload, chosen: dict[str, Any], options
 
 def _torch_granularity(options: TorchOptions) -> str:
     if options.granularity == "sublayer":
-        raise ValueError("--granularity sublayer is for presets and .toml specs (closed form); torch and Hugging "
+        raise InputError("--granularity sublayer is for presets and .toml specs (closed form); torch and Hugging "
                          "Face models take block or leaf")
     return options.granularity
 
@@ -156,13 +157,13 @@ def _torch() -> Any:
     try:
         from cachefit.sources import torch_sources
     except ImportError as error:
-        raise ValueError(f"this model source needs torch: pip install 'cachefit[torch]' ({error})") from error
+        raise InputError(f"this model source needs torch: pip install 'cachefit[torch]' ({error})") from error
     return torch_sources
 
 
 def _load_table_file(path: Path, input_bytes: int | None, chosen: dict[str, Any]) -> LayerTable:
     if not path.exists():
-        raise ValueError(f"layer table {path} does not exist")
+        raise InputError(f"layer table {path} does not exist")
     _refuse_options(chosen, f"layer table {path}")
     return LayerTable.read(path, input_bytes=input_bytes)
 
@@ -181,4 +182,4 @@ def _is_hf_config(path: Path) -> bool:
 def _refuse_options(chosen: dict[str, Any], what: str) -> None:
     if chosen:
         options = ", ".join(f"--{key}" for key in sorted(chosen))
-        raise ValueError(f"{options}: {what} has fixed sizes; these options apply to presets and .toml specs")
+        raise InputError(f"{options}: {what} has fixed sizes; these options apply to presets and .toml specs")

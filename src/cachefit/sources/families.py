@@ -28,7 +28,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from cachefit.layers import Layer, LayerTable, Phase, SharedTensor, Split
+from cachefit.core.errors import InputError
+from cachefit.core.layers import Layer, LayerTable, Phase, SharedTensor, Split
 
 __all__ = [
     "DTYPE_BYTES",
@@ -55,7 +56,7 @@ def dtype_bytes(dtype: str) -> tuple[str, int]:
     """Canonical name and bytes per element of ``dtype`` (``fp16`` -> ``('float16', 2)``)."""
     name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
     if name not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)} (or fp32, fp16, bf16, fp8), got {dtype!r}")
+        raise InputError(f"dtype must be one of {', '.join(DTYPE_BYTES)} (or fp32, fp16, bf16, fp8), got {dtype!r}")
     return name, DTYPE_BYTES[name]
 
 
@@ -71,11 +72,11 @@ class Workload:
         for field_name in ("batch", "seq"):
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field_name} must be a positive integer, got {value!r}")
+                raise InputError(f"{field_name} must be a positive integer, got {value!r}")
         if self.phase not in ("prefill", "decode"):
-            raise ValueError(f"phase must be 'prefill' or 'decode', got {self.phase!r}")
+            raise InputError(f"phase must be 'prefill' or 'decode', got {self.phase!r}")
         if self.attention not in ("naive", "flash"):
-            raise ValueError(f"attention must be 'naive' or 'flash', got {self.attention!r}")
+            raise InputError(f"attention must be 'naive' or 'flash', got {self.attention!r}")
         dtype_bytes(self.dtype)
 
     @property
@@ -244,7 +245,7 @@ def _check_dims(spec: DenseSpec | LlamaSpec, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(spec, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{spec.name}: {name} must be a positive integer, got {value!r}")
+            raise InputError(f"{spec.name}: {name} must be a positive integer, got {value!r}")
 
 
 def dense_table(spec: DenseSpec, work: Workload, sublayers: bool = False) -> LayerTable:
@@ -260,9 +261,9 @@ def dense_table(spec: DenseSpec, work: Workload, sublayers: bool = False) -> Lay
 def llama_table(spec: LlamaSpec, work: Workload, sublayers: bool = False) -> LayerTable:
     _check_dims(spec, ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab"))
     if spec.heads % spec.kv_heads:
-        raise ValueError(f"{spec.name}: heads ({spec.heads}) must be a multiple of kv_heads ({spec.kv_heads})")
+        raise InputError(f"{spec.name}: heads ({spec.heads}) must be a multiple of kv_heads ({spec.kv_heads})")
     if not spec.head_dim and spec.hidden % spec.heads:
-        raise ValueError(f"{spec.name}: hidden ({spec.hidden}) must be a multiple of heads ({spec.heads}), "
+        raise InputError(f"{spec.name}: hidden ({spec.hidden}) must be a multiple of heads ({spec.heads}), "
                          "or give head_dim")
     dtype, p = dtype_bytes(work.dtype)
     layers = _with_embedding_and_head(_blocks(spec, work, p, sublayers), spec, spec.hidden, spec.hidden, work, p)
@@ -292,7 +293,7 @@ def spec_record(spec: DenseSpec | LlamaSpec, work: Workload, sublayers: bool = F
 def spec_from_record(record: Mapping[str, Any] | None) -> DenseSpec | LlamaSpec:
     """The spec a layer table or plan recorded (``spec`` field); ValueError if it has none."""
     if not record or record.get("family") not in ("dense", "llama"):
-        raise ValueError("this plan's model has no dense/llama spec to build (it came from a layer table or a "
+        raise InputError("this plan's model has no dense/llama spec to build (it came from a layer table or a "
                          "torch/HF profile); use plans made from a preset or a .toml spec")
     fields = {key: value for key, value in record.items()
               if key not in ("family", "attention", "measured", "prefill_chunk", "sublayers")}

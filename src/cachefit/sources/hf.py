@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cachefit.layers import LayerTable
+from cachefit.core.errors import InputError
+from cachefit.core.layers import LayerTable
 from cachefit.nn.model import TORCH_DTYPES
 from cachefit.sources.families import Workload, dtype_bytes
 from cachefit.sources.torch_profile import Granularity, find_blocks, profile_module
@@ -40,11 +41,11 @@ def read_hf_config(path: Path) -> dict[str, Any]:
     try:
         document = json.loads(file.read_text(encoding="utf-8"))
     except OSError as error:
-        raise ValueError(f"cannot read Hugging Face config {file}: {error.strerror or error}") from error
+        raise InputError(f"cannot read Hugging Face config {file}: {error.strerror or error}") from error
     except json.JSONDecodeError as error:
-        raise ValueError(f"{file}: not valid JSON ({error.msg})") from error
+        raise InputError(f"{file}: not valid JSON ({error.msg})") from error
     if not isinstance(document, dict) or "model_type" not in document:
-        raise ValueError(f"{file}: a Hugging Face config.json needs a model_type")
+        raise InputError(f"{file}: a Hugging Face config.json needs a model_type")
     return document
 
 
@@ -70,13 +71,13 @@ def _build(config: dict[str, Any], dtype: str) -> tuple[nn.Module, Any]:
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as error:
-        raise ValueError("profiling Hugging Face configs needs transformers: pip install 'cachefit[hf]'") from error
+        raise InputError("profiling Hugging Face configs needs transformers: pip install 'cachefit[hf]'") from error
     fields = {key: value for key, value in config.items() if not key.startswith("_")}
     model_type = fields.pop("model_type")
     try:
         hf_config = AutoConfig.for_model(model_type, **fields)
     except (ValueError, KeyError) as error:
-        raise ValueError(f"transformers does not know model_type {model_type!r}: {error}") from error
+        raise InputError(f"transformers does not know model_type {model_type!r}: {error}") from error
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[dtype_bytes(dtype)[0]])
     return model.eval(), hf_config

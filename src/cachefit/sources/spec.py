@@ -22,8 +22,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cachefit._files import describe_validation_error
-from cachefit.layers import LayerTable
+from cachefit.core.errors import InputError
+from cachefit.core.files import describe_validation_error
+from cachefit.core.layers import LayerTable
 from cachefit.sources.families import DenseSpec, LlamaSpec, Workload, dense_table, llama_table
 
 if sys.version_info >= (3, 11):
@@ -82,7 +83,7 @@ def read_spec(path: Path) -> tuple[ModelSpec, Workload, str]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise ValueError(f"cannot read model spec {path}: {error.strerror or error}") from error
+        raise InputError(f"cannot read model spec {path}: {error.strerror or error}") from error
     return parse_spec_text(text, str(path))
 
 
@@ -90,7 +91,7 @@ def parse_spec_text(text: str, source: str) -> tuple[ModelSpec, Workload, str]:
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{source}: not valid TOML ({error})") from error
+        raise InputError(f"{source}: not valid TOML ({error})") from error
     return parse_spec(document, source)
 
 
@@ -99,11 +100,11 @@ def parse_spec(document: dict[str, Any], source: str) -> tuple[ModelSpec, Worklo
     family = document.get("family")
     models: dict[str, type[_DenseModel] | type[_LlamaModel]] = {"dense": _DenseModel, "llama": _LlamaModel}
     if family not in models:
-        raise ValueError(f"{source}: family must be 'dense' or 'llama', got {family!r}")
+        raise InputError(f"{source}: family must be 'dense' or 'llama', got {family!r}")
     try:
         model = models[family].model_validate(document)
     except ValidationError as error:
-        raise ValueError(describe_validation_error(error, source)) from error
+        raise InputError(describe_validation_error(error, source)) from error
     fields = model.model_dump(exclude={"family", "description", "workload"})
     spec: ModelSpec = DenseSpec(**fields) if family == "dense" else LlamaSpec(**fields)
     defaults = {key: value for key, value in model.workload.model_dump().items() if value is not None}

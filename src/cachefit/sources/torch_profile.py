@@ -25,7 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from cachefit.layers import Layer, LayerTable, Phase, SharedTensor
+from cachefit.core.errors import InputError
+from cachefit.core.layers import Layer, LayerTable, Phase, SharedTensor
 
 __all__ = ["Granularity", "find_blocks", "profile_module"]
 
@@ -159,7 +160,7 @@ def profile_module(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping
     its ``k_proj`` and ``v_proj`` outputs.
     """
     if granularity not in ("block", "leaf"):
-        raise ValueError(f"granularity must be 'block' or 'leaf', got {granularity!r}")
+        raise InputError(f"granularity must be 'block' or 'leaf', got {granularity!r}")
     units = _units(model, granularity)
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     tracker = _Tracker({StorageWeakRef(t.untyped_storage()).cdata for t in tensors.values()})
@@ -174,7 +175,7 @@ def profile_module(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping
             handle.remove()
     ran = sorted((unit for unit in units if unit.order < 1 << 60), key=lambda unit: unit.order)
     if not ran:
-        raise ValueError(f"{name}: no layer of the module ran in its forward")
+        raise InputError(f"{name}: no layer of the module ran in its forward")
     rank = {units.index(unit): position for position, unit in enumerate(ran)}
     flow = tracker.flow(rank)
     flops = {key.split(".", 1)[1]: float(sum(ops.values())) for key, ops in counter.get_flop_counts().items()

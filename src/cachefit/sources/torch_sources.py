@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cachefit.layers import LayerTable, Split
+from cachefit.core.errors import InputError
+from cachefit.core.layers import LayerTable, Split
 from cachefit.nn.model import TORCH_DTYPES
 from cachefit.sources.families import Workload, dtype_bytes, spec_record, split_ways
 from cachefit.sources.hf import hf_table, read_hf_config
@@ -32,9 +33,9 @@ def measure_spec(spec: ModelSpec, work: Workload, granularity: Granularity = "bl
     context, and keep each layer's larger activations and workspace, so a run may send prompts in such chunks.
     """
     if work.attention != "naive":
-        raise ValueError("--measure profiles the reference module, whose attention is naive; drop --attention")
+        raise InputError("--measure profiles the reference module, whose attention is naive; drop --attention")
     if prefill_chunk is not None and (work.phase != "decode" or not 1 <= prefill_chunk <= work.seq):
-        raise ValueError(f"--prefill-chunk needs --phase decode and 1 <= chunk <= seq ({work.seq}), got "
+        raise InputError(f"--prefill-chunk needs --phase decode and 1 <= chunk <= seq ({work.seq}), got "
                          f"{prefill_chunk} for {work.phase}")
     table = _measure_with_chunk(spec, work, granularity, prefill_chunk, 1)
     record: dict[str, Any] = {**spec_record(spec, work), "measured": True}
@@ -105,14 +106,14 @@ def profile_factory(target: str, input_shape: tuple[int, ...] | None, input_dtyp
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot import {target}: {error}") from error
+        raise InputError(f"cannot import {target}: {error}") from error
     finally:
         sys.path.pop(0)
     with torch.device("meta"):
         made = factory()
     model, inputs = made if isinstance(made, tuple) else (made, None)
     if not isinstance(model, nn.Module):
-        raise ValueError(f"{target} must return a torch.nn.Module (or a module and its inputs), got "
+        raise InputError(f"{target} must return a torch.nn.Module (or a module and its inputs), got "
                          f"{type(model).__name__}")
     args, kwargs = _inputs(target, inputs, input_shape, input_dtype)
     first = next(iter(args), None)
@@ -128,11 +129,11 @@ def _inputs(target: str, inputs: Any, shape: tuple[int, ...] | None, dtype: str
             ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if inputs is None:
         if shape is None:
-            raise ValueError(f"{target} returned no example inputs: give --input-shape (e.g. 1,128) and "
+            raise InputError(f"{target} returned no example inputs: give --input-shape (e.g. 1,128) and "
                              "--input-dtype (default int64)")
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
-            raise ValueError(f"--input-dtype must be a torch dtype such as int64 or float16, got {dtype!r}")
+            raise InputError(f"--input-dtype must be a torch dtype such as int64 or float16, got {dtype!r}")
         return (torch.zeros(shape, dtype=torch_dtype, device="meta"),), {}
     if isinstance(inputs, dict):
         return (), inputs

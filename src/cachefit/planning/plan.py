@@ -14,11 +14,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cachefit import diagnose
-from cachefit._files import atomic_write_text, describe_validation_error, read_json_object
-from cachefit.layers import LayerTable
-from cachefit.memory import MEMORY_MODELS, IntervalCost, MemoryModel, breakdown, interval_cost
-from cachefit.partition import Solution, fewest_cards, front_fill, lower_bound, min_max, ordered_fill, ordered_min_max
+from cachefit.core.errors import InputError
+from cachefit.core.files import atomic_write_text, describe_validation_error, read_json_object
+from cachefit.core.layers import LayerTable
+from cachefit.core.memory import MEMORY_MODELS, IntervalCost, MemoryModel, breakdown, interval_cost
+from cachefit.planning import diagnose
+from cachefit.planning.algorithms import (
+    Solution,
+    fewest_cards,
+    front_fill,
+    lower_bound,
+    min_max,
+    ordered_fill,
+    ordered_min_max,
+)
 
 __all__ = ["SCHEMA", "STRATEGIES", "ModelInfo", "Partition", "Plan", "Strategy", "build_plan", "check_arguments",
            "make_plan"]
@@ -101,7 +110,7 @@ class Plan:
         """The stage card ``card`` works on."""
         found = next((p for p in self.partitions if card in p.cards), None)
         if found is None:
-            raise ValueError(f"card {card} is not in this plan (cards 0..{self.cards - 1})")
+            raise InputError(f"card {card} is not in this plan (cards 0..{self.cards - 1})")
         return found
 
     @classmethod
@@ -113,11 +122,11 @@ class Plan:
         try:
             model = _PlanModel.model_validate(document)
         except ValidationError as error:
-            raise ValueError(describe_validation_error(error, source)) from error
+            raise InputError(describe_validation_error(error, source)) from error
         for index, p in enumerate(model.partitions):
             if p.cards is not None and p.cards != list(range(p.card, p.card + p.tensor_parallel)):
                 last = p.card + p.tensor_parallel - 1
-                raise ValueError(f"{source}: partitions[{index}].cards must be {p.card}..{last} (card and "
+                raise InputError(f"{source}: partitions[{index}].cards must be {p.card}..{last} (card and "
                                  f"tensor_parallel), got {p.cards}")
         partitions = tuple(Partition(**{**p.model_dump(exclude={"cards"}), "layers": tuple(p.layers),
                                         "modules": tuple(p.modules)}) for p in model.partitions)
@@ -225,23 +234,23 @@ def check_arguments(capacity_bytes: Sequence[int], cards: int | None, memory_mod
                     ) -> tuple[int, ...]:
     """Bad arguments of a planner raise ValueError naming the argument and its value; the capacities back."""
     if memory_model not in MEMORY_MODELS:
-        raise ValueError(f"memory_model must be one of {', '.join(MEMORY_MODELS)}, got {memory_model!r}")
+        raise InputError(f"memory_model must be one of {', '.join(MEMORY_MODELS)}, got {memory_model!r}")
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be 'balanced' or 'greedy', got {strategy!r}")
+        raise InputError(f"strategy must be 'balanced' or 'greedy', got {strategy!r}")
     capacities = tuple(capacity_bytes)
     if not capacities or any(not isinstance(c, int) or isinstance(c, bool) or c <= 0 for c in capacities):
-        raise ValueError(f"capacity must be one or more positive byte counts, got {list(capacities)!r}")
+        raise InputError(f"capacity must be one or more positive byte counts, got {list(capacities)!r}")
     if cards is not None and (not isinstance(cards, int) or isinstance(cards, bool) or cards < 1):
-        raise ValueError(f"cards must be a positive integer, got {cards!r}")
+        raise InputError(f"cards must be a positive integer, got {cards!r}")
     if len(capacities) > 1 and cards is not None and cards != len(capacities):
-        raise ValueError(f"cards ({cards}) must match the {len(capacities)} capacities given (one per card), "
+        raise InputError(f"cards ({cards}) must match the {len(capacities)} capacities given (one per card), "
                          "or be left out")
     return capacities
 
 
 def _check_card_count(cards: int, layers: int) -> None:
     if cards > layers:
-        raise ValueError(f"cards ({cards}) must not exceed the number of layers ({layers}): each card holds at "
+        raise InputError(f"cards ({cards}) must not exceed the number of layers ({layers}): each card holds at "
                          "least one whole layer")
 
 
@@ -254,17 +263,17 @@ def _check_plan(plan: Plan, source: str) -> None:
     for index, part in enumerate(plan.partitions):
         where = f"{source}: partitions[{index}]"
         if part.card != expected_card or part.first != expected_first or part.last < part.first:
-            raise ValueError(f"{where} must start at card {expected_card} and layer {expected_first}, got card "
+            raise InputError(f"{where} must start at card {expected_card} and layer {expected_first}, got card "
                              f"{part.card} layers {part.first}..{part.last}")
         if part.footprint_bytes != (part.weight_bytes + part.activation_bytes + part.workspace_bytes
                                     + part.kv_cache_bytes):
-            raise ValueError(f"{where}.footprint_bytes must equal the sum of its parts, got {part.footprint_bytes}")
+            raise InputError(f"{where}.footprint_bytes must equal the sum of its parts, got {part.footprint_bytes}")
         if plan.strategy != "baseline" and part.footprint_bytes > plan.capacity_bytes[
                 min(part.card, len(plan.capacity_bytes) - 1)]:
-            raise ValueError(f"{where}.footprint_bytes {part.footprint_bytes} exceeds its card's capacity")
+            raise InputError(f"{where}.footprint_bytes {part.footprint_bytes} exceeds its card's capacity")
         expected_first, expected_card = part.last + 1, part.card + part.tensor_parallel
     if expected_first != plan.model.layers or expected_card != plan.cards:
-        raise ValueError(f"{source}: partitions must cover layers 0..{plan.model.layers - 1} on {plan.cards} cards")
+        raise InputError(f"{source}: partitions must cover layers 0..{plan.model.layers - 1} on {plan.cards} cards")
 
 
 # --- validated JSON shape ---

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cachefit.layers import LayerTable
-from cachefit.memory import Breakdown, IntervalCost, MemoryModel, breakdown, per_card_table
-from cachefit.partition import single_layer_footprints
-from cachefit.partition.split import SplitOption
-from cachefit.units import format_size
+from cachefit.core.layers import LayerTable
+from cachefit.core.memory import Breakdown, IntervalCost, MemoryModel, breakdown, per_card_table
+from cachefit.core.units import format_size
+from cachefit.planning.algorithms import single_layer_footprints
+from cachefit.planning.algorithms.split import SplitOption
 
 __all__ = ["explain_order", "explain_oversized", "explain_too_few_cards", "explain_unsplittable", "oversized_layers"]
 

@@ -1,16 +1,16 @@
 """``plan --objective time``: the split over k cards whose slowest predicted stage is fastest, every card within
-its capacity. A pure function like :func:`cachefit.plan.make_plan`."""
+its capacity. A pure function like :func:`cachefit.planning.plan.make_plan`."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from cachefit.layers import LayerTable
-from cachefit.memory import MemoryModel, interval_cost
-from cachefit.partition import Solution, fewest_cards
-from cachefit.partition.timed import StageCosts, least_time
-from cachefit.plan import ModelInfo, Plan, build_plan
+from cachefit.core.layers import LayerTable
+from cachefit.core.memory import MemoryModel, interval_cost
+from cachefit.planning.algorithms import Solution, fewest_cards
+from cachefit.planning.algorithms.timed import StageCosts, least_time
+from cachefit.planning.plan import ModelInfo, Plan, build_plan
 
 __all__ = ["make_time_plan"]
 

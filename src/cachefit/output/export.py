@@ -7,7 +7,8 @@ import json
 import re
 from typing import Literal
 
-from cachefit.plan import Plan
+from cachefit.core.errors import InputError
+from cachefit.planning.plan import Plan
 
 __all__ = ["TARGETS", "Target", "device_map", "export_plan", "torchtitan_stages", "vllm_partition"]
 
@@ -18,7 +19,7 @@ _BLOCK = re.compile(r"(^|\.)(layers|h|blocks|decoder\.layers)\.\d+$")
 
 def _require_feasible(plan: Plan) -> None:
     if not plan.feasible or not plan.partitions:
-        raise ValueError("this plan has no feasible partitions to export; re-plan with more or larger cards")
+        raise InputError("this plan has no feasible partitions to export; re-plan with more or larger cards")
 
 
 def device_map(plan: Plan) -> dict[str, int]:
@@ -27,7 +28,7 @@ def device_map(plan: Plan) -> dict[str, int]:
     _require_feasible(plan)
     grouped = [part.card for part in plan.partitions if part.tensor_parallel > 1]
     if grouped:
-        raise ValueError(f"a device_map puts each module on one GPU, but the stages at cards {grouped} are tensor "
+        raise InputError(f"a device_map puts each module on one GPU, but the stages at cards {grouped} are tensor "
                          "groups; export to torchtitan or vllm, or plan with --split never")
     return {module: part.card for part in plan.partitions for module in (part.modules or part.layers)}
 
@@ -44,10 +45,10 @@ def vllm_partition(plan: Plan) -> str:
     _require_feasible(plan)
     counts = [sum(1 for module in (part.modules or part.layers) if _BLOCK.search(module)) for part in plan.partitions]
     if sum(counts) == 0:
-        raise ValueError("no decoder layers (names like model.layers.N) in this plan: vLLM cannot use it")
+        raise InputError("no decoder layers (names like model.layers.N) in this plan: vLLM cannot use it")
     empty = [index for index, count in enumerate(counts) if count == 0]
     if empty:
-        raise ValueError(f"cards {empty} hold no decoder layer (only the embedding or the head); vLLM needs at least "
+        raise InputError(f"cards {empty} hold no decoder layer (only the embedding or the head); vLLM needs at least "
                          "one per stage: plan with fewer cards (--cards) for vLLM")
     return ",".join(str(count) for count in counts)
 
@@ -60,9 +61,9 @@ def export_plan(plan: Plan, target: Target) -> str:
     if target == "vllm":
         widths = {part.tensor_parallel for part in plan.partitions}
         if len(widths) > 1:
-            raise ValueError(f"vLLM uses one tensor-parallel size for every stage; this plan's stages use "
+            raise InputError(f"vLLM uses one tensor-parallel size for every stage; this plan's stages use "
                              f"{sorted(widths)}: re-plan with --baseline or --split never")
         width = widths.pop()
         extra = f"# and --tensor-parallel-size {width}\n" if width > 1 else ""
         return f"VLLM_PP_LAYER_PARTITION={vllm_partition(plan)}\n{extra}"
-    raise ValueError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")
+    raise InputError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")

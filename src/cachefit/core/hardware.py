@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cachefit._files import describe_validation_error
+from cachefit.core.errors import InputError
+from cachefit.core.files import describe_validation_error
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,7 +75,7 @@ def load_devices(user_file: str | Path | None = None) -> dict[str, Device]:
         source = str(user_file)
         for name, entry in _read_toml(Path(user_file)).items():
             if not isinstance(entry, dict):
-                raise ValueError(f"{user_file}: [{name}] must be a table of device fields")
+                raise InputError(f"{user_file}: [{name}] must be a table of device fields")
             merged = dict(raw.get(name, {}))
             merged.update({key: _as_figure(key, value, source) for key, value in entry.items()})
             raw[name] = merged
@@ -84,7 +85,7 @@ def load_devices(user_file: str | Path | None = None) -> dict[str, Device]:
 def get_device(name: str, devices: Mapping[str, Device]) -> Device:
     key = name.lower()
     if key not in devices:
-        raise ValueError(f"device {name!r} is not in the catalog; known: {', '.join(sorted(devices))} "
+        raise InputError(f"device {name!r} is not in the catalog; known: {', '.join(sorted(devices))} "
                          "(add your own with --devices-file)")
     return devices[key]
 
@@ -93,9 +94,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise ValueError(f"cannot read devices file {path}: {error.strerror or error}") from error
+        raise InputError(f"cannot read devices file {path}: {error.strerror or error}") from error
     except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path}: not valid TOML ({error})") from error
+        raise InputError(f"{path}: not valid TOML ({error})") from error
 
 
 def _as_figure(key: str, value: Any, source: str) -> Any:
@@ -108,14 +109,14 @@ def _device(name: str, entry: Mapping[str, Any], source: str) -> Device:
     try:
         model = _DeviceModel.model_validate(entry)
     except ValidationError as error:
-        raise ValueError(describe_validation_error(error, f"{source} [{name}]")) from error
+        raise InputError(describe_validation_error(error, f"{source} [{name}]")) from error
     figures = {key: Figure(f.value, f.kind, f.source) for key in FIGURES if (f := getattr(model, key)) is not None}
     zero = [key for key, figure in figures.items() if figure.value == 0 and key != "overlap"]
     if zero:
-        raise ValueError(f"{source} [{name}]: {zero[0]} must be greater than 0")
+        raise InputError(f"{source} [{name}]: {zero[0]} must be greater than 0")
     fraction = figures["usable_fraction"].value
     if not 0 < fraction <= 1:
-        raise ValueError(f"{source} [{name}]: usable_fraction must be in (0, 1], got {fraction}")
+        raise InputError(f"{source} [{name}]: usable_fraction must be in (0, 1], got {fraction}")
     return Device(name=name.lower(), label=model.label, memory=model.memory, figures=figures)
 
 

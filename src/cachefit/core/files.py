@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cachefit.core.errors import InputError
+
 __all__ = ["atomic_write_text", "describe_validation_error", "field_path", "read_json_object"]
 
 
@@ -67,14 +69,14 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise ValueError(f"cannot read {what} {path}: {error.strerror or error}") from error
+        raise InputError(f"cannot read {what} {path}: {error.strerror or error}") from error
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:
         where = f"line {error.lineno}, column {error.colno}"
-        raise ValueError(f"{path}: not valid JSON ({error.msg} at {where})") from error
+        raise InputError(f"{path}: not valid JSON ({error.msg} at {where})") from error
     if not isinstance(document, dict):
-        raise ValueError(f"{path}: a {what} must be a JSON object, got {type(document).__name__}")
+        raise InputError(f"{path}: a {what} must be a JSON object, got {type(document).__name__}")
     return document
 
 
@@ -83,7 +85,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
-        raise ValueError(f"cannot write {target}: folder {folder} does not exist")
+        raise InputError(f"cannot write {target}: folder {folder} does not exist")
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:

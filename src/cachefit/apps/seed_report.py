@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cachefit import api, report
-from cachefit._files import atomic_write_text
-from cachefit.memory import interval_cost
-from cachefit.perf import Prediction
-from cachefit.plan import Plan
-from cachefit.seed_text import render
+from cachefit import api
+from cachefit.apps.seed_text import render
+from cachefit.core.files import atomic_write_text
+from cachefit.core.memory import interval_cost
+from cachefit.core.units import format_size
+from cachefit.output import report
+from cachefit.perf.predict import Prediction
+from cachefit.planning.groups import parse_baseline
+from cachefit.planning.plan import Plan
 from cachefit.sources import TorchOptions
-from cachefit.split_plan import parse_baseline
-from cachefit.units import format_size
 
 __all__ = ["CLAIMS", "Row", "full_scale", "measured_small", "write_report"]
 

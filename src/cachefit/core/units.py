@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
+from cachefit.core.errors import InputError
+
 __all__ = ["INT64_MAX", "format_size", "parse_size", "parse_sizes"]
 
 INT64_MAX = 2**63 - 1
@@ -24,12 +26,12 @@ _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
 def parse_size(value: int | str, field: str = "size") -> int:
     """Return the exact number of bytes of an int or a SIZE string; ``ValueError`` names ``field`` otherwise."""
     if isinstance(value, bool):
-        raise ValueError(f"{field} must be a size such as 50MiB or 1.5GB, got {value!r}")
+        raise InputError(f"{field} must be a size such as 50MiB or 1.5GB, got {value!r}")
     number = value if isinstance(value, int) else _parse_size_text(str(value), field)
     if number <= 0:
-        raise ValueError(f"{field} must be a positive size such as 50MiB, got {value!r}")
+        raise InputError(f"{field} must be a positive size such as 50MiB, got {value!r}")
     if number > INT64_MAX:
-        raise ValueError(f"{field} must be below 2**63 bytes (8 EiB), got {value!r}")
+        raise InputError(f"{field} must be below 2**63 bytes (8 EiB), got {value!r}")
     return number
 
 
@@ -37,16 +39,16 @@ def _parse_size_text(text: str, field: str) -> int:
     match = _SIZE_RE.match(text)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
-        raise ValueError(
+        raise InputError(
             f"{field} must be a size such as 52428800, 50MiB or 1.5GB (units: kB MB GB TB, KiB MiB GiB TiB), "
             f"got {text!r}"
         )
     try:
         exact = Decimal(match.group(1)) * _UNITS[unit]
     except InvalidOperation as error:  # pragma: no cover - the regex admits only valid decimals
-        raise ValueError(f"{field}: cannot read {text!r} as a number") from error
+        raise InputError(f"{field}: cannot read {text!r} as a number") from error
     if exact != exact.to_integral_value():
-        raise ValueError(f"{field} must be a whole number of bytes, got {text!r} = {exact} bytes")
+        raise InputError(f"{field} must be a whole number of bytes, got {text!r} = {exact} bytes")
     return int(exact)
 
 
@@ -59,7 +61,7 @@ def parse_sizes(value: int | str | list[int | str] | tuple[int | str, ...], fiel
     else:
         items = [value]
     if not items:
-        raise ValueError(f"{field} must name at least one size")
+        raise InputError(f"{field} must name at least one size")
     if len(items) == 1:
         return [parse_size(items[0], field)]
     return [parse_size(item, f"{field}[{index}]") for index, item in enumerate(items)]

@@ -1,7 +1,7 @@
 """Exact partitioners: pure functions from an interval cost (numpy arrays) to contiguous runs of layers."""
 
-from cachefit.partition.probe import Probe, fill_exactly, greedy_probe
-from cachefit.partition.solve import (
+from cachefit.planning.algorithms.probe import Probe, fill_exactly, greedy_probe
+from cachefit.planning.algorithms.solve import (
     Solution,
     fewest_cards,
     front_fill,

@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from cachefit.hardware import Device, Figure
-from cachefit.layers import LayerTable
-from cachefit.partition.timed import StageCosts
-from cachefit.plan import Partition, Plan
+from cachefit.core.errors import InputError
+from cachefit.core.hardware import Device, Figure
+from cachefit.core.layers import LayerTable
+from cachefit.planning.algorithms.timed import StageCosts
+from cachefit.planning.plan import Partition, Plan
 
 __all__ = ["Prediction", "Rates", "StagePrediction", "layer_costs", "predict_plan", "rates_of"]
 
@@ -115,7 +116,7 @@ def rates_of(device: Device, dtype: str | None, capacity_bytes: int | None = Non
     for key, figure_name in wanted.items():
         figure = device.figure(figure_name)
         if figure is None:
-            raise ValueError(f"device {device.name} has no {figure_name} figure, which predict needs; add it with "
+            raise InputError(f"device {device.name} has no {figure_name} figure, which predict needs; add it with "
                              "--devices-file (or measure this host with cachefit calibrate)")
         values[key], sources[key] = figure.value, f"{figure_name}: {figure.source} ({figure.kind})"
     off_chip = _optional(device, "off_chip_bandwidth", "none (on-chip memory only)", sources)
@@ -143,9 +144,9 @@ def predict_plan(plan: Plan, table: LayerTable, rates: Rates, micro_batches: int
     per sequence (``prompt_len`` of them in all; default the table's sequence)."""
     batch = int(plan.model.batch or table.batch or 1)
     if micro_batches < 1 or batch % micro_batches:
-        raise ValueError(f"micro-batches ({micro_batches}) must divide the plan's batch ({batch})")
+        raise InputError(f"micro-batches ({micro_batches}) must divide the plan's batch ({batch})")
     if not plan.partitions:
-        raise ValueError("the plan has no partitions to predict: it is not feasible")
+        raise InputError("the plan has no partitions to predict: it is not feasible")
     share = 1.0 / micro_batches
     decode = tuple(_stage(part, table, rates, share, 1) for part in plan.partitions)
     prompt = prompt_len or int(table.seq or 1)
@@ -169,7 +170,7 @@ def _stage(part: Partition, table: LayerTable, rates: Rates, share: float, token
     resident = part.footprint_bytes <= rates.capacity_bytes
     bandwidth = rates.on_chip_bandwidth if resident else rates.off_chip_bandwidth
     if bandwidth is None:
-        raise ValueError(f"the stage at card {part.card} does not fit on-chip and the device has no off-chip "
+        raise InputError(f"the stage at card {part.card} does not fit on-chip and the device has no off-chip "
                          "bandwidth figure to stream from")
     memory_s = (part.weight_bytes + kv_bytes + activation_bytes) / bandwidth
     allreduce_s = 0.0

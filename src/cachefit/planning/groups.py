@@ -1,15 +1,17 @@
 """Plans whose stages may be tensor groups (several cards sharing each layer of a stage), and the classic TP x PP
-baseline as a plan. Pure functions like :func:`cachefit.plan.make_plan`: arguments checked first, data out."""
+baseline as a plan. Pure functions like :func:`cachefit.planning.plan.make_plan`: arguments checked first, data out."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cachefit import diagnose
-from cachefit.layers import LayerTable
-from cachefit.memory import MemoryModel, breakdown, interval_cost, per_card_table
-from cachefit.partition.split import (
+from cachefit.core.errors import InputError
+from cachefit.core.layers import LayerTable
+from cachefit.core.memory import MemoryModel, breakdown, interval_cost, per_card_table
+from cachefit.core.units import format_size
+from cachefit.planning import diagnose
+from cachefit.planning.algorithms.split import (
     SplitOption,
     SplitSolution,
     SplitStage,
@@ -18,8 +20,7 @@ from cachefit.partition.split import (
     split_lower_bound,
     split_min_max,
 )
-from cachefit.plan import ModelInfo, Partition, Plan, check_arguments
-from cachefit.units import format_size
+from cachefit.planning.plan import ModelInfo, Partition, Plan, check_arguments
 
 __all__ = ["make_baseline_plan", "make_split_plan", "parse_baseline", "split_options"]
 
@@ -65,7 +66,7 @@ def parse_baseline(text: str) -> tuple[int, int]:
     for item in text.split(","):
         key, _, value = item.partition("=")
         if key.strip() not in ("tp", "pp") or not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"--baseline must look like tp=8,pp=2 (positive integers), got {text!r}")
+            raise InputError(f"--baseline must look like tp=8,pp=2 (positive integers), got {text!r}")
         values[key.strip()] = int(value)
     return values.get("tp", 1), values.get("pp", 1)
 
@@ -77,13 +78,13 @@ def make_baseline_plan(table: LayerTable, capacity: int, tensor_parallel: int, p
     whether every card holds its share on-chip (if not, its weights stream from off-chip memory every pass)."""
     n = len(table.layers)
     if not 1 <= pipeline_stages <= n:
-        raise ValueError(f"pp must be between 1 and the number of layers ({n}), got {pipeline_stages}")
+        raise InputError(f"pp must be between 1 and the number of layers ({n}), got {pipeline_stages}")
     options = {option.ways: option for option in split_options(table, memory_model)}
     option = options.get(tensor_parallel)
     if option is None or not option.allowed.all():
         refused = [x.name for x in table.layers if x.split(tensor_parallel) is None]
         allowed = sorted(w for w, o in options.items() if o.allowed.all())
-        raise ValueError(f"tp={tensor_parallel} is not a split every layer allows ({', '.join(refused[:3])} do "
+        raise InputError(f"tp={tensor_parallel} is not a split every layer allows ({', '.join(refused[:3])} do "
                          f"not); widths they all allow: {', '.join(map(str, allowed))}")
     size, extra = divmod(n, pipeline_stages)
     stages, first = [], 0

@@ -1,4 +1,4 @@
-"""Exact partitioners over an :class:`~cachefit.memory.IntervalCost` (pure: arrays in, layer indices out)."""
+"""Exact partitioners over an :class:`~cachefit.core.memory.IntervalCost` (pure: arrays in, layer indices out)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from fractions import Fraction
 
 import numpy as np
 
-from cachefit.memory import IntervalCost
-from cachefit.partition.probe import Probe, common_cards, fill_exactly, greedy_probe
+from cachefit.core.errors import InputError
+from cachefit.core.memory import IntervalCost
+from cachefit.planning.algorithms.probe import Probe, common_cards, fill_exactly, greedy_probe
 
 __all__ = [
     "Solution",
@@ -158,7 +159,7 @@ def _footprints(cost: IntervalCost, lasts: Sequence[int]) -> tuple[int, ...]:
 
 def _check_cards(cost: IntervalCost, cards: int) -> None:
     if cards < 1:
-        raise ValueError(f"cards must be at least 1, got {cards}")
+        raise InputError(f"cards must be at least 1, got {cards}")
     if cards > cost.layers:
-        raise ValueError(f"cards ({cards}) must not exceed the number of layers ({cost.layers}): "
+        raise InputError(f"cards ({cards}) must not exceed the number of layers ({cost.layers}): "
                          "each card holds at least one whole layer")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from cachefit.memory import IntervalCost
+from cachefit.core.memory import IntervalCost
 
 __all__ = ["StageCosts", "TimedSolution", "least_time"]
 

@@ -23,7 +23,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from cachefit.layers import Layer, LayerTable
+from cachefit.core.errors import InputError
+from cachefit.core.layers import Layer, LayerTable
 
 __all__ = [
     "MEMORY_MODELS",
@@ -198,7 +199,7 @@ def shared_bytes(uses: tuple[SharedUse, ...], first: int, last: int) -> int:
 def interval_cost(table: LayerTable, model: MemoryModel) -> IntervalCost:
     """The memory model ``model`` over ``table`` as arrays for the partitioners."""
     if model not in MEMORY_MODELS:
-        raise ValueError(f"memory_model must be one of {', '.join(MEMORY_MODELS)}, got {model!r}")
+        raise InputError(f"memory_model must be one of {', '.join(MEMORY_MODELS)}, got {model!r}")
     columns = _columns(table)
     weights, activations, workspace, kv_cache = columns
     if model == "sum":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from cachefit.memory import IntervalCost
+from cachefit.core.memory import IntervalCost
 
 __all__ = ["SplitOption", "SplitSolution", "SplitStage", "fewest_split_cards", "split_card_lower_bound",
            "split_lower_bound", "split_min_max"]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from rich.table import Table
 
-from cachefit.hardware import Device
-from cachefit.layers import LayerTable
-from cachefit.memory import breakdown, interval_cost
-from cachefit.plan import Plan
-from cachefit.units import format_size
+from cachefit.core.hardware import Device
+from cachefit.core.layers import LayerTable
+from cachefit.core.memory import breakdown, interval_cost
+from cachefit.core.units import format_size
+from cachefit.planning.plan import Plan
 
 __all__ = ["devices_table", "layer_table", "plan_summary", "plan_table", "plot_plan"]
 

@@ -19,8 +19,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cachefit._files import atomic_write_text, describe_validation_error, read_json_object
-from cachefit.units import INT64_MAX
+from cachefit.core.errors import InputError
+from cachefit.core.files import atomic_write_text, describe_validation_error, read_json_object
+from cachefit.core.units import INT64_MAX
 
 __all__ = ["CSV_COLUMNS", "SCHEMA", "Layer", "LayerTable", "Phase", "SharedTensor", "Split"]
 
@@ -119,7 +120,7 @@ class LayerTable:
         """DESIGN.md's CSV columns. ``modules`` lists and tensor splits are left out (a table read back plans whole
         layers only); shared tensors change footprints, so a table with them is refused rather than written wrong."""
         if any(layer.shared for layer in self.layers):
-            raise ValueError(f"layer table {self.name!r} has shared tensors (tied weights), which CSV cannot hold; "
+            raise InputError(f"layer table {self.name!r} has shared tensors (tied weights), which CSV cannot hold; "
                              "write it as JSON")
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
@@ -142,10 +143,10 @@ class LayerTable:
             try:
                 text = path.read_text(encoding="utf-8")
             except OSError as error:
-                raise ValueError(f"cannot read layer table {path}: {error.strerror or error}") from error
+                raise InputError(f"cannot read layer table {path}: {error.strerror or error}") from error
             return cls.from_csv(text, name=path.stem, input_bytes=input_bytes or 0, source=str(path))
         if input_bytes is not None:
-            raise ValueError(f"--input-bytes is for CSV layer tables; {path} is JSON and carries its own input_bytes")
+            raise InputError(f"--input-bytes is for CSV layer tables; {path} is JSON and carries its own input_bytes")
         return cls.from_dict(read_json_object(path, "layer table"), source=str(path))
 
     @classmethod
@@ -153,7 +154,7 @@ class LayerTable:
         try:
             model = _TableModel.model_validate(document)
         except ValidationError as error:
-            raise ValueError(describe_validation_error(error, source)) from error
+            raise InputError(describe_validation_error(error, source)) from error
         layers = tuple(
             Layer(name=x.name, weight_bytes=x.weight_bytes, activation_bytes=x.activation_bytes,
                   workspace_bytes=x.workspace_bytes, kv_cache_bytes=x.kv_cache_bytes, flops=float(x.flops),
@@ -167,13 +168,13 @@ class LayerTable:
             return cls(name=model.name, layers=layers, input_bytes=model.input_bytes, dtype=model.dtype,
                        batch=model.batch, seq=model.seq, phase=model.phase, spec=model.spec)
         except ValueError as error:
-            raise ValueError(f"{source}: {error}") from error
+            raise InputError(f"{source}: {error}") from error
 
     @classmethod
     def from_csv(cls, text: str, name: str, input_bytes: int = 0, source: str = "CSV") -> LayerTable:
         rows = list(csv.reader(io.StringIO(text)))
         if not rows:
-            raise ValueError(f"{source}: empty file; expected the header {','.join(CSV_COLUMNS)}")
+            raise InputError(f"{source}: empty file; expected the header {','.join(CSV_COLUMNS)}")
         header = [column.strip() for column in rows[0]]
         _check_csv_header(header, source)
         layers = [_csv_layer(dict(zip(header, row)), len(row), len(header), line, source)
@@ -181,7 +182,7 @@ class LayerTable:
         try:
             return cls(name=name, layers=tuple(layers), input_bytes=input_bytes)
         except ValueError as error:
-            raise ValueError(f"{source}: {error}") from error
+            raise InputError(f"{source}: {error}") from error
 
 
 def _layer_dict(layer: Layer) -> dict[str, Any]:
@@ -201,28 +202,28 @@ def _layer_dict(layer: Layer) -> dict[str, Any]:
 def _check_table(table: LayerTable) -> None:
     """Invariants every table keeps, whatever made it: unique names, owners earlier, totals within int64."""
     if not table.layers:
-        raise ValueError("layers must list at least one layer")
+        raise InputError("layers must list at least one layer")
     index: dict[str, int] = {}
     for position, layer in enumerate(table.layers):
         if layer.name in index:
-            raise ValueError(f"layers[{position}].name {layer.name!r} repeats layers[{index[layer.name]}]; "
+            raise InputError(f"layers[{position}].name {layer.name!r} repeats layers[{index[layer.name]}]; "
                              "layer names must be unique")
         index[layer.name] = position
         for shared in layer.shared:
             if index.get(shared.owner, position) >= position:
-                raise ValueError(f"layers[{position}].shared: owner {shared.owner!r} must be an earlier layer")
+                raise InputError(f"layers[{position}].shared: owner {shared.owner!r} must be an earlier layer")
         ways = [s.ways for s in layer.splits]
         if any(w < 2 for w in ways) or len(set(ways)) != len(ways):
-            raise ValueError(f"layers[{position}].splits: ways must be distinct integers >= 2, got {ways}")
+            raise InputError(f"layers[{position}].splits: ways must be distinct integers >= 2, got {ways}")
     _check_owners_count_shared(table, index)
     columns = [table.input_bytes]
     for layer in table.layers:
         columns += [layer.weight_bytes, layer.activation_bytes, layer.workspace_bytes, layer.kv_cache_bytes]
         columns += [s.bytes for s in layer.shared]
     if any(value < 0 for value in columns):
-        raise ValueError("byte sizes must be non-negative")
+        raise InputError("byte sizes must be non-negative")
     if sum(columns) > INT64_MAX:
-        raise ValueError(f"the table's sizes add up to {sum(columns)} bytes, beyond int64 (2**63-1); "
+        raise InputError(f"the table's sizes add up to {sum(columns)} bytes, beyond int64 (2**63-1); "
                          "cachefit plans in exact 64-bit integers: split the model or use a smaller batch")
 
 
@@ -233,12 +234,12 @@ def _check_owners_count_shared(table: LayerTable, index: dict[str, int]) -> None
         for shared in layer.shared:
             size = owned.setdefault(shared.owner, {}).setdefault(shared.tensor, shared.bytes)
             if size != shared.bytes:
-                raise ValueError(f"layers[{position}].shared: tensor {shared.tensor!r} of {shared.owner!r} is "
+                raise InputError(f"layers[{position}].shared: tensor {shared.tensor!r} of {shared.owner!r} is "
                                  f"{shared.bytes} bytes here but {size} bytes in an earlier layer")
     for owner, tensors in owned.items():
         owner_layer = table.layers[index[owner]]
         if sum(tensors.values()) > owner_layer.weight_bytes:
-            raise ValueError(f"layers[{index[owner]}] ({owner!r}) shares {sum(tensors.values())} bytes of tensors "
+            raise InputError(f"layers[{index[owner]}] ({owner!r}) shares {sum(tensors.values())} bytes of tensors "
                              f"but its weight_bytes is {owner_layer.weight_bytes}: the owner must count them")
 
 
@@ -247,7 +248,7 @@ def _check_csv_header(header: list[str], source: str) -> None:
     missing = [column for column in required if column not in header]
     unknown = [column for column in header if column not in CSV_COLUMNS]
     if missing or unknown or len(set(header)) != len(header):
-        raise ValueError(f"{source}: header must be {','.join(CSV_COLUMNS)} (kv_cache_bytes and flops optional); "
+        raise InputError(f"{source}: header must be {','.join(CSV_COLUMNS)} (kv_cache_bytes and flops optional); "
                          f"got {','.join(header)}")
 
 
@@ -257,15 +258,15 @@ _INTEGER = re.compile(r"^[0-9]+$")
 def _csv_layer(row: dict[str, str], width: int, expected: int, line: int, source: str) -> Layer:
     where = f"{source} line {line}"
     if width != expected:
-        raise ValueError(f"{where}: has {width} cells, the header has {expected}")
+        raise InputError(f"{where}: has {width} cells, the header has {expected}")
 
     def integer(column: str) -> int:
         text = row.get(column, "0").strip() or "0"
         if not _INTEGER.match(text):
-            raise ValueError(f"{where}: {column} must be a non-negative integer, got {text!r}")
+            raise InputError(f"{where}: {column} must be a non-negative integer, got {text!r}")
         value = int(text)
         if value > INT64_MAX:
-            raise ValueError(f"{where}: {column} must be at most 2**63-1 bytes, got {text}")
+            raise InputError(f"{where}: {column} must be at most 2**63-1 bytes, got {text}")
         return value
 
     flops_text = row.get("flops", "0").strip() or "0"
@@ -274,10 +275,10 @@ def _csv_layer(row: dict[str, str], width: int, expected: int, line: int, source
     except ValueError:
         flops = -1.0
     if not (flops >= 0 and math.isfinite(flops)):
-        raise ValueError(f"{where}: flops must be a non-negative number, got {flops_text!r}")
+        raise InputError(f"{where}: flops must be a non-negative number, got {flops_text!r}")
     name = row["name"].strip()
     if not name:
-        raise ValueError(f"{where}: name must not be empty")
+        raise InputError(f"{where}: name must not be empty")
     return Layer(name=name, weight_bytes=integer("weight_bytes"), activation_bytes=integer("activation_bytes"),
                  workspace_bytes=integer("workspace_bytes"), kv_cache_bytes=integer("kv_cache_bytes"), flops=flops)
 

@@ -8,7 +8,7 @@ import platform
 from datetime import date
 from typing import Any
 
-from cachefit.units import format_size
+from cachefit.core.units import format_size
 
 __all__ = ["render"]
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cachefit.memory import IntervalCost
+from cachefit.core.errors import InputError
+from cachefit.core.memory import IntervalCost
 
 __all__ = ["Probe", "fill_exactly", "greedy_probe", "part_footprints"]
 
@@ -189,7 +190,7 @@ def fill_exactly(cost: IntervalCost, limit: int, cards: int) -> tuple[int, ...]:
         last = layers - 1 if reserve == 0 else min(cost.jump(first, limit, hint), layers - 1 - reserve)
         hint = max(hint, last - first + 1)
         if last < first:
-            raise ValueError(f"limit {limit} cannot place layer {first} on card {card}")
+            raise InputError(f"limit {limit} cannot place layer {first} on card {card}")
         lasts.append(last)
         first = last + 1
     return tuple(lasts)
