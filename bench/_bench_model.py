@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cachefit.planning.plan import Plan
+from cachefit.core.records import Plan
+from cachefit.core.spec import DenseSpec, Workload
 from cachefit.runtime import init_weights, shard_checkpoint
 from cachefit.runtime.launch import RunOptions, RunResult, run_plan
-from cachefit.sources.families import DenseSpec, Workload
 
 # Sized so a pass is mostly compute: d = 1024, fp32, 403 MB of weights.
 SPEC = DenseSpec("bench-dense8", layers=8, heads=8, head_dim=128, mlp_hidden=4096, vocab=2048)

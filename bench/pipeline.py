@@ -24,12 +24,12 @@ from rich.table import Table
 
 import cachefit
 from _bench_model import SPEC, run, spec_file
+from cachefit.core.spec import Workload
 from cachefit.nn import KVCache, build_model
 from cachefit.runtime.launch import RunOptions
 from cachefit.runtime.summary import summarise
 from cachefit.runtime.worker import prompts
 from cachefit.sources import TorchOptions
-from cachefit.sources.families import Workload
 
 PROMPT, NEW, MICRO = 48, 32, 4
 

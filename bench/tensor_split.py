@@ -23,10 +23,10 @@ from rich.table import Table
 
 import cachefit
 from _bench_model import SPEC, run, spec_file
+from cachefit.core.spec import Workload
 from cachefit.runtime.launch import RunOptions
 from cachefit.runtime.summary import summarise
 from cachefit.sources import TorchOptions
-from cachefit.sources.families import Workload
 
 PROMPT, NEW, MICRO = 48, 32, 4
 LAYOUTS = {4: {"PP=4 (whole layers)": None, "TP=2 x PP=2": "tp=2,pp=2", "TP=4": "tp=4,pp=1"},

@@ -23,11 +23,11 @@ from rich.table import Table
 import cachefit
 from _bench_model import SPEC, run, spec_file
 from cachefit import api
+from cachefit.core.spec import Workload
 from cachefit.runtime.calibrate import measure_host, to_toml
 from cachefit.runtime.launch import RunOptions
 from cachefit.runtime.summary import summarise
 from cachefit.sources import TorchOptions
-from cachefit.sources.families import Workload
 
 PROMPT, NEW = 32, 16
 # (name, batch, cards, baseline, micro-batches, prompt chunk)

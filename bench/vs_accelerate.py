@@ -26,9 +26,9 @@ from rich.table import Table
 
 from cachefit.core.layers import LayerTable
 from cachefit.core.memory import interval_cost
+from cachefit.core.spec import Workload
 from cachefit.core.units import format_size, parse_size
-from cachefit.planning.plan import make_plan
-from cachefit.sources.families import Workload
+from cachefit.planning import make_plan
 from cachefit.sources.hf import _build, hf_presets, hf_table
 from cachefit.sources.torch_profile import find_blocks
 

@@ -13,6 +13,7 @@ def test_public_api_is_deliberate() -> None:
         "__version__", "load_model", "plan", "devices", "make_plan", "LayerTable", "Layer", "SharedTensor",
         "Plan", "Partition", "ModelInfo", "Device", "Figure", "Breakdown", "IntervalCost", "interval_cost",
         "parse_size", "format_size", "Split", "Prediction", "predict", "largest_micro_batch",
+        "profile", "export", "shard", "run", "torchrun_command", "DeviceRecord", "InputError", "RunError",
     }
     for name in cachefit.__all__:
         assert hasattr(cachefit, name), name

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cachefit.cli import cli
 from cachefit.core.layers import LayerTable
-from cachefit.planning.plan import Plan
+from cachefit.core.records import Plan
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -46,7 +46,7 @@ def test_plan_table_json_file_and_plot(tmp_path: Path) -> None:
                                "--plot", str(png))
     assert code == 0 and "proven optimal" in stdout and "card" in stdout
     plan = Plan.read(out)
-    assert plan.feasible and plan.cards == 9 and plan.device and plan.device["name"] == "dmatrix-corsair"
+    assert plan.feasible and plan.cards == 9 and plan.device and plan.device.name == "dmatrix-corsair"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -162,10 +162,10 @@ def test_plan_with_tensor_groups_baseline_and_micro_batch(tmp_path: Path) -> Non
     assert document["partitions"][1]["cards"] == [1, 2, 3, 4]
     code, _, _ = run("plan", "tiny-llama", "--capacity", "300KiB", "--split", "never")
     assert code == 3
-    # The baseline is built as asked, and says it does not fit (exit 0: nothing was searched for).
+    # The baseline is built as asked and written, and says it does not fit on-chip (exit 3: not feasible).
     code, stdout, _ = run("plan", "seed-dense16", "--device", "h100", "--baseline", "tp=8,pp=2", "-o",
                           str(tmp_path / "base.json"))
-    assert code == 0 and "does not fit on-chip" in stdout
+    assert code == 3 and "does not fit on-chip" in stdout
     assert Plan.read(tmp_path / "base.json").cards == 16
     code, _, stderr = run("plan", "seed-dense16", "--device", "h100", "--baseline", "tp=3,pp=2")
     assert code == 2 and "tp=3 is not a split every layer allows" in stderr

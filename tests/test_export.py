@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from cachefit.cli import cli
 from cachefit.core.layers import Layer, LayerTable
 from cachefit.output.export import device_map, torchtitan_stages, vllm_partition
-from cachefit.planning.plan import make_plan
+from cachefit.planning import make_plan
 
 # embed (100) | 4 decoder layers (50 each) | norm (1) | lm_head (100): bytes, weights only, 401 in all.
 HF_LIKE = LayerTable("hf-like", (

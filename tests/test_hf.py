@@ -9,8 +9,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from cachefit.core.spec import LlamaSpec, Workload
 from cachefit.sources import hf_preset_names, load_model
-from cachefit.sources.families import LlamaSpec, Workload, llama_table
+from cachefit.sources.families import llama_table
 
 # Published parameter counts; the tables add buffers (rotary frequencies), which the check below accounts for.
 PUBLISHED = {"hf/gpt2": 124_439_808, "hf/llama-3-8b": 8_030_261_248, "hf/llama-3-70b": 70_553_706_496,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 
 import cachefit
 from cachefit.core.layers import Layer, LayerTable
-from cachefit.planning.plan import Plan, make_plan
+from cachefit.core.records import Plan
+from cachefit.planning import make_plan
 
 import reference
 from strategies import tables
@@ -120,5 +122,27 @@ def test_plan_files_are_validated(tmp_path: Path) -> None:
     document["partitions"][0]["footprint_bytes"] = 64
     with pytest.raises(ValueError, match="must equal the sum of its parts"):
         Plan.from_dict(document)
-    with pytest.raises(ValueError, match=r"schema must be 'cachefit\.plan/v1'"):
+    with pytest.raises(ValueError, match=r"schema must be 'cachefit\.plan/v2' \(or 'cachefit\.plan/v1'\)"):
         Plan.from_dict({**plan.to_dict(), "schema": "cachefit.plan/v0"})
+
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize(("name", "made", "layout", "objective", "strategy"), [
+    ("plan-v1-baseline.json", lambda: cachefit.plan("tiny-llama", capacity="2GB", baseline="tp=2,pp=2"),
+     "baseline", "memory", None),
+    ("plan-v1-groups.json", lambda: cachefit.plan("tiny-llama", capacity="300KiB"), "groups", "memory", "balanced"),
+    ("plan-v1-time.json", lambda: cachefit.plan("llama-3-8b", device="h100", capacity="2GB", objective="time"),
+     "whole", "time", "balanced"),
+])
+def test_v1_plans_read_as_v2(name: str, made: Any, layout: str, objective: str, strategy: str | None) -> None:
+    # Files written by cachefit 0.1 (schema v1: strategy "baseline" / "time" stood for the layout and objective).
+    old = Plan.read(DATA / name)
+    new = made()
+    assert (old.layout, old.objective, old.strategy) == (layout, objective, strategy) == (
+        new.layout, new.objective, new.strategy)
+    assert old.partitions == new.partitions and old.capacity_bytes == new.capacity_bytes
+    assert old.feasible == new.feasible and old.model.spec == new.model.spec
+    assert Plan.from_dict(json.loads(old.to_json())) == old          # and it is written back as v2
+    assert old.to_dict()["schema"] == "cachefit.plan/v2"

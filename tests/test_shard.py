@@ -14,8 +14,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 import cachefit  # noqa: E402
 from cachefit.cli import cli  # noqa: E402
+from cachefit.core.records import Plan  # noqa: E402
 from cachefit.nn import build_model  # noqa: E402
-from cachefit.planning.plan import Plan  # noqa: E402
 from cachefit.runtime import Manifest, init_weights, shard_checkpoint, verify_card  # noqa: E402
 from cachefit.sources import presets  # noqa: E402
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from cachefit import api
 from cachefit.core.layers import Layer, LayerTable, Split
-from cachefit.planning.groups import make_baseline_plan, make_split_plan, parse_baseline
-from cachefit.planning.plan import Plan
+from cachefit.core.records import Plan
+from cachefit.planning import make_baseline_plan, make_split_plan, parse_baseline
 from cachefit.sources import TorchOptions
 
 import reference
@@ -179,7 +179,7 @@ def test_family_splits_divide_what_the_split_divides(preset: str) -> None:
 def test_baseline_plan_is_built_and_says_whether_it_fits() -> None:
     table = api.load_model("seed-dense16")
     plan = make_baseline_plan(table, 39321600, 8, 2)
-    assert plan.cards == 16 and plan.strategy == "baseline" and not plan.feasible
+    assert plan.cards == 16 and plan.layout == "baseline" and plan.strategy is None and plan.found and not plan.feasible
     assert [(p.first, p.last, p.tensor_parallel) for p in plan.partitions] == [(0, 7, 8), (8, 15, 8)]
     # 8 layers x 1/8 of 1,610,612,736 B of weights per card, plus their KV share
     assert plan.partitions[0].weight_bytes == 8 * 1610612736 // 8

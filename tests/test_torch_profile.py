@@ -10,8 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cachefit.core.layers import LayerTable  # noqa: E402
+from cachefit.core.spec import DenseSpec, LlamaSpec, Workload  # noqa: E402
 from cachefit.sources import TorchOptions, load_model, presets  # noqa: E402
-from cachefit.sources.families import DenseSpec, LlamaSpec, Workload, dense_table, llama_table  # noqa: E402
+from cachefit.sources.families import dense_table, llama_table  # noqa: E402
 from cachefit.sources.torch_profile import profile_module  # noqa: E402
 from cachefit.sources.torch_sources import measure_spec  # noqa: E402
 
@@ -113,7 +114,7 @@ def test_profiling_70b_allocates_no_weight_memory() -> None:
 def test_a_prefill_chunk_is_counted_on_top_of_decode() -> None:
     work = Workload(batch=2, seq=32, phase="decode", dtype="float32")
     decode, chunked = measure_spec(SPECS[0], work), measure_spec(SPECS[0], work, prefill_chunk=8)
-    assert chunked.spec is not None and chunked.spec["prefill_chunk"] == 8
+    assert chunked.spec is not None and chunked.spec.prefill_chunk == 8
     for plain, both in zip(decode.layers, chunked.layers):
         assert both.weight_bytes == plain.weight_bytes and both.kv_cache_bytes == plain.kv_cache_bytes
         assert both.activation_bytes >= plain.activation_bytes and both.workspace_bytes >= plain.workspace_bytes

@@ -8,20 +8,35 @@
                                             baseline="tp=8,pp=2")
 """
 
-from cachefit.api import devices, largest_micro_batch, load_model, plan, predict
+from cachefit.api import (
+    devices,
+    export,
+    largest_micro_batch,
+    load_model,
+    plan,
+    predict,
+    profile,
+    run,
+    shard,
+    torchrun_command,
+)
+from cachefit.core.errors import InputError, RunError
 from cachefit.core.hardware import Device, Figure
 from cachefit.core.layers import Layer, LayerTable, SharedTensor, Split
 from cachefit.core.memory import Breakdown, IntervalCost, interval_cost
+from cachefit.core.records import DeviceRecord, ModelInfo, Partition, Plan
 from cachefit.core.units import format_size, parse_size
 from cachefit.perf.predict import Prediction
-from cachefit.planning.plan import ModelInfo, Partition, Plan, make_plan
+from cachefit.planning import make_plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Breakdown",
     "Device",
+    "DeviceRecord",
     "Figure",
+    "InputError",
     "IntervalCost",
     "Layer",
     "LayerTable",
@@ -29,10 +44,12 @@ __all__ = [
     "Partition",
     "Plan",
     "Prediction",
+    "RunError",
     "SharedTensor",
     "Split",
     "__version__",
     "devices",
+    "export",
     "format_size",
     "interval_cost",
     "largest_micro_batch",
@@ -41,4 +58,8 @@ __all__ = [
     "parse_size",
     "plan",
     "predict",
+    "profile",
+    "run",
+    "shard",
+    "torchrun_command",
 ]

@@ -1,29 +1,41 @@
-"""The Python API: what the CLI calls, with arguments as users write them (SIZE strings, device names)."""
+"""The Python API: one function per verb, with arguments as users write them (SIZE strings, device names). The CLI
+is a thin layer over it. Each function refuses a combination it would otherwise ignore (InputError naming it).
+
+    profile(model, **model options) -> LayerTable       plan(model, capacity | device, ...) -> Plan
+    predict(plan, device=...) -> (Prediction, baseline)  export(plan, target) -> str
+    shard(plan, checkpoint, out) -> Manifest             run(plan_file, weights, RunOptions) -> RunResult
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from cachefit.core.cost import layer_costs, rates_of
 from cachefit.core.errors import InputError
 from cachefit.core.hardware import Device, get_device, load_devices
 from cachefit.core.layers import LayerTable
 from cachefit.core.memory import MemoryModel
+from cachefit.core.records import DeviceRecord, Objective, Plan, Strategy
 from cachefit.core.units import parse_sizes
-from cachefit.perf.predict import Prediction, layer_costs, predict_plan, rates_of
-from cachefit.planning.groups import make_baseline_plan, make_split_plan, parse_baseline
-from cachefit.planning.plan import Plan, Strategy, make_plan
-from cachefit.planning.timed import make_time_plan
+from cachefit.output.export import Target, export_plan
+from cachefit.perf.predict import Prediction, predict_plan
+from cachefit.planning import make_baseline_plan, make_plan, make_split_plan, make_time_plan, parse_baseline
 from cachefit.sources import load_model, rebuild_table
 
-__all__ = ["SPLITS", "Objective", "SplitMode", "devices", "largest_micro_batch", "load_model", "plan", "predict"]
+if TYPE_CHECKING:
+    from cachefit.runtime.launch import RunOptions, RunResult
+    from cachefit.runtime.shard import Manifest
+
+__all__ = ["SPLITS", "Objective", "SplitMode", "devices", "export", "largest_micro_batch", "load_model", "plan",
+           "predict", "profile", "run", "shard", "torchrun_command"]
 
 Capacity = int | str | Sequence[int | str]
 SplitMode = Literal["auto", "never", "always"]
 SPLITS: tuple[SplitMode, ...] = ("auto", "never", "always")
-Objective = Literal["memory", "time"]
+Baseline = str | tuple[int, int]
 
 
 def devices(devices_file: str | Path | None = None) -> dict[str, Device]:
@@ -31,9 +43,15 @@ def devices(devices_file: str | Path | None = None) -> dict[str, Device]:
     return load_devices(devices_file)
 
 
+def profile(model: str | Path, **model_options: Any) -> LayerTable:
+    """Any MODEL the CLI takes, as a layer table (``model_options``: batch, seq, phase, dtype, attention,
+    input_bytes, torch_options)."""
+    return load_model(model, **model_options)
+
+
 def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, device: str | None = None,
          cards: int | None = None, memory_model: MemoryModel = "peak", strategy: Strategy = "balanced",
-         split: SplitMode = "auto", baseline: str | tuple[int, int] | None = None, objective: Objective = "memory",
+         split: SplitMode = "auto", baseline: Baseline | None = None, objective: Objective = "memory",
          micro_batches: int = 1, devices_file: str | Path | None = None, **model_options: Any) -> Plan:
     """Plan ``model`` (a LayerTable or any MODEL the CLI takes) onto cards of ``capacity`` (bytes, a SIZE string,
     or one per card) or of a catalog ``device``'s usable on-chip capacity.
@@ -43,27 +61,28 @@ def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, de
     the classic layout instead, built whether or not it fits. ``objective="time"``: the least slowest predicted
     stage (per pass of 1/``micro_batches`` of the batch) on ``device``'s figures, every card within ``capacity``
     (default: the device's)."""
-    table = model if isinstance(model, LayerTable) else load_model(model, **model_options)
+    _check_plan_options(split, baseline, objective, strategy, cards, micro_batches)
+    table = _table(model, model_options)
     catalog = load_devices(devices_file)
     if objective == "time":
         return _time_plan(table, capacity, device, cards, memory_model, micro_batches, catalog)
-    if objective != "memory":
-        raise InputError(f"objective must be 'memory' or 'time', got {objective!r}")
-    capacities, device_record = _capacities(capacity, device, catalog)
-    if split not in SPLITS:
-        raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    capacities, record = _capacities(capacity, device, catalog)
     if baseline is not None or split == "always":
-        _check_single_capacity(capacities, strategy, "--baseline" if baseline is not None else "--split always")
+        _check_single_capacity(capacities, strategy, "baseline" if baseline is not None else "split='always'")
     if baseline is not None:
-        return make_baseline_plan(table, capacities[0], *_baseline_shape(baseline), memory_model, device_record)
+        ways, stages = _baseline_shape(baseline)
+        if cards is not None and cards != ways * stages:
+            raise InputError(f"cards ({cards}) is fixed by baseline tp={ways},pp={stages} ({ways * stages} cards): "
+                             "leave cards out", parameters=("cards", "baseline"))
+        return make_baseline_plan(table, capacities[0], ways, stages, memory_model, record)
     if split == "always":
-        return make_split_plan(table, capacities[0], cards, memory_model, device_record)
+        return make_split_plan(table, capacities[0], cards, memory_model, record)
     larger = sorted(((d.name, d.capacity_bytes) for d in catalog.values()), key=lambda item: item[1])
-    whole = make_plan(table, capacities, cards, memory_model, strategy, device_record, larger)
+    whole = make_plan(table, capacities, cards, memory_model, strategy, record, larger)
     if (whole.feasible or split == "never" or table.split_ways == (1,) or len(capacities) > 1
             or strategy != "balanced"):
         return whole
-    grouped = make_split_plan(table, capacities[0], cards, memory_model, device_record)
+    grouped = make_split_plan(table, capacities[0], cards, memory_model, record)
     if grouped.feasible:
         return replace(grouped, diagnosis=("whole layers do not fit, so some stages are tensor groups",
                                            *grouped.diagnosis))
@@ -71,18 +90,53 @@ def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, de
                                        *grouped.diagnosis))
 
 
+def _table(model: LayerTable | str | Path, model_options: dict[str, Any]) -> LayerTable:
+    if not isinstance(model, LayerTable):
+        return load_model(model, **model_options)
+    if model_options:
+        raise InputError(f"{', '.join(sorted(model_options))}: a LayerTable has fixed sizes; these model options "
+                         "apply to presets, specs and models (pass the MODEL itself)",
+                         parameters=tuple(model_options))
+    return model
+
+
+def _check_plan_options(split: str, baseline: Baseline | None, objective: str, strategy: str, cards: int | None,
+                        micro_batches: int) -> None:
+    """The combinations a planner would ignore, refused by name."""
+    if objective not in ("memory", "time"):
+        raise InputError(f"objective must be 'memory' or 'time', got {objective!r}", parameters=("objective",))
+    if split not in SPLITS:
+        raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}", parameters=("split",))
+    if objective == "time":
+        ignored = [name for name, given in (("baseline", baseline is not None), ("strategy", strategy != "balanced"),
+                                            ("split", split != "auto")) if given]
+        if ignored:
+            raise InputError(f"objective='time' plans whole layers by predicted time; it has no {', '.join(ignored)}"
+                             f": drop {' and '.join(ignored)}", parameters=("objective", *ignored))
+    elif micro_batches != 1:
+        raise InputError("micro_batches sizes the passes objective='time' predicts; with the memory objective "
+                         "give batch instead", parameters=("micro_batches", "objective", "batch"))
+    if baseline is not None and split != "auto":
+        raise InputError(f"baseline fixes the split (every layer tp ways); drop split={split!r}",
+                         parameters=("baseline", "split"))
+
+
 def _time_plan(table: LayerTable, capacity: Capacity | None, device: str | None, cards: int | None,
                memory_model: MemoryModel, micro_batches: int, catalog: dict[str, Device]) -> Plan:
     if device is None:
-        raise InputError("--objective time predicts stage times from a device's figures: give --device (and "
-                         "--capacity to plan for another capacity than the device's)")
+        raise InputError("objective='time' predicts stage times from a device's figures: give device (and "
+                         "capacity to plan for another capacity than the device's)",
+                         parameters=("objective", "device", "capacity"))
     chosen = get_device(device, catalog)
     limits = [chosen.capacity_bytes] if capacity is None else _parse_capacity(capacity)
     if len(limits) != 1:
-        raise InputError("--objective time plans same-size cards: give one capacity")
+        raise InputError("objective='time' plans same-size cards: give one capacity",
+                         parameters=("objective", "capacity"))
+    if micro_batches < 1:
+        raise InputError(f"micro_batches must be at least 1, got {micro_batches}", parameters=("micro_batches",))
     rates = rates_of(chosen, table.dtype, chosen.capacity_bytes)
-    return make_time_plan(table, limits[0], layer_costs(table, rates, micro_batches), cards, memory_model,
-                          _device_record(chosen))
+    return make_time_plan(table, limits[0], layer_costs(table, rates, 1.0 / micro_batches), cards, memory_model,
+                          DeviceRecord.of(chosen))
 
 
 def largest_micro_batch(model: str | Path, capacity: Capacity | None = None, **arguments: Any
@@ -91,8 +145,11 @@ def largest_micro_batch(model: str | Path, capacity: Capacity | None = None, **a
     and that plan; None when even one sequence does not fit. Footprints grow with the batch, so bisection is
     exact. ``arguments``: those of :func:`plan`, model options included."""
     if isinstance(model, LayerTable):
-        raise InputError("--micro-batch auto re-sizes the model, so it needs a preset, spec, HF config or module, "
-                         "not a layer table")
+        raise InputError("micro_batch='auto' re-sizes the model, so it needs a preset, spec, HF config or module, "
+                         "not a layer table", parameters=("micro_batch",))
+    if arguments.get("baseline") is not None:
+        raise InputError("micro_batch='auto' searches for a plan; a baseline is built as given: give batch",
+                         parameters=("micro_batch", "baseline", "batch"))
     batch = arguments.pop("batch", None) or load_model(model, **_model_only(arguments)).batch or 1
     found: tuple[int, Plan] | None = None
     low, high = 0, batch                     # low fits (0: none known), everything above high is unknown
@@ -112,12 +169,13 @@ def _model_only(arguments: dict[str, Any]) -> dict[str, Any]:
 
 
 def _capacities(capacity: Capacity | None, device: str | None, catalog: dict[str, Device]
-                ) -> tuple[list[int], dict[str, Any] | None]:
+                ) -> tuple[list[int], DeviceRecord | None]:
     if (capacity is None) == (device is None):
-        raise InputError("give exactly one of capacity (e.g. '50MiB' or a list, one per card) and device")
+        raise InputError("give exactly one of capacity (e.g. '50MiB' or a list, one per card) and device",
+                         parameters=("capacity", "device"))
     if device is not None:
         chosen = get_device(device, catalog)
-        return [chosen.capacity_bytes], _device_record(chosen)
+        return [chosen.capacity_bytes], DeviceRecord.of(chosen)
     assert capacity is not None
     return _parse_capacity(capacity), None
 
@@ -127,38 +185,34 @@ def _parse_capacity(capacity: Capacity) -> list[int]:
                        else list(capacity), "capacity")
 
 
-def _device_record(chosen: Device) -> dict[str, Any]:
-    """What a plan keeps of the device it was made for."""
-    return {"name": chosen.name, "label": chosen.label, "memory": chosen.memory,
-            "on_chip_bytes": chosen.on_chip_bytes, "usable_fraction": chosen.usable_fraction,
-            "capacity_bytes": chosen.capacity_bytes}
-
-
-def _baseline_shape(baseline: str | tuple[int, int]) -> tuple[int, int]:
+def _baseline_shape(baseline: Baseline) -> tuple[int, int]:
     """(tensor parallel, pipeline stages) of ``tp=T,pp=P`` or of a pair."""
     return parse_baseline(baseline) if isinstance(baseline, str) else baseline
 
 
 def _check_single_capacity(capacities: list[int], strategy: str, what: str) -> None:
     if len(capacities) > 1:
-        raise InputError(f"{what} plans tensor groups of same-size cards: give one capacity, not {len(capacities)}")
+        raise InputError(f"{what} plans tensor groups of same-size cards: give one capacity, not {len(capacities)}",
+                         parameters=("capacity", "baseline", "split"))
     if strategy != "balanced":
-        raise InputError(f"{what} has no greedy strategy: drop --strategy {strategy}")
+        raise InputError(f"{what} has no greedy strategy: drop strategy={strategy!r}",
+                         parameters=("strategy", "baseline", "split"))
 
 
 def predict(plan_or_file: Plan | str | Path, *, device: str | None = None, micro_batches: int = 1,
-            prompt_len: int | None = None, chunk: int | None = None, baseline: str | tuple[int, int] | None = None,
+            prompt_len: int | None = None, chunk: int | None = None, baseline: Baseline | None = None,
             devices_file: str | Path | None = None) -> tuple[Prediction, Prediction | None]:
     """Predicted speed of a plan (and of the ``baseline`` tp=T,pp=P layout of the same model on the same cards)
     on ``device`` (default: the device the plan was made for)."""
     plan = plan_or_file if isinstance(plan_or_file, Plan) else Plan.read(plan_or_file)
-    name = device or (plan.device or {}).get("name")
+    name = device or (plan.device.name if plan.device else None)
     if name is None:
-        raise InputError("this plan names no device (it was planned with --capacity): give --device NAME, e.g. "
-                         "a calibrated host (cachefit calibrate)")
+        raise InputError("this plan names no device (it was planned with a capacity): give device, e.g. a "
+                         "calibrated host (cachefit calibrate)", parameters=("device",))
     chosen = get_device(name, load_devices(devices_file))
-    table = rebuild_table(_model_record(plan))
-    chunk = chunk or int((plan.model.spec or {}).get("prefill_chunk", 1))
+    table = rebuild_table(plan.model)
+    spec = plan.model.spec
+    chunk = chunk or (spec.prefill_chunk if spec is not None and spec.prefill_chunk else 1)
     # On another device than the plan's, residency is judged against that device's capacity.
     capacity = chosen.capacity_bytes if device is not None else plan.capacity_bytes[0]
     rates = rates_of(chosen, plan.model.dtype, capacity)
@@ -169,5 +223,38 @@ def predict(plan_or_file: Plan | str | Path, *, device: str | None = None, micro
     return ours, predict_plan(classic, table, rates, micro_batches, prompt_len, chunk)
 
 
-def _model_record(plan: Plan) -> dict[str, Any]:
-    return {key: getattr(plan.model, key) for key in ("spec", "batch", "seq", "phase", "dtype")}
+def export(plan_or_file: Plan | str | Path, target: Target) -> str:
+    """The plan in a peer's format: accelerate's device_map, torchtitan's module FQNs per stage, vLLM's layers."""
+    plan = plan_or_file if isinstance(plan_or_file, Plan) else Plan.read(plan_or_file)
+    return export_plan(plan, target)
+
+
+def shard(plan_or_file: Plan | str | Path, checkpoint: str | Path, out: str | Path) -> Manifest:
+    """One safetensors file per card of the plan, holding only that card's tensors, and the manifest."""
+    from cachefit.runtime.shard import shard_checkpoint
+
+    plan = plan_or_file if isinstance(plan_or_file, Plan) else Plan.read(plan_or_file)
+    return shard_checkpoint(plan, checkpoint, out)
+
+
+def run(plan_file: str | Path, weights: str | Path, options: RunOptions | None = None,
+        progress: Callable[[float], None] | None = None) -> RunResult:
+    """Run a plan: one process per card (torch.distributed), checked against the unpartitioned model when
+    ``options.check``; raises RunError naming the rank when one fails."""
+    from cachefit.runtime.launch import RunOptions, run_plan
+
+    chosen = options or RunOptions()
+    if chosen.nnodes > 1:
+        raise InputError(f"nnodes={chosen.nnodes}: start the run on each host with the command torchrun_command "
+                         "gives (run starts single-host jobs)", parameters=("nnodes",))
+    return run_plan(str(plan_file), str(weights), chosen, progress)
+
+
+def torchrun_command(plan_file: str | Path, weights: str | Path, options: RunOptions) -> list[str]:
+    """The torchrun command to start on each host of a multi-host run (with --node-rank N)."""
+    from cachefit.runtime.launch import check_run
+    from cachefit.runtime.launch import torchrun_command as command
+
+    plan = Plan.read(plan_file)
+    check_run(plan, weights, options)
+    return command(str(plan_file), str(weights), "OUT_DIR", options, plan.cards)

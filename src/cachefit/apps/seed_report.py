@@ -16,11 +16,11 @@ from cachefit import api
 from cachefit.apps.seed_text import render
 from cachefit.core.files import atomic_write_text
 from cachefit.core.memory import interval_cost
+from cachefit.core.records import Plan
 from cachefit.core.units import format_size
 from cachefit.output import report
 from cachefit.perf.predict import Prediction
-from cachefit.planning.groups import parse_baseline
-from cachefit.planning.plan import Plan
+from cachefit.planning import parse_baseline
 from cachefit.sources import TorchOptions
 
 __all__ = ["CLAIMS", "Row", "full_scale", "measured_small", "write_report"]

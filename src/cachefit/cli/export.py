@@ -6,10 +6,10 @@ from typing import cast
 
 import click
 
+from cachefit import api
 from cachefit.cli._common import err, handle_errors
 from cachefit.core.files import atomic_write_text
-from cachefit.output.export import TARGETS, Target, export_plan
-from cachefit.planning.plan import Plan
+from cachefit.output.export import TARGETS, Target
 
 
 @click.command("export")
@@ -28,7 +28,7 @@ def export_command(plan_file: str, target: str, output: str | None) -> None:
       cachefit export plan.json --to torchtitan
       export $(cachefit export plan.json --to vllm)
     """
-    text = export_plan(Plan.read(plan_file), cast(Target, target))
+    text = api.export(plan_file, cast(Target, target))
     if output:
         atomic_write_text(output, text)
         err.print(f"wrote {output}")

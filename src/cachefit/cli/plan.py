@@ -21,8 +21,8 @@ from cachefit.cli._common import (
 )
 from cachefit.core.layers import LayerTable
 from cachefit.core.memory import MemoryModel
+from cachefit.core.records import Plan, Strategy
 from cachefit.output import report
-from cachefit.planning.plan import Plan, Strategy
 
 
 @click.command("plan")
@@ -40,7 +40,7 @@ from cachefit.planning.plan import Plan, Strategy
                    "whole layers cannot fit; always: the fewest cards over every width.")
 @click.option("--baseline", metavar="tp=T,pp=P",
               help="The classic plan instead: P stages of equal layer counts, every layer split T ways; says "
-                   "whether it fits on-chip, and cachefit run runs it either way.")
+                   "whether it fits on-chip (exit 3 when not; the plan is written either way and runs).")
 @click.option("--objective", type=click.Choice(["memory", "time"]), default="memory", show_default=True,
               help="memory: the least fullest card; time: the least slowest predicted stage on --device's figures "
                    "(with --capacity: cards of that size), every card within capacity.")
@@ -97,15 +97,13 @@ def plan_command(model: str, device: str | None, capacity: str | None, cards: in
             out.print(report.plan_table(result))
         for line in result.diagnosis:
             out.print(f"- {line}", highlight=False)
-    if not result.feasible and result.strategy != "baseline":
+    if not result.feasible:           # nothing found, or (a baseline) found but not fitting on-chip
         sys.exit(EXIT_INFEASIBLE)
 
 
 def _largest_micro_batch(model: str, capacity: str | None, options: dict[str, Any], arguments: dict[str, Any]
                          ) -> tuple[LayerTable, Plan]:
     """Plan at the largest batch that fits; when none does, the plan (and diagnosis) at batch 1."""
-    if options["baseline"] is not None:
-        fail("--micro-batch auto searches for a plan; a --baseline is built as given: use --batch")
     found = api.largest_micro_batch(model, capacity, **options, **arguments)
     if found is None:
         table = api.load_model(model, **{**arguments, "batch": 1})

@@ -10,9 +10,11 @@ import time
 import click
 from rich.table import Table
 
+from cachefit import api
 from cachefit.cli._common import err, handle_errors, out
 from cachefit.core.errors import InputError
 from cachefit.core.files import atomic_write_text
+from cachefit.core.records import Plan
 from cachefit.core.units import format_size
 
 
@@ -49,23 +51,21 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
       cachefit plan tiny-llama --measure --memory-model pipeline --capacity 8MiB --baseline tp=2,pp=2 -o b.json
       cachefit run plan.json --weights shards/ --nnodes 2 --rdzv-endpoint 10.0.0.1:29500 --print-torchrun
     """
-    from cachefit.planning.plan import Plan
-    from cachefit.runtime.launch import RunOptions, check_run, run_plan, torchrun_command
+    from cachefit.runtime.launch import RunOptions
     from cachefit.runtime.summary import run_report, summarise
 
     options = RunOptions(prompt_len, new_tokens, micro_batches, seed, threads, timeout, check, nnodes, rdzv_endpoint)
     if nnodes > 1 and not print_torchrun:
         raise InputError(f"--nnodes {nnodes}: start the run on each host with the command --print-torchrun prints "
                          "(this command runs single-host jobs)")
-    plan = Plan.read(plan_file)
     if print_torchrun:
-        check_run(plan, weights, options)
-        click.echo(shlex.join(torchrun_command(plan_file, weights, "OUT_DIR", options, plan.cards)) +
-                   "   # on each host, with --node-rank N")
+        command = shlex.join(api.torchrun_command(plan_file, weights, options))
+        click.echo(command + "   # on each host, with --node-rank N")
         return
+    plan = Plan.read(plan_file)
     started = time.monotonic()
     with err.status(f"running {plan.cards} ranks ...") as status:
-        result = run_plan(plan_file, weights, options,
+        result = api.run(plan_file, weights, options,
                           progress=lambda now: status.update(f"running {plan.cards} ranks: {now - started:.0f} s"))
     summary = summarise(result.ranks, int(plan.model.batch or 1), prompt_len, new_tokens)
     print_summary(summary, result.checked)

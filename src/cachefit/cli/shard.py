@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
+from cachefit import api
 from cachefit.cli._common import handle_errors, out
 from cachefit.core.units import format_size
-from cachefit.planning.plan import Plan
 
 
 @click.command("shard")
@@ -24,9 +24,7 @@ def shard_command(plan_file: str, checkpoint: str, folder: str) -> None:
       cachefit init-weights tiny-llama --out tiny.safetensors
       cachefit shard plan.json tiny.safetensors --out shards/
     """
-    from cachefit.runtime.shard import shard_checkpoint
-
-    manifest = shard_checkpoint(Plan.read(plan_file), checkpoint, folder)
+    manifest = api.shard(plan_file, checkpoint, folder)
     for card in manifest.cards:
         out.print(f"card {card.card}: {card.file}, {len(card.tensors)} tensors, {format_size(card.bytes)}")
     for shared in manifest.shared:

@@ -35,6 +35,8 @@ _EXPECTATIONS = {
     "float_type": "must be a number",
     "string_type": "must be a string",
     "list_type": "must be a list",
+    "tuple_type": "must be a list",
+    "dataclass_type": "must be an object",
     "dict_type": "must be an object",
     "model_type": "must be an object",
     "bool_type": "must be true or false",
@@ -47,9 +49,12 @@ def describe_validation_error(error: ValidationError, source: str) -> str:
     first: Any = error.errors(include_url=False)[0]
     where = field_path(tuple(first["loc"]))
     kind = first["type"]
-    if kind == "missing":
+    if kind in ("missing", "missing_argument"):
         return f"{source}: {where} is required"
-    if kind == "extra_forbidden":
+    if kind == "value_error":       # a record's own check (its __post_init__), already one line
+        message = str(first.get("ctx", {}).get("error", first["msg"]))
+        return f"{source}: {message}" if where == "<document>" else f"{source}: {where}: {message}"
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         return f"{source}: {where} is not a known field (check its spelling against DESIGN.md)"
     expectation = _EXPECTATIONS.get(kind)
     if kind == "greater_than_equal" and first.get("ctx", {}).get("ge") == 0:

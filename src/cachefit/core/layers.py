@@ -12,22 +12,27 @@ import io
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from cachefit.core.errors import InputError
 from cachefit.core.files import atomic_write_text, describe_validation_error, read_json_object
+from cachefit.core.spec import Phase, SpecRecord
 from cachefit.core.units import INT64_MAX
 
 __all__ = ["CSV_COLUMNS", "SCHEMA", "Layer", "LayerTable", "Phase", "SharedTensor", "Split"]
 
 SCHEMA = "cachefit.layers/v1"
 CSV_COLUMNS = ("name", "weight_bytes", "activation_bytes", "workspace_bytes", "kv_cache_bytes", "flops")
-Phase = Literal["prefill", "decode"]
+_STRICT = ConfigDict(extra="forbid", strict=True)
+# Strict: no float for an integer, no string for a number; sizes are exact 64-bit integers.
+Bytes = Annotated[int, Field(ge=0, le=INT64_MAX)]
+_Name = Annotated[str, Field(min_length=1)]
+_Flops = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +42,10 @@ class SharedTensor:
     A partition that holds this layer but not the owner must hold the tensor too; the memory models add it there.
     """
 
-    tensor: str
-    owner: str
-    bytes: int
+    __pydantic_config__ = _STRICT
+    tensor: _Name
+    owner: _Name
+    bytes: Bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,24 +53,28 @@ class Split:
     """What one card of a tensor group holds and does when the layer is split ``ways`` ways (Megatron-style:
     attention by heads, the MLP by hidden columns then rows; Shoeybi et al. 2019, sec. 3). Per-card bytes; the
     layer's output activation is not split (every card holds the all-reduced output), so it is not repeated here.
-    ``allreduce_bytes``: bytes each card all-reduces per pass (the attention and the MLP outputs)."""
+    ``allreduces``: the all-reduces each card takes part in per pass, each of the layer's whole output (one after
+    attention, one after the MLP); ``allreduce_bytes``: their bytes in all."""
 
-    ways: int
-    weight_bytes: int
-    workspace_bytes: int
-    kv_cache_bytes: int = 0
-    flops: float = 0.0
-    allreduce_bytes: int = 0
+    __pydantic_config__ = _STRICT
+    ways: Annotated[int, Field(ge=2)]
+    weight_bytes: Bytes
+    workspace_bytes: Bytes
+    kv_cache_bytes: Bytes = 0
+    flops: _Flops = 0.0
+    allreduce_bytes: Bytes = 0
+    allreduces: Annotated[int, Field(ge=0)] = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Layer:
-    name: str
-    weight_bytes: int
-    activation_bytes: int
-    workspace_bytes: int
-    kv_cache_bytes: int = 0
-    flops: float = 0.0
+    __pydantic_config__ = _STRICT
+    name: _Name
+    weight_bytes: Bytes
+    activation_bytes: Bytes
+    workspace_bytes: Bytes
+    kv_cache_bytes: Bytes = 0
+    flops: _Flops = 0.0
     modules: tuple[str, ...] = ()
     shared: tuple[SharedTensor, ...] = ()
     splits: tuple[Split, ...] = ()      # the tensor splits the layer's shapes allow (ways > 1); none: whole only
@@ -72,20 +82,21 @@ class Layer:
     def split(self, ways: int) -> Split | None:
         """The layer split ``ways`` ways (1: whole), or None when its shapes do not allow it."""
         if ways == 1:
-            return Split(1, self.weight_bytes, self.workspace_bytes, self.kv_cache_bytes, self.flops, 0)
+            return Split(1, self.weight_bytes, self.workspace_bytes, self.kv_cache_bytes, self.flops)
         return next((s for s in self.splits if s.ways == ways), None)
 
 
 @dataclass(frozen=True, slots=True)
 class LayerTable:
-    name: str
-    layers: tuple[Layer, ...]
-    input_bytes: int = 0
+    __pydantic_config__ = _STRICT
+    name: _Name
+    layers: Annotated[tuple[Layer, ...], Field(min_length=1)]
+    input_bytes: Bytes = 0
     dtype: str | None = None
-    batch: int | None = None
-    seq: int | None = None
+    batch: Annotated[int, Field(ge=1)] | None = None
+    seq: Annotated[int, Field(ge=1)] | None = None
     phase: Phase | None = None
-    spec: Mapping[str, Any] | None = field(default=None, compare=False)
+    spec: SpecRecord | None = field(default=None, compare=False)   # the model it was made from, if known
 
     def __post_init__(self) -> None:
         _check_table(self)
@@ -105,7 +116,7 @@ class LayerTable:
             "phase": self.phase, "input_bytes": self.input_bytes, "layers": [_layer_dict(x) for x in self.layers],
         }
         if self.spec is not None:
-            document["spec"] = dict(self.spec)
+            document["spec"] = self.spec.to_dict()
         return document
 
     def to_json(self) -> str:
@@ -151,24 +162,18 @@ class LayerTable:
 
     @classmethod
     def from_dict(cls, document: Mapping[str, Any], source: str = "layer table") -> LayerTable:
+        body = dict(document)
+        schema = body.pop("schema", None)
+        if schema != SCHEMA:
+            raise InputError(f"{source}: schema must be '{SCHEMA}', got {schema!r}")
+        spec = None if body.get("spec") is None else SpecRecord.read(body["spec"], f"{source}: spec")
+        body["spec"] = None
+        _count_legacy_allreduces(body)
         try:
-            model = _TableModel.model_validate(document)
+            table = _TABLE.validate_json(json.dumps(body))
         except ValidationError as error:
             raise InputError(describe_validation_error(error, source)) from error
-        layers = tuple(
-            Layer(name=x.name, weight_bytes=x.weight_bytes, activation_bytes=x.activation_bytes,
-                  workspace_bytes=x.workspace_bytes, kv_cache_bytes=x.kv_cache_bytes, flops=float(x.flops),
-                  modules=tuple(x.modules),
-                  shared=tuple(SharedTensor(s.tensor, s.owner, s.bytes) for s in x.shared),
-                  splits=tuple(Split(s.ways, s.weight_bytes, s.workspace_bytes, s.kv_cache_bytes, float(s.flops),
-                                     s.allreduce_bytes) for s in x.splits))
-            for x in model.layers
-        )
-        try:
-            return cls(name=model.name, layers=layers, input_bytes=model.input_bytes, dtype=model.dtype,
-                       batch=model.batch, seq=model.seq, phase=model.phase, spec=model.spec)
-        except ValueError as error:
-            raise InputError(f"{source}: {error}") from error
+        return replace(table, spec=spec)
 
     @classmethod
     def from_csv(cls, text: str, name: str, input_bytes: int = 0, source: str = "CSV") -> LayerTable:
@@ -287,48 +292,16 @@ def _format_flops(flops: float) -> str:
     return str(int(flops)) if flops.is_integer() else repr(flops)
 
 
-# --- the validated JSON shape (pydantic, strict: no float for an integer, no string for a number) ---
-Bytes = Annotated[int, Field(ge=0, le=INT64_MAX, strict=True)]
+def _count_legacy_allreduces(body: dict[str, Any]) -> None:
+    """Tables written before splits carried ``allreduces`` (cachefit 0.1): each all-reduce was of one whole output."""
+    for layer in body.get("layers") or ():
+        if not isinstance(layer, dict) or not isinstance(layer.get("splits"), list):
+            continue
+        activation = layer.get("activation_bytes")
+        for split in layer["splits"]:
+            if isinstance(split, dict) and "allreduces" not in split and isinstance(activation, int) and activation:
+                total = split.get("allreduce_bytes", 0)
+                split["allreduces"] = round(total / activation) if isinstance(total, int) else 0
 
 
-class _SharedModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    tensor: Annotated[str, Field(min_length=1)]
-    owner: Annotated[str, Field(min_length=1)]
-    bytes: Bytes
-
-
-class _SplitModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    ways: Annotated[int, Field(ge=2, strict=True)]
-    weight_bytes: Bytes
-    workspace_bytes: Bytes
-    kv_cache_bytes: Bytes = 0
-    flops: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=False)] = 0.0
-    allreduce_bytes: Bytes = 0
-
-
-class _LayerModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    name: Annotated[str, Field(min_length=1)]
-    weight_bytes: Bytes
-    activation_bytes: Bytes
-    workspace_bytes: Bytes
-    kv_cache_bytes: Bytes = 0
-    flops: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=False)] = 0.0
-    modules: Sequence[str] = ()
-    shared: Sequence[_SharedModel] = ()
-    splits: Sequence[_SplitModel] = ()
-
-
-class _TableModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
-    schema_: Annotated[Literal["cachefit.layers/v1"], Field(alias="schema")]
-    name: Annotated[str, Field(min_length=1)]
-    dtype: str | None = None
-    batch: Annotated[int, Field(ge=1)] | None = None
-    seq: Annotated[int, Field(ge=1)] | None = None
-    phase: Phase | None = None
-    input_bytes: Bytes = 0
-    layers: Annotated[Sequence[_LayerModel], Field(min_length=1)]
-    spec: dict[str, Any] | None = None
+_TABLE = TypeAdapter(LayerTable)

@@ -37,6 +37,7 @@ __all__ = [
     "per_card_table",
     "receive_buffer_bytes",
     "shared_bytes",
+    "shared_uses",
 ]
 
 MemoryModel = Literal["sum", "peak", "pipeline"]
@@ -203,10 +204,10 @@ def interval_cost(table: LayerTable, model: MemoryModel) -> IntervalCost:
     columns = _columns(table)
     weights, activations, workspace, kv_cache = columns
     if model == "sum":
-        return IntervalCost(weights + kv_cache + activations + workspace, None, _shared_uses(table))
+        return IntervalCost(weights + kv_cache + activations + workspace, None, shared_uses(table))
     inputs = np.concatenate(([table.input_bytes], activations[:-1])).astype(np.int64)
     transient = inputs + activations + workspace + receive_buffer_bytes(table, model)
-    return IntervalCost(weights + kv_cache, transient, _shared_uses(table))
+    return IntervalCost(weights + kv_cache, transient, shared_uses(table))
 
 
 def per_card_table(table: LayerTable, ways: int) -> tuple[LayerTable, npt.NDArray[np.bool_]]:
@@ -239,7 +240,7 @@ def breakdown(table: LayerTable, model: MemoryModel, first: int, last: int,
     """The footprint of ``first..last`` by kind. For ``peak``, activations and workspace are those of the layer
     where the transient term peaks (its input, output and workspace), so the parts add up to the footprint."""
     layers = table.layers[first:last + 1]
-    uses = _shared_uses(table) if shared is None else shared     # pass cost.shared to skip rebuilding it
+    uses = shared_uses(table) if shared is None else shared     # pass cost.shared to skip rebuilding it
     weights = sum(x.weight_bytes for x in layers) + shared_bytes(uses, first, last)
     kv_cache = sum(x.kv_cache_bytes for x in layers)
     if model == "sum":
@@ -263,7 +264,7 @@ def _columns(table: LayerTable) -> tuple[Int64Array, Int64Array, Int64Array, Int
     return matrix[:, 0].copy(), matrix[:, 1].copy(), matrix[:, 2].copy(), matrix[:, 3].copy()
 
 
-def _shared_uses(table: LayerTable) -> tuple[SharedUse, ...]:
+def shared_uses(table: LayerTable) -> tuple[SharedUse, ...]:
     index = {layer.name: position for position, layer in enumerate(table.layers)}
     users: dict[tuple[str, str], list[int]] = {}
     sizes: dict[tuple[str, str], int] = {}

@@ -1,4 +1,4 @@
-"""A clean decoder-only transformer for the ``dense`` and ``llama`` families (sources/families.py).
+"""A clean decoder-only transformer for the ``dense`` and ``llama`` families (core/spec.py, sources/families.py).
 
 Module names match the analytical layer tables: ``embed``, ``layers.N``, ``head``; so do the parameter counts,
 layer for layer (tests/test_torch_profile.py). Attention is the naive kind (scores materialised), with a
@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional
 
 from cachefit.core.errors import InputError
-from cachefit.sources.families import DenseSpec, LlamaSpec
+from cachefit.core.spec import DenseSpec, LlamaSpec, block_tensor
 
 __all__ = ["TORCH_DTYPES", "KVCache", "ModelConfig", "Transformer", "build_model", "tensor_share",
            "tensor_unshare"]
@@ -228,7 +228,8 @@ _SPLIT_DIMS = {"attn.q_proj.weight": (0, "heads"), "attn.k_proj.weight": (0, "kv
 
 
 def _split_dim(name: str) -> tuple[int, str] | None:
-    return _SPLIT_DIMS.get(name.split(".", 2)[2]) if name.startswith("layers.") and name.count(".") >= 2 else None
+    inside = block_tensor(name)
+    return None if inside is None else _SPLIT_DIMS.get(inside)
 
 
 def _share_range(kind: str, full: ModelConfig, rank: int, ways: int) -> tuple[int, int]:

@@ -4,17 +4,16 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Literal
 
 from cachefit.core.errors import InputError
-from cachefit.planning.plan import Plan
+from cachefit.core.records import Plan
+from cachefit.core.spec import is_decoder_block
 
 __all__ = ["TARGETS", "Target", "device_map", "export_plan", "torchtitan_stages", "vllm_partition"]
 
 Target = Literal["accelerate", "torchtitan", "vllm"]
 TARGETS: tuple[Target, ...] = ("accelerate", "torchtitan", "vllm")
-_BLOCK = re.compile(r"(^|\.)(layers|h|blocks|decoder\.layers)\.\d+$")
 
 
 def _require_feasible(plan: Plan) -> None:
@@ -43,7 +42,8 @@ def vllm_partition(plan: Plan) -> str:
     """Decoder layers per pipeline stage, comma-separated (vLLM puts the embedding on the first stage and the
     head on the last itself). Every stage must hold at least one decoder layer."""
     _require_feasible(plan)
-    counts = [sum(1 for module in (part.modules or part.layers) if _BLOCK.search(module)) for part in plan.partitions]
+    counts = [sum(1 for module in (part.modules or part.layers) if is_decoder_block(module))
+              for part in plan.partitions]
     if sum(counts) == 0:
         raise InputError("no decoder layers (names like model.layers.N) in this plan: vLLM cannot use it")
     empty = [index for index, count in enumerate(counts) if count == 0]

@@ -10,8 +10,8 @@ from rich.table import Table
 from cachefit.core.hardware import Device
 from cachefit.core.layers import LayerTable
 from cachefit.core.memory import breakdown, interval_cost
+from cachefit.core.records import Plan
 from cachefit.core.units import format_size
-from cachefit.planning.plan import Plan
 
 __all__ = ["devices_table", "layer_table", "plan_summary", "plan_table", "plot_plan"]
 
@@ -46,21 +46,27 @@ def layer_table(table: LayerTable, memory_model: str = "peak") -> Table:
 
 
 def plan_summary(plan: Plan) -> str:
-    where = plan.device["label"] if plan.device else "cards"
+    where = plan.device.label if plan.device else "cards"
     sizes = sorted(set(plan.capacity_bytes))
     capacity = format_size(sizes[0]) if len(sizes) == 1 else ", ".join(format_size(c) for c in plan.capacity_bytes)
-    if plan.strategy == "baseline":
-        verdict = "[bold green]fits on-chip[/]" if plan.feasible else "[bold red]does not fit on-chip[/]"
-        return (f"[bold]{plan.model.name}[/] baseline on {plan.cards} x {where} of {capacity} ({plan.memory_model} "
-                f"memory model): fullest card {format_size(plan.bottleneck_bytes)}, {verdict}")
-    if not plan.feasible:
-        return (f"[bold red]No feasible plan[/] for {plan.model.name} on {where} of {capacity} "
-                f"({plan.memory_model} memory model, {plan.strategy}).")
-    proof = ("least slowest-stage time, exact" if plan.strategy == "time" else
-             "proven optimal" if plan.optimal else "not optimised (greedy)")
-    return (f"[bold green]{plan.model.name}[/] on {plan.cards} x {where} of {capacity} ({plan.memory_model} "
-            f"memory model, {plan.strategy}): bottleneck {format_size(plan.bottleneck_bytes)} ({proof}); lower "
-            f"bound {format_size(plan.lower_bound_bytes)}")
+    how = f"{plan.memory_model} memory model, {_choices(plan)}"
+    if not plan.found:
+        return f"[bold red]No feasible plan[/] for {plan.model.name} on {where} of {capacity} ({how})."
+    verdict = ("[bold green]fits on-chip[/]" if plan.feasible else "[bold red]does not fit on-chip[/]")
+    proof = ("proven optimal" if plan.optimal else "as laid out" if plan.strategy is None
+             else "not optimised (greedy)")
+    name = f"[bold green]{plan.model.name}[/]" if plan.feasible else f"[bold]{plan.model.name}[/]"
+    return (f"{name} on {plan.cards} x {where} of {capacity} ({how}): fullest card "
+            f"{format_size(plan.bottleneck_bytes)} ({proof}; lower bound {format_size(plan.lower_bound_bytes)}), "
+            f"{verdict}")
+
+
+def _choices(plan: Plan) -> str:
+    """The layout, objective and strategy a plan was made with, in words."""
+    layout = {"whole": "whole layers", "groups": "tensor groups", "baseline": "baseline TP x PP"}[plan.layout]
+    if plan.objective == "time":
+        return f"{layout}, least slowest predicted stage"
+    return layout if plan.strategy is None else f"{layout}, {plan.strategy}"
 
 
 def plan_table(plan: Plan) -> Table:
@@ -119,7 +125,9 @@ def plot_plan(plan: Plan, table: LayerTable, path: str | Path) -> None:
         heights = [bar[kind] / 2**20 for bar in bars]
         axes.bar(positions, heights, bottom=bottoms, color=color, label=kind)
         bottoms = [b + h for b, h in zip(bottoms, heights)]
-    capacities = list(plan.capacity_bytes) if plan.feasible else [plan.capacity_bytes[0]] * len(bars)
+    # One capacity per bar: a card's, or a group's (its cards share one size); each layer's when none fits.
+    capacities = ([plan.capacity_bytes[p.card] for p in plan.partitions] if plan.found
+                  else [plan.capacity_bytes[0]] * len(bars))
     axes.step([p - 0.5 for p in positions] + [positions[-1] + 0.5],
               [c / 2**20 for c in capacities] + [capacities[-1] / 2**20], where="post", color="black",
               linestyle="--", label="capacity C")
@@ -131,7 +139,7 @@ def plot_plan(plan: Plan, table: LayerTable, path: str | Path) -> None:
         axes.set_ylabel("MiB (log scale)")
     axes.annotate(f"C = {format_size(capacities[0])}", (positions[0] - 0.45, capacities[0] / 2**20),
                   textcoords="offset points", xytext=(0, 3), fontsize=8)
-    state = "per card" if plan.feasible else "no feasible plan: each layer alone"
+    state = "per card" if plan.found else "no feasible plan: each layer alone"
     axes.set_title(f"{plan.model.name}: {state} ({plan.memory_model} model)")
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -140,7 +148,7 @@ def plot_plan(plan: Plan, table: LayerTable, path: str | Path) -> None:
 
 
 def _bars(plan: Plan, table: LayerTable) -> tuple[list[dict[str, int]], list[str]]:
-    if plan.feasible:
+    if plan.found:
         bars = [{"weights": p.weight_bytes, "KV cache": p.kv_cache_bytes, "activations": p.activation_bytes,
                  "workspace": p.workspace_bytes} for p in plan.partitions]
         return bars, [f"card {p.card}" if p.tensor_parallel == 1 else f"cards {p.card}-{p.cards[-1]}"

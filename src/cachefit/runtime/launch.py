@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from cachefit.core.errors import InputError, RunError
-from cachefit.planning.plan import Plan
+from cachefit.core.records import Plan
 from cachefit.runtime.shard import Manifest, verify_card
-from cachefit.runtime.weights import spec_from_record
+from cachefit.runtime.weights import plan_spec
 
 __all__ = ["RunOptions", "RunResult", "run_plan", "torchrun_command"]
 
@@ -73,14 +73,15 @@ def check_run(plan: Plan, weights: str | Path, options: RunOptions) -> None:
     """Everything that can be refused before a process starts: the plan, the sizes, every shard."""
     if not plan.partitions:
         raise InputError("the plan is not feasible: nothing to run")
-    spec = spec_from_record(plan.model.spec)
+    spec = plan_spec(plan.model)
     if plan.model.phase != "decode":
         raise InputError(f"cachefit run generates tokens, which needs the KV cache a decode plan counts; this plan "
                          f"is for {plan.model.phase}: re-plan with --phase decode")
-    if plan.memory_model != "pipeline" or not (plan.model.spec or {}).get("measured"):
+    measured = plan.model.spec is not None and plan.model.spec.measured
+    if plan.memory_model != "pipeline" or not measured:
         raise InputError(f"cachefit run holds what a 'pipeline' plan of the measured reference module counts (its "
                          f"receive buffers, its real transients); this plan is '{plan.memory_model}'"
-                         f"{'' if (plan.model.spec or {}).get('measured') else ' of closed-form sizes'}: re-plan "
+                         f"{'' if measured else ' of closed-form sizes'}: re-plan "
                          f"with cachefit plan {plan.model.name} --measure --memory-model pipeline ...")
     vocab = getattr(spec, "vocab", 0)
     if not vocab:
@@ -214,7 +215,7 @@ def full_state(plan: Plan, weights: str | Path) -> dict[str, torch.Tensor]:
     """The whole model's tensors from the cards' shards (a tensor group's shares put back together)."""
     from cachefit.nn.model import ModelConfig, tensor_unshare
 
-    config = ModelConfig.of(spec_from_record(plan.model.spec))
+    config = ModelConfig.of(plan_spec(plan.model))
     files = {card.card: Path(weights) / card.file for card in Manifest.read(Path(weights)).cards}
     state: dict[str, torch.Tensor] = {}
     for part in plan.partitions:
@@ -230,7 +231,7 @@ def reference_check(plan: Plan, weights: str | Path, options: RunOptions, result
     from cachefit.nn.model import TORCH_DTYPES
     from cachefit.runtime.worker import prompts
 
-    spec, dtype = spec_from_record(plan.model.spec), TORCH_DTYPES[str(plan.model.dtype)]
+    spec, dtype = plan_spec(plan.model), TORCH_DTYPES[str(plan.model.dtype)]
     model = build_model(spec, dtype=dtype, seed=None)
     model.load_state_dict(full_state(plan, weights))
     batch, seq = int(plan.model.batch or 1), int(plan.model.seq or 0)

@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 
 from cachefit.core.errors import InputError
 from cachefit.core.files import atomic_write_text, describe_validation_error, read_json_object
+from cachefit.core.records import Plan
 from cachefit.nn.model import ModelConfig, tensor_share
-from cachefit.planning.plan import Plan
-from cachefit.runtime.weights import read_checkpoint_info, spec_from_record, tensor_sources
+from cachefit.runtime.weights import checkpoint_spec, plan_spec, read_checkpoint_info, tensor_sources
 
 __all__ = [
     "MANIFEST",
@@ -95,8 +95,8 @@ def shard_checkpoint(plan: Plan, checkpoint: str | Path, out: str | Path) -> Man
     if not plan.partitions:
         raise InputError("the plan is not feasible: there are no partitions to shard")
     info = read_checkpoint_info(checkpoint)
-    spec = spec_from_record(plan.model.spec)
-    if spec_from_record(info["spec"]) != spec:
+    spec = plan_spec(plan.model)
+    if checkpoint_spec(info, checkpoint) != spec:
         raise InputError(f"checkpoint {checkpoint} holds {info['spec'].get('name')!r} with other dimensions than "
                          f"the plan's model {plan.model.name!r}")
     if plan.model.dtype is not None and plan.model.dtype != info["dtype"]:

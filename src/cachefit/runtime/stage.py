@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from cachefit.core.errors import InputError
+from cachefit.core.records import Partition
+from cachefit.core.spec import EMBED, HEAD, ModelSpec, block_index
 from cachefit.nn.model import Block, Head, KVCache, ModelConfig
-from cachefit.planning.plan import Partition
-from cachefit.sources.families import DenseSpec, LlamaSpec
 
 __all__ = ["Stage"]
 
@@ -21,17 +21,17 @@ class Stage(nn.Module):
     """Layers ``first..last`` of the plan's model (on a tensor group: one card's share of each block). Module names
     follow the full model (``embed``, ``layers.N``, ``head``), so the shard's tensor names load as they are."""
 
-    def __init__(self, spec: DenseSpec | LlamaSpec, part: Partition, device: str = "cpu",
+    def __init__(self, spec: ModelSpec, part: Partition, device: str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         config = ModelConfig.of(spec, part.tensor_parallel)
         self.config = config
         names = set(part.modules or part.layers)
         with torch.device(device):
-            self.embed = nn.Embedding(config.vocab, config.hidden) if "embed" in names else None
-            self.layers = nn.ModuleDict({name.split(".")[1]: Block(config) for name in part.layers
-                                         if name.startswith("layers.")})
-            self.head = Head(config, None) if "head" in names else None
+            self.embed = nn.Embedding(config.vocab, config.hidden) if EMBED in names else None
+            self.layers = nn.ModuleDict({str(block_index(name)): Block(config) for name in part.layers
+                                         if block_index(name) is not None})
+            self.head = Head(config, None) if HEAD in names else None
         self.to(dtype)
         self.first = part.first == 0
         self.last = self.head is not None

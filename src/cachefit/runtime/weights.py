@@ -12,21 +12,22 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cachefit.core.errors import InputError
+from cachefit.core.records import ModelInfo
+from cachefit.core.spec import ModelSpec, SpecRecord, Workload, dtype_bytes
 from cachefit.nn import build_model
 from cachefit.nn.model import TORCH_DTYPES
-from cachefit.sources.families import DenseSpec, LlamaSpec, Workload, dtype_bytes, spec_from_record, spec_record
 
-__all__ = ["METADATA_KEY", "init_weights", "read_checkpoint_info", "spec_from_record"]
+__all__ = ["METADATA_KEY", "checkpoint_spec", "init_weights", "plan_spec", "read_checkpoint_info"]
 
 METADATA_KEY = "cachefit"
 
 
-def init_weights(spec: DenseSpec | LlamaSpec, work: Workload, out: str | Path, seed: int = 0) -> dict[str, Any]:
+def init_weights(spec: ModelSpec, work: Workload, out: str | Path, seed: int = 0) -> dict[str, Any]:
     """Write the seeded reference model of ``spec`` to ``out`` (safetensors). A tied weight is stored once; the
     metadata keeps the spec, seed and dtype. Returns the metadata."""
     dtype = dtype_bytes(work.dtype)[0]
     model = build_model(spec, dtype=TORCH_DTYPES[dtype], device="cpu", seed=seed)
-    info = {"spec": spec_record(spec, work), "seed": seed, "dtype": dtype}
+    info = {"spec": SpecRecord(spec, work.attention).to_dict(), "seed": seed, "dtype": dtype}
     target = Path(out)
     if not target.parent.is_dir():
         raise InputError(f"cannot write {target}: folder {target.parent} does not exist")
@@ -61,7 +62,7 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     return info
 
 
-def tensor_sources(spec: DenseSpec | LlamaSpec, stored: set[str]) -> dict[str, str]:
+def tensor_sources(spec: ModelSpec, stored: set[str]) -> dict[str, str]:
     """{state-dict name: name stored in the checkpoint}: tied parameters appear under every name they have,
     pointing at the one name the file keeps."""
     model = build_model(spec, device="meta")
@@ -79,3 +80,16 @@ def tensor_sources(spec: DenseSpec | LlamaSpec, stored: set[str]) -> dict[str, s
 
 def checkpoint_dtype(info: Mapping[str, Any]) -> torch.dtype:
     return TORCH_DTYPES[str(info["dtype"])]
+
+
+def plan_spec(model: ModelInfo) -> ModelSpec:
+    """The reference model a plan's model record names; InputError for plans of tables or torch/HF profiles."""
+    if model.spec is None:
+        raise InputError("this plan's model has no dense/llama spec to build (it came from a layer table or a "
+                         "torch/HF profile); use plans made from a preset or a .toml spec")
+    return model.spec.spec
+
+
+def checkpoint_spec(info: Mapping[str, Any], path: str | Path) -> ModelSpec:
+    """The spec a checkpoint's metadata records."""
+    return SpecRecord.read(info.get("spec"), f"checkpoint {path}: metadata spec").spec

@@ -27,13 +27,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from cachefit.core.records import Partition, Plan
 from cachefit.nn.model import TORCH_DTYPES
-from cachefit.planning.plan import Partition, Plan
 from cachefit.runtime.measure import PeakTracker, tensor_bytes
 from cachefit.runtime.residency import flatten_weights, pin_weights_in_l2
 from cachefit.runtime.shard import verify_card
 from cachefit.runtime.stage import Stage
-from cachefit.runtime.weights import spec_from_record
+from cachefit.runtime.weights import plan_spec
 
 __all__ = ["main", "prompts"]
 
@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> None:
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
     place = _place(plan, rank)
-    spec, dtype = spec_from_record(plan.model.spec), TORCH_DTYPES[str(plan.model.dtype)]
+    spec, dtype = plan_spec(plan.model), TORCH_DTYPES[str(plan.model.dtype)]
     stage = Stage(spec, place.part, device, dtype).eval()
     stage.load_shard(Path(args.weights) / entry.file)
     # On CUDA: the stage's weights in one buffer, kept in L2 by a persisting access-policy window when they fit.
@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> None:
     # A decode plan counts one token per sequence per pass, and, when measured with --prefill-chunk C, a pass of C
     # prompt tokens per sequence too (its larger activations and workspace, causal mask included): prompts go
     # through the pipeline in passes the plan counted, so no pass holds more.
-    chunk = int((plan.model.spec or {}).get("prefill_chunk", 1))
+    chunk = (plan.model.spec.prefill_chunk if plan.model.spec else None) or 1
     caches = stage.make_caches(batch, seq, dtype, device)
     rows = [{index: cache.rows(m * size, (m + 1) * size) for index, cache in caches.items()} for m in range(micro)]
     hidden = stage.config.hidden

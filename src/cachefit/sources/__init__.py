@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cachefit.core.errors import InputError
 from cachefit.core.layers import LayerTable
-from cachefit.sources.families import Workload, spec_from_record
-from cachefit.sources.spec import ModelSpec, build_table, parse_spec_text, read_spec
+from cachefit.core.records import ModelInfo
+from cachefit.core.spec import ModelSpec, Workload
+from cachefit.sources.spec import build_table, parse_spec_text, read_spec
 
 __all__ = ["WORKLOAD_OPTIONS", "Preset", "TorchOptions", "hf_preset_names", "load_model", "presets",
            "rebuild_table", "spec_of"]
@@ -36,11 +36,14 @@ class Preset:
     workload: Workload
 
 
+Granularity = Literal["block", "sublayer", "leaf"]
+
+
 @dataclass(frozen=True, slots=True)
 class TorchOptions:
     """How to profile a torch-backed source: layer granularity, factory inputs, and measuring specs' modules."""
 
-    granularity: str = "block"
+    granularity: Granularity = "block"
     input_shape: tuple[int, ...] | None = None
     input_dtype: str = "int64"
     measure: bool = False
@@ -112,15 +115,15 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
                      "Face config.json, or package.module:factory)")
 
 
-def rebuild_table(info: Mapping[str, Any]) -> LayerTable:
-    """The closed-form table of a plan's model (its ``model`` record: spec, batch, seq, phase, dtype), for the
-    figures a plan does not keep (FLOPs, per-layer activations)."""
-    record = info.get("spec") or {}
-    spec = spec_from_record(record)
-    work = Workload(batch=int(info.get("batch") or 1), seq=int(info.get("seq") or 1),
-                    phase=info.get("phase") or "decode", dtype=str(info.get("dtype") or "float16"),
-                    attention=record.get("attention", "naive"))
-    return build_table(spec, work, bool(record.get("sublayers")))
+def rebuild_table(model: ModelInfo) -> LayerTable:
+    """The closed-form table of a plan's model (its record: spec, batch, seq, phase, dtype), for the figures a
+    plan does not keep (FLOPs, per-layer activations)."""
+    if model.spec is None:
+        raise InputError(f"the plan's model {model.name!r} keeps no dense/llama spec (it came from a layer table or "
+                         "a torch/HF profile): predict needs a plan made from a preset or a .toml spec")
+    work = Workload(batch=model.batch or 1, seq=model.seq or 1, phase=model.phase or "decode",
+                    dtype=model.dtype or "float16", attention=model.spec.attention)
+    return build_table(model.spec.spec, work, model.spec.sublayers)
 
 
 def spec_of(model: str | Path) -> tuple[ModelSpec, Workload]:
@@ -145,11 +148,11 @@ def _spec_table(spec: ModelSpec, work: Workload, chosen: dict[str, Any], options
     return table
 
 
-def _torch_granularity(options: TorchOptions) -> str:
+def _torch_granularity(options: TorchOptions) -> Literal["block", "leaf"]:
     if options.granularity == "sublayer":
         raise InputError("--granularity sublayer is for presets and .toml specs (closed form); torch and Hugging "
                          "Face models take block or leaf")
-    return options.granularity
+    return "leaf" if options.granularity == "leaf" else "block"
 
 
 def _torch() -> Any:

@@ -24,107 +24,26 @@ T = b*q tokens, d hidden size, h heads, h_kv KV heads, e head dim, f MLP hidden 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from cachefit.core.errors import InputError
-from cachefit.core.layers import Layer, LayerTable, Phase, SharedTensor, Split
+from cachefit.core.layers import Layer, LayerTable, SharedTensor, Split
+from cachefit.core.spec import (
+    EMBED,
+    HEAD,
+    TOKEN_ID_BYTES,
+    DenseSpec,
+    LlamaSpec,
+    SpecRecord,
+    Workload,
+    block_name,
+    dtype_bytes,
+)
 
-__all__ = [
-    "DTYPE_BYTES",
-    "Attention",
-    "DenseSpec",
-    "LlamaSpec",
-    "Workload",
-    "dense_table",
-    "dtype_bytes",
-    "llama_table",
-    "spec_from_record",
-    "spec_record",
-    "split_ways",
-]
+__all__ = ["dense_table", "llama_table", "split_ways"]
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp8": "float8_e4m3fn"}
-Attention = Literal["naive", "flash"]
 FLASH_KEY_BLOCK = 128
-TOKEN_ID_BYTES = 8   # token ids enter the embedding as int64
-
-
-def dtype_bytes(dtype: str) -> tuple[str, int]:
-    """Canonical name and bytes per element of ``dtype`` (``fp16`` -> ``('float16', 2)``)."""
-    name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
-    if name not in DTYPE_BYTES:
-        raise InputError(f"dtype must be one of {', '.join(DTYPE_BYTES)} (or fp32, fp16, bf16, fp8), got {dtype!r}")
-    return name, DTYPE_BYTES[name]
-
-
-@dataclass(frozen=True, slots=True)
-class Workload:
-    batch: int = 1
-    seq: int = 2048
-    phase: Phase = "decode"
-    dtype: str = "float16"
-    attention: Attention = "naive"
-
-    def __post_init__(self) -> None:
-        for field_name in ("batch", "seq"):
-            value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{field_name} must be a positive integer, got {value!r}")
-        if self.phase not in ("prefill", "decode"):
-            raise InputError(f"phase must be 'prefill' or 'decode', got {self.phase!r}")
-        if self.attention not in ("naive", "flash"):
-            raise InputError(f"attention must be 'naive' or 'flash', got {self.attention!r}")
-        dtype_bytes(self.dtype)
-
-    @property
-    def new_tokens(self) -> int:
-        """q: tokens per sequence this pass computes."""
-        return self.seq if self.phase == "prefill" else 1
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.new_tokens
-
-
-@dataclass(frozen=True, slots=True)
-class DenseSpec:
-    """The seed's dense network: attention (fused QKV, output) and a 2-matrix MLP, no norms or biases; with
-    ``vocab`` > 0, an embedding layer first and a head last."""
-
-    name: str
-    layers: int
-    heads: int
-    head_dim: int
-    mlp_hidden: int
-    hidden: int = 0            # 0: heads * head_dim
-    vocab: int = 0
-    tie_embeddings: bool = False
-
-    @property
-    def model_dim(self) -> int:
-        return self.hidden or self.heads * self.head_dim
-
-
-@dataclass(frozen=True, slots=True)
-class LlamaSpec:
-    """Llama-style decoder: GQA attention, SwiGLU MLP, RMSNorm, embedding and head (tied or not)."""
-
-    name: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    ffn_hidden: int
-    vocab: int
-    head_dim: int = 0          # 0: hidden // heads
-    tie_embeddings: bool = False
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.hidden // self.heads
 
 
 def _attention_transient(work: Workload, heads: int, p: int) -> int:
@@ -177,7 +96,7 @@ def _attention_share(shape: _Shape, work: Workload, p: int, ways: int) -> Split:
     params = 2 * d * local_heads * e + 2 * d * local_kv * e
     return Split(ways, (params + (d if shape.gated else 0)) * p, _attention_transient(work, local_heads, p),
                  _kv_cache(work, local_kv * e, p),
-                 float(2 * work.tokens * params + _attention_flops(work, local_heads, e)), work.tokens * d * p)
+                 float(2 * work.tokens * params + _attention_flops(work, local_heads, e)), work.tokens * d * p, 1)
 
 
 def _mlp_share(shape: _Shape, work: Workload, p: int, ways: int) -> Split:
@@ -186,7 +105,7 @@ def _mlp_share(shape: _Shape, work: Workload, p: int, ways: int) -> Split:
     params = (3 if shape.gated else 2) * d * local_f
     return Split(ways, (params + (d if shape.gated else 0)) * p,
                  (2 if shape.gated else 1) * work.tokens * local_f * p, 0, float(2 * work.tokens * params),
-                 work.tokens * d * p)
+                 work.tokens * d * p, 1)
 
 
 def _block_share(shape: _Shape, work: Workload, p: int, ways: int) -> Split:
@@ -194,7 +113,7 @@ def _block_share(shape: _Shape, work: Workload, p: int, ways: int) -> Split:
     attention, mlp = _attention_share(shape, work, p, ways), _mlp_share(shape, work, p, ways)
     return Split(ways, attention.weight_bytes + mlp.weight_bytes, max(attention.workspace_bytes, mlp.workspace_bytes),
                  attention.kv_cache_bytes, attention.flops + mlp.flops,
-                 attention.allreduce_bytes + mlp.allreduce_bytes)
+                 attention.allreduce_bytes + mlp.allreduce_bytes, attention.allreduces + mlp.allreduces)
 
 
 def _share_layer(name: str, share: Callable[[int], Split], ways: tuple[int, ...], activation: int) -> Layer:
@@ -210,13 +129,13 @@ def _blocks(spec: DenseSpec | LlamaSpec, work: Workload, p: int, sublayers: bool
     activation = work.tokens * shape.hidden * p
     if not sublayers:
         ways = tuple(t for t in shape.attention_ways() if shape.mlp_hidden % t == 0)
-        return [_share_layer(f"layers.{i}", lambda t: _block_share(shape, work, p, t), ways, activation)
+        return [_share_layer(block_name(i), lambda t: _block_share(shape, work, p, t), ways, activation)
                 for i in range(spec.layers)]
     layers = []
     for i in range(spec.layers):
-        layers.append(_share_layer(f"layers.{i}.attn", lambda t: _attention_share(shape, work, p, t),
+        layers.append(_share_layer(f"{block_name(i)}.attn", lambda t: _attention_share(shape, work, p, t),
                                    shape.attention_ways(), activation))
-        layers.append(_share_layer(f"layers.{i}.mlp", lambda t: _mlp_share(shape, work, p, t), shape.mlp_ways(),
+        layers.append(_share_layer(f"{block_name(i)}.mlp", lambda t: _mlp_share(shape, work, p, t), shape.mlp_ways(),
                                    activation))
     return layers
 
@@ -238,7 +157,7 @@ def _head(vocab: int, d: int, norm_params: int, tied: bool, work: Workload, p: i
     """The final norm and the LM head; logits only for each sequence's last position (what generation needs)."""
     own = norm_params + (0 if tied else vocab * d)
     shared = (SharedTensor(embed_tensor, embed_name, vocab * d * p),) if tied else ()
-    return Layer("head", own * p, work.batch * vocab * p, 0, 0, float(2 * work.batch * d * vocab), modules, shared)
+    return Layer(HEAD, own * p, work.batch * vocab * p, 0, 0, float(2 * work.batch * d * vocab), modules, shared)
 
 
 def _check_dims(spec: DenseSpec | LlamaSpec, names: tuple[str, ...]) -> None:
@@ -275,32 +194,13 @@ def _with_embedding_and_head(block: list[Layer], spec: DenseSpec | LlamaSpec, d:
     """The embedding first and the head last, replicated on every card of a group of any width the blocks allow.
     Module names are those of the reference implementation (cachefit.nn), whose checkpoints shards are cut from."""
     ways = tuple(sorted({s.ways for layer in block for s in layer.splits}))
-    embed = _embedding("embed", spec.vocab, d, work, p, ("embed",))
-    head = _head(spec.vocab, d, norm_params, spec.tie_embeddings, work, p, ("head",), "embed", "embed.weight")
+    embed = _embedding(EMBED, spec.vocab, d, work, p, (EMBED,))
+    head = _head(spec.vocab, d, norm_params, spec.tie_embeddings, work, p, (HEAD,), EMBED, f"{EMBED}.weight")
     return [_replicated(embed, ways), *block, _replicated(head, ways)]
-
-
-def spec_record(spec: DenseSpec | LlamaSpec, work: Workload, sublayers: bool = False) -> dict[str, object]:
-    """What a layer table keeps of the model it describes, so a runtime (or the performance model) can rebuild
-    it."""
-    record: dict[str, object] = {"family": "dense" if isinstance(spec, DenseSpec) else "llama", **asdict(spec),
-                                 "attention": work.attention}
-    if sublayers:
-        record["sublayers"] = True
-    return record
-
-
-def spec_from_record(record: Mapping[str, Any] | None) -> DenseSpec | LlamaSpec:
-    """The spec a layer table or plan recorded (``spec`` field); ValueError if it has none."""
-    if not record or record.get("family") not in ("dense", "llama"):
-        raise InputError("this plan's model has no dense/llama spec to build (it came from a layer table or a "
-                         "torch/HF profile); use plans made from a preset or a .toml spec")
-    fields = {key: value for key, value in record.items()
-              if key not in ("family", "attention", "measured", "prefill_chunk", "sublayers")}
-    return DenseSpec(**fields) if record["family"] == "dense" else LlamaSpec(**fields)
 
 
 def _table(spec: DenseSpec | LlamaSpec, work: Workload, dtype: str, layers: list[Layer], input_bytes: int,
            sublayers: bool) -> LayerTable:
     return LayerTable(name=spec.name, layers=tuple(layers), input_bytes=input_bytes, dtype=dtype,
-                      batch=work.batch, seq=work.seq, phase=work.phase, spec=spec_record(spec, work, sublayers))
+                      batch=work.batch, seq=work.seq, phase=work.phase,
+                      spec=SpecRecord(spec, work.attention, sublayers))

@@ -19,8 +19,8 @@ from torch import nn
 
 from cachefit.core.errors import InputError
 from cachefit.core.layers import LayerTable
+from cachefit.core.spec import Workload, dtype_bytes
 from cachefit.nn.model import TORCH_DTYPES
-from cachefit.sources.families import Workload, dtype_bytes
 from cachefit.sources.torch_profile import Granularity, find_blocks, profile_module
 
 __all__ = ["hf_presets", "hf_table", "read_hf_config"]

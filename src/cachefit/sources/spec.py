@@ -8,9 +8,12 @@
     kv_heads = 8
     ffn_hidden = 14336
     vocab = 128256
-    [workload]          # defaults; --batch --seq --phase --dtype --attention override them
+    [workload]          # defaults; batch, seq, phase, dtype, attention given to a verb override them
     batch = 1
     seq = 8192
+
+The fields are those of :class:`~cachefit.core.spec.DenseSpec` / :class:`~cachefit.core.spec.LlamaSpec` and
+:class:`~cachefit.core.spec.Workload`, validated directly.
 """
 
 from __future__ import annotations
@@ -18,65 +21,24 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from cachefit.core.errors import InputError
 from cachefit.core.files import describe_validation_error
 from cachefit.core.layers import LayerTable
-from cachefit.sources.families import DenseSpec, LlamaSpec, Workload, dense_table, llama_table
+from cachefit.core.spec import DenseSpec, ModelSpec, Workload, parse_spec_fields
+from cachefit.sources.families import dense_table, llama_table
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ModelSpec", "build_table", "parse_spec", "parse_spec_text", "read_spec"]
+__all__ = ["build_table", "parse_spec", "parse_spec_text", "read_spec"]
 
-ModelSpec = DenseSpec | LlamaSpec
-_Positive = Annotated[int, Field(ge=1, strict=True)]
-_Dim = Annotated[int, Field(ge=0, strict=True)]
-
-
-class _WorkloadModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    batch: _Positive | None = None
-    seq: _Positive | None = None
-    phase: Literal["prefill", "decode"] | None = None
-    dtype: str | None = None
-    attention: Literal["naive", "flash"] | None = None
-
-
-class _DenseModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    family: Literal["dense"]
-    name: Annotated[str, Field(min_length=1)]
-    description: str = ""
-    layers: _Positive
-    heads: _Positive
-    head_dim: _Positive
-    mlp_hidden: _Positive
-    hidden: _Dim = 0
-    vocab: _Dim = 0
-    tie_embeddings: bool = False
-    workload: _WorkloadModel = _WorkloadModel()
-
-
-class _LlamaModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    family: Literal["llama"]
-    name: Annotated[str, Field(min_length=1)]
-    description: str = ""
-    layers: _Positive
-    hidden: _Positive
-    heads: _Positive
-    kv_heads: _Positive
-    ffn_hidden: _Positive
-    vocab: _Positive
-    head_dim: _Dim = 0
-    tie_embeddings: bool = False
-    workload: _WorkloadModel = _WorkloadModel()
+_WORKLOAD = TypeAdapter(Workload)
 
 
 def read_spec(path: Path) -> tuple[ModelSpec, Workload, str]:
@@ -97,18 +59,20 @@ def parse_spec_text(text: str, source: str) -> tuple[ModelSpec, Workload, str]:
 
 def parse_spec(document: dict[str, Any], source: str) -> tuple[ModelSpec, Workload, str]:
     """The spec, its workload defaults, and its description."""
-    family = document.get("family")
-    models: dict[str, type[_DenseModel] | type[_LlamaModel]] = {"dense": _DenseModel, "llama": _LlamaModel}
-    if family not in models:
-        raise InputError(f"{source}: family must be 'dense' or 'llama', got {family!r}")
+    fields = dict(document)
+    family = fields.pop("family", None)
+    description = fields.pop("description", "")
+    workload = fields.pop("workload", {})
+    spec = parse_spec_fields(family, fields, source)
+    if not isinstance(description, str):
+        raise InputError(f"{source}: description must be a string, got {description!r}")
+    if not isinstance(workload, dict):
+        raise InputError(f"{source}: [workload] must be a table of batch, seq, phase, dtype, attention")
     try:
-        model = models[family].model_validate(document)
+        work = _WORKLOAD.validate_python(workload)
     except ValidationError as error:
-        raise InputError(describe_validation_error(error, source)) from error
-    fields = model.model_dump(exclude={"family", "description", "workload"})
-    spec: ModelSpec = DenseSpec(**fields) if family == "dense" else LlamaSpec(**fields)
-    defaults = {key: value for key, value in model.workload.model_dump().items() if value is not None}
-    return spec, Workload(**defaults), model.description
+        raise InputError(describe_validation_error(error, f"{source} [workload]")) from error
+    return spec, work, description
 
 
 def build_table(spec: ModelSpec, work: Workload, sublayers: bool = False, **overrides: Any) -> LayerTable:

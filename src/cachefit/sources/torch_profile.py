@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from cachefit.core.layers import Layer, LayerTable, Phase, SharedTensor
 
 __all__ = ["Granularity", "find_blocks", "profile_module"]
 
-Granularity = str  # "block" | "leaf"
+Granularity = Literal["block", "leaf"]
 
 
 @dataclass

@@ -16,10 +16,10 @@ from torch import nn
 
 from cachefit.core.errors import InputError
 from cachefit.core.layers import LayerTable, Split
+from cachefit.core.spec import ModelSpec, SpecRecord, Workload, block_index, dtype_bytes
 from cachefit.nn.model import TORCH_DTYPES
-from cachefit.sources.families import Workload, dtype_bytes, spec_record, split_ways
+from cachefit.sources.families import split_ways
 from cachefit.sources.hf import hf_table, read_hf_config
-from cachefit.sources.spec import ModelSpec
 from cachefit.sources.torch_profile import Granularity, profile_module
 
 __all__ = ["measure_spec", "profile_factory", "profile_hf"]
@@ -38,9 +38,8 @@ def measure_spec(spec: ModelSpec, work: Workload, granularity: Granularity = "bl
         raise InputError(f"--prefill-chunk needs --phase decode and 1 <= chunk <= seq ({work.seq}), got "
                          f"{prefill_chunk} for {work.phase}")
     table = _measure_with_chunk(spec, work, granularity, prefill_chunk, 1)
-    record: dict[str, Any] = {**spec_record(spec, work), "measured": True}
-    if prefill_chunk is not None and prefill_chunk > 1:
-        record["prefill_chunk"] = prefill_chunk
+    record = SpecRecord(spec, work.attention, measured=True,
+                        prefill_chunk=prefill_chunk if prefill_chunk is not None and prefill_chunk > 1 else None)
     if granularity == "block":
         table = _with_measured_splits(table, spec, work, prefill_chunk)
     return replace(table, spec=record)
@@ -69,10 +68,11 @@ def _with_measured_splits(table: LayerTable, spec: ModelSpec, work: Workload, pr
     p = dtype_bytes(work.dtype)[1]
     layers = []
     for index, layer in enumerate(table.layers):
-        block = layer.name.startswith("layers.")
+        # A block all-reduces its attention and its MLP output (cachefit.nn Block.reduce); the rest is whole.
+        allreduces = 2 if block_index(layer.name) is not None else 0
         splits = tuple(Split(t, share.layers[index].weight_bytes, share.layers[index].workspace_bytes,
                              share.layers[index].kv_cache_bytes, share.layers[index].flops,
-                             2 * work.tokens * config.hidden * p if block else 0)
+                             allreduces * work.tokens * config.hidden * p, allreduces)
                        for t, share in shares.items())
         layers.append(replace(layer, splits=splits))
     return replace(table, layers=tuple(layers))

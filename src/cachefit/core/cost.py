@@ -1,0 +1,182 @@
+"""The stage-time model: how long one pass of a stage takes on one of its cards. One formula, used by ``predict``
+(``cachefit.perf``) and by ``objective="time"`` (``cachefit.planning.timed``).
+
+Per pass of a share of the batch (1/M of it, M micro-batches) carrying ``tokens`` new tokens per sequence, on one
+card of a stage of layers i..j split t ways (Williams et al. 2009, roofline):
+- compute  = FLOPs of the card's share / the card's FLOP rate at the plan's dtype;
+- memory   = bytes the pass reads and writes (the card's weights, all of them, every pass, shared tensors
+             included; its KV cache rows; the layers' inputs and outputs) / on-chip bandwidth when the stage's
+             footprint fits the card's on-chip capacity (resident), off-chip bandwidth when it does not (the
+             weights stream);
+- work     = max(compute, memory) where the device overlaps loads and arithmetic (the roofline), their sum where
+             it does not (the ``overlap`` figure 0);
+- all-reduce, on a group of t cards: each of a layer's ``allreduces`` (one per split matmul pair) is a ring
+  all-reduce of its whole output, S bytes: 2(t-1)/t * S / link bandwidth + 2(t-1) step latencies (Patarasuk &
+  Yuan 2009; the device's collective latency, else its link's);
+- transfer = the stage's output to the next stage (token ids back to the first after the last layer) / link
+  bandwidth + one link latency.
+Pure numpy: the same functions take one stage (floats) or every start of a stage at once (arrays).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from cachefit.core.errors import InputError
+from cachefit.core.hardware import Device, Figure
+from cachefit.core.layers import LayerTable
+from cachefit.core.spec import TOKEN_ID_BYTES
+
+__all__ = ["LayerCosts", "Rates", "StageTime", "allreduce_seconds", "layer_costs", "memory_seconds", "rates_of",
+           "stage_time", "work_seconds"]
+
+FloatArray = npt.NDArray[np.float64]
+_FLOPS_FIGURE = {"float32": "fp32_flops", "float16": "fp16_flops", "bfloat16": "fp16_flops",
+                 "float8_e4m3fn": "fp8_flops", "float8_e5m2": "fp8_flops", "int8": "fp8_flops"}
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """What the model needs of a card, and where each figure came from."""
+
+    flops: float                 # FLOP/s at the plan's dtype
+    on_chip_bandwidth: float     # bytes/s
+    off_chip_bandwidth: float | None     # None: the device has no off-chip memory figure (SRAM-only chips)
+    link_bandwidth: float
+    link_latency: float          # seconds per message
+    capacity_bytes: int          # on-chip bytes a stage may fill and still be resident
+    sources: Mapping[str, str]
+    overlap: bool = True         # pass time = max(compute, memory); False: their sum
+    collective_latency: float | None = None    # per ring step of an all-reduce; None: link_latency
+
+    @property
+    def step_latency(self) -> float:
+        return self.collective_latency if self.collective_latency is not None else self.link_latency
+
+
+def rates_of(device: Device, dtype: str | None, capacity_bytes: int | None = None) -> Rates:
+    """The figures of ``device`` the model uses; a missing one is an InputError naming it and the fix."""
+    wanted = {"flops": _FLOPS_FIGURE.get(dtype or "float16", "fp16_flops"), "on_chip_bandwidth": "on_chip_bandwidth",
+              "link_bandwidth": "link_bandwidth"}
+    values: dict[str, float] = {}
+    sources: dict[str, str] = {}
+    for key, figure_name in wanted.items():
+        figure = device.figure(figure_name)
+        if figure is None:
+            raise InputError(f"device {device.name} has no {figure_name} figure, which predict needs; add it with "
+                             "devices_file (or measure this host with cachefit calibrate)",
+                             parameters=("devices_file",))
+        values[key], sources[key] = figure.value, f"{figure_name}: {figure.source} ({figure.kind})"
+    off_chip = _optional(device, "off_chip_bandwidth", "none (on-chip memory only)", sources)
+    latency = _optional(device, "link_latency", "not in the catalog, taken as 0", sources)
+    collective = _optional(device, "collective_latency", "not in the catalog, taken as link_latency", sources)
+    overlap = _optional(device, "overlap", "not in the catalog, taken as 1 (roofline: max of compute and memory "
+                        "time)", sources)
+    return Rates(values["flops"], values["on_chip_bandwidth"], off_chip.value if off_chip else None,
+                 values["link_bandwidth"], latency.value if latency else 0.0,
+                 capacity_bytes or device.capacity_bytes, sources, overlap.value >= 0.5 if overlap else True,
+                 collective.value if collective else None)
+
+
+def _optional(device: Device, name: str, missing: str, sources: dict[str, str]) -> Figure | None:
+    """A figure the model can do without; its source (or what is assumed instead) goes into ``sources``."""
+    figure = device.figure(name)
+    sources[name] = f"{name}: {figure.source} ({figure.kind})" if figure else f"{name}: {missing}"
+    return figure
+
+
+def work_seconds(compute: FloatArray | float, memory: FloatArray | float, overlap: bool) -> FloatArray | float:
+    """Roofline: the larger of compute and memory time where they overlap, their sum where they do not."""
+    return np.maximum(compute, memory) if overlap else compute + memory
+
+
+def memory_seconds(moved: FloatArray | float, footprint: npt.NDArray[np.int64] | int, rates: Rates
+                   ) -> FloatArray | float:
+    """Bytes moved at on-chip bandwidth where the footprint is resident, off-chip where not (inf: no off-chip)."""
+    off_chip = rates.off_chip_bandwidth if rates.off_chip_bandwidth is not None else 0.0
+    bandwidth = np.where(np.asarray(footprint) <= rates.capacity_bytes, rates.on_chip_bandwidth, off_chip)
+    with np.errstate(divide="ignore"):
+        seconds = np.asarray(moved, dtype=np.float64) / bandwidth
+    return float(seconds) if seconds.ndim == 0 else seconds
+
+
+def allreduce_seconds(size: float, ways: int, rates: Rates) -> float:
+    """One ring all-reduce of ``size`` bytes over ``ways`` cards."""
+    if ways <= 1:
+        return 0.0
+    return 2 * (ways - 1) / ways * size / rates.link_bandwidth + 2 * (ways - 1) * rates.step_latency
+
+
+@dataclass(frozen=True, slots=True)
+class LayerCosts:
+    """Per layer, one pass on one card of a ``ways``-wide group: compute seconds, bytes moved (shared tensors
+    apart: they depend on the stage), all-reduce seconds, and the transfer after it (the cut)."""
+
+    ways: int
+    compute: FloatArray
+    moved: FloatArray
+    allreduce: FloatArray
+    cut: FloatArray
+    rates: Rates
+
+
+def layer_costs(table: LayerTable, rates: Rates, share: float = 1.0, tokens: int = 1, ways: int = 1) -> LayerCosts:
+    """The terms of the stage time per layer for ``share`` of the batch and ``tokens`` new tokens per sequence; a
+    layer its shapes do not let split ``ways`` ways costs nothing here (a plan never gives it that width)."""
+    compute: list[float] = []
+    moved: list[float] = []
+    allreduce: list[float] = []
+    for layer in table.layers:
+        split = layer.split(ways)
+        size = layer.activation_bytes * share * tokens
+        if split is None:       # a plan never gives this layer this width: nothing to count
+            terms = (0.0, 0.0, 0.0)
+        else:                   # weights and KV rows read; the input read and the output written, whole
+            terms = (split.flops * share * tokens / rates.flops,
+                     split.weight_bytes + split.kv_cache_bytes * share + 2 * size,
+                     split.allreduces * allreduce_seconds(size, ways, rates))
+        for column, value in zip((compute, moved, allreduce), terms):
+            column.append(value)
+    cut = [send_seconds(table, index, share, tokens, rates) for index in range(len(table.layers))]
+    return LayerCosts(ways, np.array(compute), np.array(moved), np.array(allreduce), np.array(cut), rates)
+
+
+def send_seconds(table: LayerTable, last: int, share: float, tokens: int, rates: Rates) -> float:
+    """Sending layer ``last``'s output to the next card; after the model's last layer, token ids back to the
+    first."""
+    if last == len(table.layers) - 1:
+        sent = (table.batch or 1) * share * TOKEN_ID_BYTES
+    else:
+        sent = table.layers[last].activation_bytes * share * tokens
+    return sent / rates.link_bandwidth + rates.link_latency
+
+
+@dataclass(frozen=True, slots=True)
+class StageTime:
+    """One pass of a stage on one of its cards, by term."""
+
+    resident: bool
+    compute_s: float
+    memory_s: float
+    allreduce_s: float
+    transfer_s: float
+    overlap: bool = True
+
+    @property
+    def pass_s(self) -> float:
+        return float(work_seconds(self.compute_s, self.memory_s, self.overlap)) + self.allreduce_s
+
+
+def stage_time(costs: LayerCosts, first: int, last: int, footprint: int, shared_bytes: int = 0) -> StageTime:
+    """Layers ``first..last`` as one stage whose per-card footprint is ``footprint`` (``shared_bytes``: tensors
+    of earlier layers it holds too, read every pass like its own weights)."""
+    window = slice(first, last + 1)
+    rates = costs.rates
+    moved = float(costs.moved[window].sum()) + shared_bytes
+    return StageTime(footprint <= rates.capacity_bytes, float(costs.compute[window].sum()),
+                     float(memory_seconds(moved, footprint, rates)), float(costs.allreduce[window].sum()),
+                     float(costs.cut[last]), rates.overlap)

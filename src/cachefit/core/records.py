@@ -1,0 +1,243 @@
+"""The plan records: a plan, its partitions, the model and the device it was made for, and their JSON schema.
+
+Plain data. Every planner makes them through one builder (``cachefit.planning.builder``); every reader (predict,
+shard, run, export, report) takes them from :meth:`Plan.read`, which validates the file once, here.
+
+A plan keeps three choices apart: its ``layout`` (``whole``: one card per stage, whole layers; ``groups``: stages
+may be tensor groups; ``baseline``: the classic TP x PP layout), its ``objective`` (``memory``: the least fullest
+card; ``time``: the least slowest predicted stage) and its ``strategy`` (``balanced``: optimal for the objective;
+``greedy``: filled in card order; none where the layout fixes the stages). And two facts: whether a plan was
+found (``partitions``, :attr:`Plan.found`) and whether it fits on-chip (``feasible``: every card within its
+capacity). A baseline is always found; it may not fit.
+
+Schema ``cachefit.plan/v2``; files of ``v1`` (strategy ``baseline`` / ``time`` standing for the layout and the
+objective) are read as well (docs/contract-changes.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+
+from cachefit.core.errors import InputError
+from cachefit.core.files import atomic_write_text, describe_validation_error, read_json_object
+from cachefit.core.hardware import Device
+from cachefit.core.layers import LayerTable
+from cachefit.core.memory import MemoryModel
+from cachefit.core.spec import Phase, SpecRecord
+
+__all__ = ["LAYOUTS", "OBJECTIVES", "SCHEMA", "STRATEGIES", "DeviceRecord", "Layout", "ModelInfo", "Objective",
+           "Partition", "Plan", "Strategy"]
+
+SCHEMA = "cachefit.plan/v2"
+_V1 = "cachefit.plan/v1"
+Layout = Literal["whole", "groups", "baseline"]
+Objective = Literal["memory", "time"]
+Strategy = Literal["balanced", "greedy"]
+LAYOUTS: tuple[Layout, ...] = ("whole", "groups", "baseline")
+OBJECTIVES: tuple[Objective, ...] = ("memory", "time")
+STRATEGIES: tuple[Strategy, ...] = ("balanced", "greedy")
+_Bytes = Annotated[int, Field(ge=0, strict=True)]
+_Count = Annotated[int, Field(ge=1, strict=True)]
+_Index = Annotated[int, Field(ge=0, strict=True)]
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """One stage: layers ``first..last`` on cards ``card..card + tensor_parallel - 1`` (a tensor group; 1: a card
+    holds the layers whole). Byte columns are per card: every card of a group holds the same share."""
+
+    __pydantic_config__ = _STRICT
+    card: _Index
+    first: _Index
+    last: _Index
+    layers: tuple[str, ...]
+    weight_bytes: _Bytes
+    activation_bytes: _Bytes
+    workspace_bytes: _Bytes
+    kv_cache_bytes: _Bytes
+    footprint_bytes: _Bytes
+    modules: tuple[str, ...] = ()   # module FQNs / checkpoint prefixes of its layers (for exports)
+    tensor_parallel: _Count = 1
+
+    @property
+    def cards(self) -> tuple[int, ...]:
+        return tuple(range(self.card, self.card + self.tensor_parallel))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """The model record: which table a plan was made for (its fingerprint) and what it keeps of it."""
+
+    __pydantic_config__ = _STRICT
+    name: str
+    fingerprint: str
+    layers: _Count
+    dtype: str | None = None
+    batch: int | None = None
+    seq: int | None = None
+    phase: Phase | None = None
+    spec: SpecRecord | None = None
+
+    @classmethod
+    def of(cls, table: LayerTable) -> ModelInfo:
+        return cls(table.name, table.fingerprint, len(table.layers), table.dtype, table.batch, table.seq,
+                   table.phase, table.spec)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """What a plan keeps of the catalog device it was made for."""
+
+    __pydantic_config__ = _STRICT
+    name: str
+    label: str
+    memory: str
+    on_chip_bytes: _Bytes
+    usable_fraction: float
+    capacity_bytes: _Bytes
+
+    @classmethod
+    def of(cls, device: Device) -> DeviceRecord:
+        return cls(device.name, device.label, device.memory, device.on_chip_bytes, device.usable_fraction,
+                   device.capacity_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    __pydantic_config__ = _STRICT
+    feasible: bool                  # every card holds its partition within its capacity (on-chip)
+    layout: Layout
+    objective: Objective
+    strategy: Strategy | None       # None: the layout fixes the stages (baseline)
+    memory_model: MemoryModel
+    capacity_bytes: Annotated[tuple[Annotated[int, Field(gt=0)], ...], Field(min_length=1)]
+    cards: _Count
+    bottleneck_bytes: _Bytes
+    lower_bound_bytes: _Bytes
+    model: ModelInfo
+    partitions: tuple[Partition, ...] = ()
+    diagnosis: tuple[str, ...] = ()
+    optimal: bool = False           # the bottleneck of its objective proven least for this card count
+    device: DeviceRecord | None = None
+
+    @property
+    def found(self) -> bool:
+        """A plan was found (it has partitions), whether or not it fits on-chip."""
+        return bool(self.partitions)
+
+    def to_dict(self) -> dict[str, Any]:
+        document = {"schema": SCHEMA, **asdict(self)}
+        document["capacity_bytes"] = list(self.capacity_bytes)
+        document["model"] = {**asdict(self.model), "spec": None if self.model.spec is None
+                             else self.model.spec.to_dict()}
+        document["partitions"] = [{**asdict(p), "layers": list(p.layers), "modules": list(p.modules),
+                                   "cards": list(p.cards)} for p in self.partitions]
+        document["diagnosis"] = list(self.diagnosis)
+        return document
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+    def write(self, path: str | Path) -> None:
+        atomic_write_text(path, self.to_json())
+
+    def partition_of(self, card: int) -> Partition:
+        """The stage card ``card`` works on."""
+        found = next((p for p in self.partitions if card in p.cards), None)
+        if found is None:
+            raise InputError(f"card {card} is not in this plan (cards 0..{self.cards - 1})")
+        return found
+
+    @classmethod
+    def read(cls, path: str | Path) -> Plan:
+        return cls.from_dict(read_json_object(Path(path), "plan"), source=str(path))
+
+    @classmethod
+    def from_dict(cls, document: Mapping[str, Any], source: str = "plan") -> Plan:
+        """Validate a plan document (v2, or v1 read as v2) and what a reader may rely on."""
+        body = dict(document)
+        schema = body.pop("schema", None)
+        if schema == _V1:
+            body = _from_v1(body)
+        elif schema != SCHEMA:
+            raise InputError(f"{source}: schema must be '{SCHEMA}' (or '{_V1}'), got {schema!r}")
+        spec = _model_spec(body, source)
+        _drop_derived_cards(body, source)
+        try:
+            plan = _PLAN.validate_json(json.dumps(body))
+        except ValidationError as error:
+            raise InputError(describe_validation_error(error, source)) from error
+        plan = replace(plan, model=replace(plan.model, spec=spec))
+        _check_plan(plan, source)
+        return plan
+
+
+def _model_spec(body: dict[str, Any], source: str) -> SpecRecord | None:
+    """The model's spec record, read by its own reader (its JSON form is flat); the rest is left to validate."""
+    model = body.get("model")
+    if not isinstance(model, dict) or model.get("spec") is None:
+        return None
+    model = dict(model)
+    spec = SpecRecord.read(model["spec"], f"{source}: model.spec")
+    model["spec"] = None
+    body["model"] = model
+    return spec
+
+
+def _drop_derived_cards(body: dict[str, Any], source: str) -> None:
+    """Each partition's ``cards`` is written for readers; it must be what ``card`` and ``tensor_parallel`` give."""
+    partitions = body.get("partitions")
+    if not isinstance(partitions, list):
+        return
+    body["partitions"] = [dict(p) if isinstance(p, dict) else p for p in partitions]
+    for index, part in enumerate(body["partitions"]):
+        if not isinstance(part, dict) or "cards" not in part:
+            continue
+        cards, card, ways = part.pop("cards"), part.get("card"), part.get("tensor_parallel", 1)
+        if isinstance(card, int) and isinstance(ways, int) and cards != list(range(card, card + ways)):
+            raise InputError(f"{source}: partitions[{index}].cards must be {card}..{card + ways - 1} (card and "
+                             f"tensor_parallel), got {cards}")
+
+
+def _from_v1(body: dict[str, Any]) -> dict[str, Any]:
+    """A v1 plan in v2 terms: strategy ``baseline`` was the layout, ``time`` the objective."""
+    strategy = body.get("strategy")
+    grouped = any(isinstance(p, dict) and p.get("tensor_parallel", 1) != 1 for p in body.get("partitions", []))
+    layout = "baseline" if strategy == "baseline" else "groups" if grouped else "whole"
+    objective = "time" if strategy == "time" else "memory"
+    return {**body, "layout": layout, "objective": objective,
+            "strategy": None if strategy == "baseline" else "balanced" if strategy == "time" else strategy}
+
+
+_PLAN = TypeAdapter(Plan)
+
+
+def _check_plan(plan: Plan, source: str) -> None:
+    """What a reader may rely on: contiguous partitions in card order, covering every layer, sums that add up,
+    and, when the plan says it fits, every card within its capacity."""
+    if not plan.partitions:
+        if plan.layout == "baseline" or plan.feasible:
+            raise InputError(f"{source}: a {'baseline' if plan.layout == 'baseline' else 'feasible'} plan must "
+                             "list its partitions")
+        return
+    expected_first = expected_card = 0
+    for index, part in enumerate(plan.partitions):
+        where = f"{source}: partitions[{index}]"
+        if part.card != expected_card or part.first != expected_first or part.last < part.first:
+            raise InputError(f"{where} must start at card {expected_card} and layer {expected_first}, got card "
+                             f"{part.card} layers {part.first}..{part.last}")
+        if part.footprint_bytes != (part.weight_bytes + part.activation_bytes + part.workspace_bytes
+                                    + part.kv_cache_bytes):
+            raise InputError(f"{where}.footprint_bytes must equal the sum of its parts, got {part.footprint_bytes}")
+        if plan.feasible and part.footprint_bytes > plan.capacity_bytes[min(part.card, len(plan.capacity_bytes) - 1)]:
+            raise InputError(f"{where}.footprint_bytes {part.footprint_bytes} exceeds its card's capacity")
+        expected_first, expected_card = part.last + 1, part.card + part.tensor_parallel
+    if expected_first != plan.model.layers or expected_card != plan.cards:
+        raise InputError(f"{source}: partitions must cover layers 0..{plan.model.layers - 1} on {plan.cards} cards")

@@ -1,0 +1,205 @@
+"""What a model is made of, as the closed forms, the reference transformer and the runtime all read it: element
+types, the workload a table is sized for, the two families' dimensions, the record a table keeps of them, and the
+module-name conventions (``embed``, ``layers.N``, ``head``) that tie a layer to its checkpoint tensors.
+
+Declared once and validated directly (pydantic ``TypeAdapter`` over these dataclasses): a spec file, a table's
+``spec`` record and a checkpoint's metadata are all read through :func:`parse_spec_fields` / :meth:`SpecRecord.read`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+
+from cachefit.core.errors import InputError
+from cachefit.core.files import describe_validation_error
+
+__all__ = [
+    "DTYPE_BYTES", "EMBED", "HEAD", "TOKEN_ID_BYTES", "Attention", "DenseSpec", "LlamaSpec", "ModelSpec", "Phase",
+    "SpecRecord", "Workload", "block_index", "block_name", "block_tensor", "dtype_bytes", "is_decoder_block",
+    "parse_spec_fields",
+]
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp8": "float8_e4m3fn"}
+TOKEN_ID_BYTES = 8   # token ids enter the embedding as int64
+Phase = Literal["prefill", "decode"]
+Attention = Literal["naive", "flash"]
+_Positive = Annotated[int, Field(ge=1, strict=True)]
+_Dim = Annotated[int, Field(ge=0, strict=True)]
+_Flag = Annotated[bool, Field(strict=True)]
+
+# Module names of the reference model (cachefit.nn), which the closed-form tables and the shards use.
+EMBED, HEAD, BLOCKS = "embed", "head", "layers"
+_BLOCK = re.compile(rf"^{BLOCKS}\.(\d+)(?:\.|$)")
+# A decoder block in the models peers load (Hugging Face: model.layers.N, transformer.h.N, ...), for exports.
+_DECODER_BLOCK = re.compile(r"(^|\.)(layers|h|blocks|decoder\.layers)\.\d+$")
+
+
+def dtype_bytes(dtype: str) -> tuple[str, int]:
+    """Canonical name and bytes per element of ``dtype`` (``fp16`` -> ``('float16', 2)``)."""
+    name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    if name not in DTYPE_BYTES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPE_BYTES)} (or fp32, fp16, bf16, fp8), got {dtype!r}",
+                         parameters=("dtype",))
+    return name, DTYPE_BYTES[name]
+
+
+def block_name(index: int) -> str:
+    return f"{BLOCKS}.{index}"
+
+
+def block_index(name: str) -> int | None:
+    """N of a layer or tensor named ``layers.N[...]``; None for the embedding, the head and anything else."""
+    match = _BLOCK.match(name)
+    return int(match.group(1)) if match else None
+
+
+def block_tensor(name: str) -> str | None:
+    """``attn.q_proj.weight`` of ``layers.3.attn.q_proj.weight``: a block tensor's name inside its block."""
+    return name.split(".", 2)[2] if block_index(name) is not None and name.count(".") >= 2 else None
+
+
+def is_decoder_block(module: str) -> bool:
+    """Whether a module FQN names one decoder block (ours or a Hugging Face model's)."""
+    return bool(_DECODER_BLOCK.search(module))
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """What a table is sized for: sequences per pass, context length, phase, element type, attention kind."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    batch: _Positive = 1
+    seq: _Positive = 2048
+    phase: Phase = "decode"
+    dtype: str = "float16"
+    attention: Attention = "naive"
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "seq"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}", parameters=(name,))
+        if self.phase not in ("prefill", "decode"):
+            raise InputError(f"phase must be 'prefill' or 'decode', got {self.phase!r}", parameters=("phase",))
+        if self.attention not in ("naive", "flash"):
+            raise InputError(f"attention must be 'naive' or 'flash', got {self.attention!r}",
+                             parameters=("attention",))
+        dtype_bytes(self.dtype)
+
+    @property
+    def new_tokens(self) -> int:
+        """q: tokens per sequence this pass computes."""
+        return self.seq if self.phase == "prefill" else 1
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.new_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class DenseSpec:
+    """The seed's dense network: attention (fused QKV, output) and a 2-matrix MLP, no norms or biases; with
+    ``vocab`` > 0, an embedding layer first and a head last."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(min_length=1)]
+    layers: _Positive
+    heads: _Positive
+    head_dim: _Positive
+    mlp_hidden: _Positive
+    hidden: _Dim = 0            # 0: heads * head_dim
+    vocab: _Dim = 0
+    tie_embeddings: bool = False
+
+    @property
+    def model_dim(self) -> int:
+        return self.hidden or self.heads * self.head_dim
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaSpec:
+    """Llama-style decoder: GQA attention, SwiGLU MLP, RMSNorm, embedding and head (tied or not)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(min_length=1)]
+    layers: _Positive
+    hidden: _Positive
+    heads: _Positive
+    kv_heads: _Positive
+    ffn_hidden: _Positive
+    vocab: _Positive
+    head_dim: _Dim = 0          # 0: hidden // heads
+    tie_embeddings: bool = False
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+
+ModelSpec = DenseSpec | LlamaSpec
+_FAMILIES: dict[str, type[DenseSpec] | type[LlamaSpec]] = {"dense": DenseSpec, "llama": LlamaSpec}
+_ADAPTERS = {family: TypeAdapter(kind) for family, kind in _FAMILIES.items()}
+
+
+def family_of(spec: ModelSpec) -> str:
+    return "dense" if isinstance(spec, DenseSpec) else "llama"
+
+
+def parse_spec_fields(family: Any, document: dict[str, Any], source: str) -> ModelSpec:
+    """A family's spec from its fields (a spec file's, a table's record's), validated; InputError otherwise."""
+    if family not in _ADAPTERS:
+        raise InputError(f"{source}: family must be 'dense' or 'llama', got {family!r}")
+    try:
+        return _ADAPTERS[family].validate_python(document)
+    except ValidationError as error:
+        raise InputError(describe_validation_error(error, source)) from error
+
+
+@dataclass(frozen=True, slots=True)
+class SpecRecord:
+    """What a layer table (and so a plan) keeps of the model it was made from, so that the performance model can
+    rebuild the table and the runtime the model. Stored flat: ``{"family", <the spec's fields>, "attention",
+    ["sublayers"], ["measured"], ["prefill_chunk"]}``."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    spec: ModelSpec
+    attention: Attention = "naive"
+    sublayers: _Flag = False         # attention and MLP as separate layers (granularity "sublayer")
+    measured: _Flag = False         # profiled on the reference module (so the runtime holds what it counts)
+    prefill_chunk: _Positive | None = None    # prompt tokens per pass the table also counts
+
+    @property
+    def family(self) -> str:
+        return family_of(self.spec)
+
+    def to_dict(self) -> dict[str, Any]:
+        document: dict[str, Any] = {"family": self.family, **asdict(self.spec), "attention": self.attention}
+        if self.sublayers:
+            document["sublayers"] = True
+        if self.measured:
+            document["measured"] = True
+        if self.prefill_chunk is not None:
+            document["prefill_chunk"] = self.prefill_chunk
+        return document
+
+    @classmethod
+    def read(cls, document: Any, source: str = "spec") -> SpecRecord:
+        if not isinstance(document, dict):
+            raise InputError(f"{source} must be an object with a family and its dimensions")
+        rest = dict(document)
+        family = rest.pop("family", None)
+        extras = {key: rest.pop(key) for key in ("attention", "sublayers", "measured", "prefill_chunk")
+                  if key in rest}
+        spec = parse_spec_fields(family, rest, source)
+        try:
+            return _RECORD.validate_python({"spec": spec, **extras})
+        except ValidationError as error:
+            raise InputError(describe_validation_error(error, source)) from error
+
+
+_RECORD = TypeAdapter(SpecRecord)

@@ -1,0 +1,73 @@
+"""The one builder every planner uses: stages in, a :class:`~cachefit.core.records.Plan` out.
+
+A planner decides where stages end and how wide each is; the builder measures each stage on its cards (one card's
+share of a tensor group), decides whether the plan fits on-chip (every card within its capacity), and records the
+choices that made it. Plans that found nothing go through :func:`refused_plan`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cachefit.core.layers import LayerTable
+from cachefit.core.memory import MemoryModel, breakdown, per_card_table, shared_uses
+from cachefit.core.records import DeviceRecord, Layout, ModelInfo, Objective, Partition, Plan, Strategy
+
+__all__ = ["Settings", "Stage", "build_plan", "refused_plan"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The choices a plan was made with."""
+
+    layout: Layout
+    objective: Objective
+    strategy: Strategy | None
+    memory_model: MemoryModel
+    device: DeviceRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """Layers ``first..last`` on a group of ``ways`` cards (1: one card holding them whole)."""
+
+    first: int
+    last: int
+    ways: int = 1
+
+
+def build_plan(table: LayerTable, settings: Settings, stages: Sequence[Stage], capacities: Sequence[int], *,
+               lower_bound: int, optimal: bool, notes: Sequence[str] = ()) -> Plan:
+    """The plan of ``stages`` (contiguous, covering every layer, in card order) on cards of ``capacities`` (one
+    per card; a group's cards share one size): each stage's per-card footprint by kind, and whether all fit."""
+    uses = shared_uses(table)
+    shares = {ways: per_card_table(table, ways)[0] for ways in {stage.ways for stage in stages}}
+    partitions, card = [], 0
+    for stage in stages:
+        parts = breakdown(shares[stage.ways], settings.memory_model, stage.first, stage.last, uses)
+        layers = table.layers[stage.first:stage.last + 1]
+        partitions.append(Partition(card, stage.first, stage.last, tuple(x.name for x in layers), parts.weight_bytes,
+                                    parts.activation_bytes, parts.workspace_bytes, parts.kv_cache_bytes,
+                                    parts.footprint_bytes, tuple(m for x in layers for m in (x.modules or (x.name,))),
+                                    stage.ways))
+        card += stage.ways
+    if card != len(capacities):
+        raise AssertionError(f"the stages take {card} cards but {len(capacities)} capacities were given")
+    fits = all(p.footprint_bytes <= capacities[p.card] for p in partitions)
+    return Plan(feasible=fits, layout=settings.layout, objective=settings.objective, strategy=settings.strategy,
+                memory_model=settings.memory_model, capacity_bytes=tuple(capacities), cards=card,
+                bottleneck_bytes=max(p.footprint_bytes for p in partitions), lower_bound_bytes=lower_bound,
+                model=ModelInfo.of(table), partitions=tuple(partitions), diagnosis=tuple(notes), optimal=optimal,
+                device=settings.device)
+
+
+def refused_plan(table: LayerTable, settings: Settings, capacities: Sequence[int], *, lower_bound: int,
+                 diagnosis: Sequence[str], cards: int | None = None) -> Plan:
+    """No plan found: the cards it was asked for (``cards``, default one per capacity), a proven lower bound, and
+    why, in words a user can act on."""
+    return Plan(feasible=False, layout=settings.layout, objective=settings.objective, strategy=settings.strategy,
+                memory_model=settings.memory_model, capacity_bytes=tuple(capacities),
+                cards=len(capacities) if cards is None else cards,
+                bottleneck_bytes=0, lower_bound_bytes=lower_bound, model=ModelInfo.of(table),
+                diagnosis=tuple(diagnosis), device=settings.device)
