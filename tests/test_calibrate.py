@@ -41,8 +41,16 @@ def test_cli_writes_the_file_predict_uses(tmp_path: Path, monkeypatch: pytest.Mo
     assert all(s.resident and s.pass_s == pytest.approx(s.compute_s + s.memory_s) for s in ours.stages)
 
 
-def test_probes_measure_something_plausible() -> None:
-    bandwidth, rate, roofline, serial = calibrate._fit(2 * calibrate._LAYER)
-    assert bandwidth > 1e8 and rate > 1e8 and roofline >= 0 and serial >= 0
-    latency, link, allreduce = calibrate._gloo_link()
-    assert 0 < latency < 0.1 and link > 1e6 and 0 < allreduce < 1.0
+def test_the_fit_recovers_bandwidth_and_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Timings made up as t = bytes / B + FLOPs / R with B = 20 GB/s, R = 50 GFLOP/s: the least-squares fit must
+    # give them back, the additive model must fit exactly and the roofline (max) must not.
+    bandwidth, rate, moved = 2e10, 5e10, 64 << 20
+
+    def timed(total_bytes: int, rows: int, repeats: int = 9) -> tuple[float, int, float]:
+        flops = 2.0 * rows * moved / 4
+        return moved / bandwidth + flops / rate, moved, flops
+
+    monkeypatch.setattr(calibrate, "_linear_seconds", timed)
+    fitted_bandwidth, fitted_rate, roofline, serial = calibrate._fit(moved)
+    assert fitted_bandwidth == pytest.approx(bandwidth) and fitted_rate == pytest.approx(rate)
+    assert serial == pytest.approx(0.0, abs=1e-12) and roofline > 0.05

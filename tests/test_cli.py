@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import cachefit
 from cachefit.cli import cli
 from cachefit.core.layers import LayerTable
 from cachefit.core.records import Plan
@@ -188,3 +189,40 @@ def test_exports_of_tensor_group_plans(tmp_path: Path) -> None:
     assert code == 0 and stdout == "VLLM_PP_LAYER_PARTITION=2,2\n# and --tensor-parallel-size 2\n"
     code, _, stderr = run("export", str(tmp_path / "b.json"), "--to", "accelerate")
     assert code == 2 and "tensor groups" in stderr
+
+
+def test_an_internal_failure_is_a_bug_not_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cachefit import api
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("boom")
+    monkeypatch.setattr(api, "plan", broken)
+    code, stdout, stderr = run("plan", "tiny-llama", "--capacity", "1MiB")
+    assert code == 1 and stdout == "" and len(stderr.strip().splitlines()) == 1
+    assert stderr.startswith("cachefit: error: internal error: KeyError: 'boom'") and "CACHEFIT_DEBUG=1" in stderr
+    monkeypatch.setenv("CACHEFIT_DEBUG", "1")                      # the traceback, for a bug report
+    result = CliRunner().invoke(cli, ["plan", "tiny-llama", "--capacity", "1MiB"])
+    assert isinstance(result.exception, KeyError)
+
+
+def test_os_errors_are_bad_input_on_the_users_paths_and_bugs_on_ours(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cachefit
+    from cachefit import api
+
+    package = Path(cachefit.__file__).parent
+    for path, expected in (("/srv/mine/plan.json", 2), (str(package / "data" / "hf"), 1)):
+        def failing(*args: object, path: str = path, **kwargs: object) -> None:
+            raise FileNotFoundError(2, "No such file or directory", path)
+        monkeypatch.setattr(api, "plan", failing)
+        code, _, stderr = run("plan", "tiny-llama", "--capacity", "1MiB")
+        assert code == expected and path in stderr and len(stderr.strip().splitlines()) == 1
+        assert ("internal error" in stderr) == (expected == 1)
+
+
+def test_library_messages_name_parameters_and_the_cli_names_flags() -> None:
+    with pytest.raises(ValueError, match=r"objective='time' plans whole layers by predicted time; it has no "
+                                         r"baseline: drop baseline"):
+        cachefit.plan("tiny-llama", device="h100", objective="time", baseline="tp=2,pp=1")
+    code, _, stderr = run("plan", "tiny-llama", "--device", "h100", "--objective", "time", "--baseline", "tp=2,pp=1")
+    assert code == 2 and "--objective time plans whole layers by predicted time; it has no --baseline: drop " \
+        "--baseline" in stderr

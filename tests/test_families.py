@@ -97,5 +97,5 @@ def test_bad_model_arguments(model: str, options: dict[str, object], message: st
 def test_options_do_not_apply_to_fixed_tables(tmp_path: Path) -> None:
     path = tmp_path / "t.json"
     load_model("tiny-llama").write(path)
-    with pytest.raises(ValueError, match=r"--batch: layer table .* has fixed sizes"):
+    with pytest.raises(ValueError, match=r"batch: layer table .* has fixed sizes"):
         load_model(path, batch=2)

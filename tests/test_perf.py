@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from cachefit import api
 from cachefit.core.cost import LayerCosts, Rates, rates_of, stage_time
 from cachefit.core.hardware import load_devices
-from cachefit.core.layers import Layer, LayerTable
+from cachefit.core.layers import Layer, LayerTable, Split
 from cachefit.core.memory import interval_cost
 from cachefit.perf.predict import predict_plan
-from cachefit.planning import make_plan
+from cachefit.planning import make_baseline_plan, make_plan
 from cachefit.planning.algorithms.timed import least_time
 from test_cli import run
 
@@ -150,3 +150,21 @@ def test_seed_report_writes_the_analysis_and_the_measured_runs(tmp_path: Path,
     assert "| layer-wise pp=2 | predicted | 2 |" in text
     assert (tmp_path / "seed-layers-vs-h100-l2.png").stat().st_size > 0
     assert (tmp_path / "seed-predicted-speed.png").stat().st_size > 0
+
+
+def test_allreduce_term_by_hand() -> None:
+    # Two layers of 600 B, 100 B out, each split 2 ways: 300 B and 5e5 FLOPs per card, two all-reduces of the
+    # whole 100 B output per pass (after attention, after the MLP). One stage on a group of 2 cards.
+    split = Split(2, 300, 0, 0, 5e5, 200, 2)
+    layers = tuple(Layer(f"l{i}", 600, 100, 0, 0, 1e6, (), (), (split,)) for i in range(2))
+    table = LayerTable("tp", layers, input_bytes=100, batch=2, seq=4, phase="decode")
+    plan = make_baseline_plan(table, 10**6, 2, 1)
+    stage = predict_plan(plan, table, RATES, micro_batches=1).stages[0]
+    # Ring all-reduce of S = 100 B over t = 2: 2(t-1)/t * S / 1 MB/s + 2(t-1) x 1 ms = 0.1 ms + 2 ms = 2.1 ms;
+    # four of them (2 per layer) = 8.4 ms. Compute: 2 x 5e5 / 1e9 = 1 ms; memory: 2 x (300 + 2 x 100) B / 1e9
+    # (per card 600 B + 200 B transient <= 1000 B: resident) = 1 us. Pass: max(1 ms, 1 us) + 8.4 ms.
+    assert stage.allreduce_s == pytest.approx(8.4e-3)
+    assert stage.compute_s == pytest.approx(1e-3) and stage.memory_s == pytest.approx(1e-6)
+    assert stage.pass_s == pytest.approx(9.4e-3)
+    collective = Rates(**{**vars_of(RATES), "collective_latency": 1e-4})     # per ring step, when measured
+    assert predict_plan(plan, table, collective).stages[0].allreduce_s == pytest.approx(4 * (1e-4 + 2e-4))

@@ -70,7 +70,7 @@ def stream(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_window_over_the_whole_buffer_when_it_fits(stream: None) -> None:
     buffer = torch.empty(1000, dtype=torch.uint8)
     runtime = FakeRuntime(persisting=4096, window=2048)
-    report = residency._apply(runtime, buffer)
+    report = residency.pin_with(runtime, buffer)
     assert report["applied"] and report["window_bytes"] == 1000
     assert runtime.calls[0] == ("limit", "PersistingLimit", 1000)
     _, key, window = runtime.calls[1]
@@ -80,13 +80,11 @@ def test_a_window_over_the_whole_buffer_when_it_fits(stream: None) -> None:
 
 @pytest.mark.parametrize(("persisting", "window", "status", "reason"), [
     (512, 2048, 0, "exceed the persisting L2"), (4096, 512, 0, "largest window"),
-    (0, 0, 0, "no persisting L2"), (4096, 4096, 1, "CUDA status 1")])
+    (0, 0, 0, "no persisting L2"), (4096, 4096, 1, "RuntimeError: CUDA status 1")])
 def test_residency_is_refused_with_the_reason(stream: None, persisting: int, window: int, status: int,
                                               reason: str) -> None:
     buffer = torch.empty(1000, dtype=torch.uint8)
     runtime = FakeRuntime(persisting, window, status)
-    try:
-        report = residency._apply(runtime, buffer)
-    except RuntimeError as error:                       # pin_weights_in_l2 turns this into a report
-        report = {"applied": False, "reason": str(error)}
+    report = residency.pin_with(runtime, buffer)        # a failed CUDA call becomes the reason, not an error
     assert not report["applied"] and reason in report["reason"]
+    assert runtime.calls == ([("limit", "PersistingLimit", 1000)] if status else [])

@@ -96,7 +96,7 @@ def test_leaf_granularity_and_factory_errors() -> None:
     leaf = load_model("toy_models:two_stream", torch_options=TorchOptions(granularity="leaf", input_shape=(1, 16),
                                                                           input_dtype="float32"))
     assert [x.name for x in leaf.layers] == ["stem", "blocks.0.linear", "blocks.1.linear", "blocks.2.linear", "out"]
-    with pytest.raises(ValueError, match="give --input-shape"):
+    with pytest.raises(ValueError, match="give input_shape"):
         load_model("toy_models:two_stream")
     with pytest.raises(ValueError, match="cannot import"):
         load_model("toy_models:missing")
@@ -120,5 +120,5 @@ def test_a_prefill_chunk_is_counted_on_top_of_decode() -> None:
         assert both.activation_bytes >= plain.activation_bytes and both.workspace_bytes >= plain.workspace_bytes
     block = chunked.layers[1]
     assert block.activation_bytes == 2 * 8 * 64 * 4                 # 8 prompt tokens x 2 sequences x d=64, fp32
-    with pytest.raises(ValueError, match="--prefill-chunk needs --phase decode"):
+    with pytest.raises(ValueError, match="prefill_chunk needs phase='decode'"):
         measure_spec(SPECS[0], Workload(batch=2, seq=32, phase="prefill"), prefill_chunk=4)

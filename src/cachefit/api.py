@@ -72,8 +72,8 @@ def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, de
     if baseline is not None:
         ways, stages = _baseline_shape(baseline)
         if cards is not None and cards != ways * stages:
-            raise InputError(f"cards ({cards}) is fixed by baseline tp={ways},pp={stages} ({ways * stages} cards): "
-                             "leave cards out", parameters=("cards", "baseline"))
+            raise InputError(f"cards ({cards}) is fixed by baseline tp={ways},pp={stages} to {ways * stages}: leave "
+                             "cards out", parameters=("cards", "baseline"))
         return make_baseline_plan(table, capacities[0], ways, stages, memory_model, record)
     if split == "always":
         return make_split_plan(table, capacities[0], cards, memory_model, record)
@@ -114,8 +114,8 @@ def _check_plan_options(split: str, baseline: Baseline | None, objective: str, s
             raise InputError(f"objective='time' plans whole layers by predicted time; it has no {', '.join(ignored)}"
                              f": drop {' and '.join(ignored)}", parameters=("objective", *ignored))
     elif micro_batches != 1:
-        raise InputError("micro_batches sizes the passes objective='time' predicts; with the memory objective "
-                         "give batch instead", parameters=("micro_batches", "objective", "batch"))
+        raise InputError("micro_batches applies to objective='time' (the passes it predicts); plan a smaller batch "
+                         "instead", parameters=("micro_batches", "objective", "batch"))
     if baseline is not None and split != "auto":
         raise InputError(f"baseline fixes the split (every layer tp ways); drop split={split!r}",
                          parameters=("baseline", "split"))

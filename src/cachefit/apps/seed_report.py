@@ -22,6 +22,7 @@ from cachefit.output import report
 from cachefit.perf.predict import Prediction
 from cachefit.planning import parse_baseline
 from cachefit.sources import TorchOptions
+from cachefit.sources.spec import parse_spec_text
 
 __all__ = ["CLAIMS", "Row", "full_scale", "measured_small", "write_report"]
 
@@ -57,14 +58,14 @@ def full_scale(folder: Path) -> dict[str, Any]:
     whole = api.plan(table, device="h100", split="never")
     report.plot_plan(whole, table, folder / "seed-layers-vs-h100-l2.png")
     facts: dict[str, Any] = {
-        "layer": table.layers[0], "h100": h100, "single": interval_cost(table, "peak").footprint(0, 0),
+        "table": table, "layer": table.layers[0], "h100": h100, "single": interval_cost(table, "peak").footprint(0, 0),
         "kv_total": sum(x.kv_cache_bytes for x in table.layers),
         "hbm_total": 16 * int(h100.figure("off_chip_bytes").value),  # type: ignore[union-attr]
         "blocks": api.plan(table, device="h100"),
         "sublayer": api.plan("seed-dense16", device="h100", torch_options=SUBLAYER),
         "micro": api.largest_micro_batch("seed-dense16", device="h100", torch_options=SUBLAYER),
         "short": api.plan("seed-dense16", device="h100", batch=1, seq=1000, torch_options=SUBLAYER),
-        "sram": _sram_cards()}
+        "sram": _sram_cards(), "small": parse_spec_text(SMALL_SPEC, "seed-small")[:2]}
     facts["rows"] = _predictions(facts["short"])
     _plot_predictions(facts["rows"], folder / "seed-predicted-speed.png")
     return facts

@@ -15,16 +15,14 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
-from rich.console import Console
 
 from cachefit.core.errors import EXIT_BUG, EXIT_INFEASIBLE, EXIT_USAGE, InputError, RunError
 
 __all__ = ["EXIT_INFEASIBLE", "emit_json", "err", "fail", "handle_errors", "model_arguments", "model_options", "out"]
+from cachefit.output.report import console
 from cachefit.sources import TorchOptions
 
-# Rich falls back to 80 columns when output is not a terminal (pipes, CI logs); the plan tables need more.
-out = Console(width=None if sys.stdout.isatty() else 140)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+out, err = console(), console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,10 +38,14 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 
 def flag_text(error: InputError) -> str:
-    """The message with the parameters it names written as flags (``prefill_chunk`` -> ``--prefill-chunk``)."""
+    """The message with the parameters it names written as flags: ``prefill_chunk`` -> ``--prefill-chunk``,
+    ``objective='time'`` -> ``--objective time``."""
     text = str(error)
     for name in error.parameters:
-        text = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", "--" + name.replace("_", "-"), text)
+        flag = "--" + name.replace("_", "-")
+        text = re.sub(rf"(?<![\w-]){re.escape(name)}='([^']*)'", rf"{flag} \1", text)
+        text = re.sub(rf"(?<![\w-]){re.escape(name)}=(?=\w)", f"{flag} ", text)
+        text = re.sub(rf"(?<![\w=-]){re.escape(name)}(?![\w-])", flag, text)
     return text
 
 

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 import time
 
 import click
-from rich.table import Table
 
 from cachefit import api
 from cachefit.cli._common import err, handle_errors, out
 from cachefit.core.errors import InputError
 from cachefit.core.files import atomic_write_text
 from cachefit.core.records import Plan
-from cachefit.core.units import format_size
+from cachefit.output import report as report_
 
 
 @click.command("run")
@@ -68,48 +66,8 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
         result = api.run(plan_file, weights, options,
                           progress=lambda now: status.update(f"running {plan.cards} ranks: {now - started:.0f} s"))
     summary = summarise(result.ranks, int(plan.model.batch or 1), prompt_len, new_tokens)
-    print_summary(summary, result.checked)
+    report_.print_run_summary(out, summary, result.checked)
     if report:
         document = run_report(plan_file, options, result.checked, summary)
         atomic_write_text(report, json.dumps(document, indent=1) + "\n")
         err.print(f"wrote {report}")
-
-
-def _print_residency(cards: list[dict]) -> None:
-    """Whether each card's weights were pinned in L2 (CUDA), grouped by outcome."""
-    outcomes: dict[str, list[int]] = {}
-    for card in cards:
-        state = card.get("residency") or {}
-        label = "applied" if state.get("applied") else f"not applied: {state.get('reason', 'not reported')}"
-        outcomes.setdefault(label, []).append(card["card"])
-    for label, found in outcomes.items():
-        out.print(f"L2 residency {label} (cards {', '.join(map(str, found))})", highlight=False)
-
-
-def print_summary(summary: dict, checked: dict | None) -> None:
-    def number(value: float | None, digits: str = ".1f") -> str:
-        return "-" if value is None else format(value, digits)
-    out.print(f"prefill {number(summary['prefill_tokens_per_s'])} tokens/s ({summary['prefill_chunk']} prompt "
-              "token(s) per sequence per pass, as the plan counts); "
-              f"decode {number(summary['decode_tokens_per_s'])} tokens/s; TPOT median "
-              f"{number(summary['tpot_median_ms'], '.2f')} ms, p90 {number(summary['tpot_p90_ms'], '.2f')} ms")
-    view = Table(title="per card", caption="compute includes the all-reduces of tensor groups; wait includes "
-                 "receives and a group's broadcasts")
-    for header in ("card", "layers", "tp", "compute s", "all-reduce s", "wait s", "send s", "planned", "measured",
-                   "over plan"):
-        view.add_column(header, justify="right")
-    for card in summary["cards"]:
-        view.add_row(str(card["card"]), f"{card['layers'][0]}-{card['layers'][1]}", str(card["tensor_parallel"]),
-                     f"{card['compute_s']:.3f}", f"{card['allreduce_s']:.3f}", f"{card['wait_s']:.3f}",
-                     f"{card['send_s']:.3f}", format_size(card["planned_bytes"]),
-                     format_size(card["measured_bytes"]),
-                     format_size(card["over_plan_bytes"]) if card["over_plan_bytes"] else "-")
-    out.print(view)
-    _print_residency(summary["cards"])
-    if checked is not None:
-        out.print(f"check: tokens identical to the unpartitioned model; largest logit difference "
-                  f"{checked['max_logit_difference']:.3g}")
-    if any(card["over_plan_bytes"] for card in summary["cards"]):
-        out.print("note: measured bytes exceed the plan by each card's pre-allocated receive buffer, which the "
-                  "peak memory model does not count yet (docs/runtime.md)")
-    sys.stdout.flush()

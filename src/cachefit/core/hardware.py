@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from cachefit.core.errors import InputError
 from cachefit.core.files import describe_validation_error
@@ -33,9 +33,13 @@ FIGURES = ("on_chip_bytes", "usable_fraction", "on_chip_bandwidth", "off_chip_by
 
 @dataclass(frozen=True, slots=True)
 class Figure:
-    value: float
+    """One number about a device and where it comes from: V datasheet, M measured, 3P third party, A assumed,
+    user: a devices file's bare number."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    value: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     kind: FigureKind
-    source: str
+    source: Annotated[str, Field(min_length=1)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +90,7 @@ def get_device(name: str, devices: Mapping[str, Device]) -> Device:
     key = name.lower()
     if key not in devices:
         raise InputError(f"device {name!r} is not in the catalog; known: {', '.join(sorted(devices))} "
-                         "(add your own with --devices-file)")
+                         "(add your own with devices_file)", parameters=("devices_file",))
     return devices[key]
 
 
@@ -105,41 +109,31 @@ def _as_figure(key: str, value: Any, source: str) -> Any:
     return value
 
 
+_FIGURES = TypeAdapter(dict[str, Figure])
+_DEFAULT_USABLE = Figure(1.0, "A", "default: all of it")
+
+
 def _device(name: str, entry: Mapping[str, Any], source: str) -> Device:
+    """A catalog entry: a label, the kind of memory, and figures (``on_chip_bytes`` required)."""
+    where = f"{source} [{name}]"
+    unknown = sorted(set(entry) - {"label", "memory", *FIGURES})
+    if unknown:
+        raise InputError(f"{where}: {unknown[0]} is not a known field (figures: {', '.join(FIGURES)})")
+    label, memory = entry.get("label"), entry.get("memory", "on-chip")
+    if not isinstance(label, str) or not label or not isinstance(memory, str):
+        raise InputError(f"{where}: label (and memory, if given) must be non-empty strings, got {label!r}")
     try:
-        model = _DeviceModel.model_validate(entry)
+        figures = _FIGURES.validate_python({key: entry[key] for key in FIGURES if key in entry})
     except ValidationError as error:
-        raise InputError(describe_validation_error(error, f"{source} [{name}]")) from error
-    figures = {key: Figure(f.value, f.kind, f.source) for key in FIGURES if (f := getattr(model, key)) is not None}
+        raise InputError(describe_validation_error(error, where)) from error
+    if "on_chip_bytes" not in figures:
+        raise InputError(f"{where}: on_chip_bytes is required")
+    figures.setdefault("usable_fraction", _DEFAULT_USABLE)
     zero = [key for key, figure in figures.items() if figure.value == 0 and key != "overlap"]
     if zero:
-        raise InputError(f"{source} [{name}]: {zero[0]} must be greater than 0")
+        raise InputError(f"{where}: {zero[0]} must be greater than 0")
     fraction = figures["usable_fraction"].value
     if not 0 < fraction <= 1:
-        raise InputError(f"{source} [{name}]: usable_fraction must be in (0, 1], got {fraction}")
-    return Device(name=name.lower(), label=model.label, memory=model.memory, figures=figures)
-
-
-class _FigureModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    value: Annotated[float, Field(ge=0, allow_inf_nan=False)]
-    kind: FigureKind
-    source: Annotated[str, Field(min_length=1)]
-
-
-class _DeviceModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    label: Annotated[str, Field(min_length=1)]
-    memory: str = "on-chip"
-    on_chip_bytes: _FigureModel
-    usable_fraction: _FigureModel = _FigureModel(value=1.0, kind="A", source="default: all of it")
-    on_chip_bandwidth: _FigureModel | None = None
-    off_chip_bytes: _FigureModel | None = None
-    off_chip_bandwidth: _FigureModel | None = None
-    fp32_flops: _FigureModel | None = None
-    fp16_flops: _FigureModel | None = None
-    fp8_flops: _FigureModel | None = None
-    link_bandwidth: _FigureModel | None = None
-    link_latency: _FigureModel | None = None       # seconds per message
-    collective_latency: _FigureModel | None = None  # seconds per ring step of an all-reduce (default: link_latency)
-    overlap: _FigureModel | None = None            # 1: memory and compute overlap (roofline max); 0: they add up
+        raise InputError(f"{where}: usable_fraction must be in (0, 1], got {fraction}")
+    ordered = {key: figures[key] for key in FIGURES if key in figures}
+    return Device(name=name.lower(), label=label, memory=memory, figures=ordered)

@@ -157,7 +157,8 @@ class LayerTable:
                 raise InputError(f"cannot read layer table {path}: {error.strerror or error}") from error
             return cls.from_csv(text, name=path.stem, input_bytes=input_bytes or 0, source=str(path))
         if input_bytes is not None:
-            raise InputError(f"--input-bytes is for CSV layer tables; {path} is JSON and carries its own input_bytes")
+            raise InputError(f"input_bytes is for CSV layer tables; {path} is JSON and carries its own",
+                             parameters=("input_bytes",))
         return cls.from_dict(read_json_object(path, "layer table"), source=str(path))
 
     @classmethod

@@ -28,7 +28,7 @@ def device_map(plan: Plan) -> dict[str, int]:
     grouped = [part.card for part in plan.partitions if part.tensor_parallel > 1]
     if grouped:
         raise InputError(f"a device_map puts each module on one GPU, but the stages at cards {grouped} are tensor "
-                         "groups; export to torchtitan or vllm, or plan with --split never")
+                         "groups; export to torchtitan or vllm, or plan with split='never'", parameters=("split",))
     return {module: part.card for part in plan.partitions for module in (part.modules or part.layers)}
 
 
@@ -49,7 +49,7 @@ def vllm_partition(plan: Plan) -> str:
     empty = [index for index, count in enumerate(counts) if count == 0]
     if empty:
         raise InputError(f"cards {empty} hold no decoder layer (only the embedding or the head); vLLM needs at least "
-                         "one per stage: plan with fewer cards (--cards) for vLLM")
+                         "one per stage: plan with fewer cards for vLLM", parameters=("cards",))
     return ",".join(str(count) for count in counts)
 
 
@@ -62,8 +62,9 @@ def export_plan(plan: Plan, target: Target) -> str:
         widths = {part.tensor_parallel for part in plan.partitions}
         if len(widths) > 1:
             raise InputError(f"vLLM uses one tensor-parallel size for every stage; this plan's stages use "
-                             f"{sorted(widths)}: re-plan with --baseline or --split never")
+                             f"{sorted(widths)}: re-plan with a baseline or split='never'",
+                             parameters=("baseline", "split"))
         width = widths.pop()
         extra = f"# and --tensor-parallel-size {width}\n" if width > 1 else ""
         return f"VLLM_PP_LAYER_PARTITION={vllm_partition(plan)}\n{extra}"
-    raise InputError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")
+    raise InputError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")

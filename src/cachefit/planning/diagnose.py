@@ -115,7 +115,7 @@ def explain_unsplittable(table: LayerTable, model: MemoryModel, options: Sequenc
     if parts.weight_bytes > capacity:
         lines.append(f"its weights alone, split {ways} ways, are {format_size(parts.weight_bytes)} per card: no "
                      f"batch or sequence fits; a card of at least {format_size(size)}, a narrower dtype, or a "
-                     "finer split would (for presets and specs, --granularity sublayer plans attention and the MLP "
+                     "finer split would (for presets and specs, granularity 'sublayer' plans attention and the MLP "
                      "apart, and the MLP splits by columns far beyond the heads)")
         return lines
     scaling = parts.activation_bytes + parts.workspace_bytes + parts.kv_cache_bytes
@@ -128,5 +128,5 @@ def explain_unsplittable(table: LayerTable, model: MemoryModel, options: Sequenc
                      "estimate" if batch >= 1 else
                      f"no micro-batch fits: one sequence of {table.seq} tokens already needs more; a shorter "
                      "sequence (or prompt chunk) would")
-        lines.append("--micro-batch auto finds the largest micro-batch that plans, exactly")
+        lines.append("micro-batch 'auto' finds the largest micro-batch that plans, exactly")
     return lines

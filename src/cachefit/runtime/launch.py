@@ -75,25 +75,28 @@ def check_run(plan: Plan, weights: str | Path, options: RunOptions) -> None:
         raise InputError("the plan is not feasible: nothing to run")
     spec = plan_spec(plan.model)
     if plan.model.phase != "decode":
-        raise InputError(f"cachefit run generates tokens, which needs the KV cache a decode plan counts; this plan "
-                         f"is for {plan.model.phase}: re-plan with --phase decode")
+        raise InputError(f"a run generates tokens, which needs the KV cache a decode plan counts; this plan is for "
+                         f"{plan.model.phase}: re-plan with phase='decode'", parameters=("phase",))
     measured = plan.model.spec is not None and plan.model.spec.measured
     if plan.memory_model != "pipeline" or not measured:
-        raise InputError(f"cachefit run holds what a 'pipeline' plan of the measured reference module counts (its "
+        raise InputError(f"a run holds what a 'pipeline' plan of the measured reference module counts (its "
                          f"receive buffers, its real transients); this plan is '{plan.memory_model}'"
-                         f"{'' if measured else ' of closed-form sizes'}: re-plan "
-                         f"with cachefit plan {plan.model.name} --measure --memory-model pipeline ...")
+                         f"{'' if measured else ' of closed-form sizes'}: re-plan {plan.model.name} with measure "
+                         "and memory_model='pipeline'", parameters=("measure", "memory_model"))
     vocab = getattr(spec, "vocab", 0)
     if not vocab:
-        raise InputError(f"{plan.model.name} has no vocabulary (embedding and head): cachefit run generates tokens")
+        raise InputError(f"{plan.model.name} has no vocabulary (embedding and head): a run generates tokens")
     batch, seq = int(plan.model.batch or 1), int(plan.model.seq or 0)
     if options.prompt_len + options.new_tokens > seq + 1:
         raise InputError(f"prompt ({options.prompt_len}) + new tokens ({options.new_tokens}) exceed the {seq} tokens "
-                         "of KV cache the plan counted; plan with a larger --seq or generate fewer")
+                         "of KV cache the plan counted; plan with a larger seq or generate fewer",
+                         parameters=("seq", "prompt_len", "new_tokens"))
     if options.micro_batches < 1 or batch % options.micro_batches:
-        raise InputError(f"--micro-batches ({options.micro_batches}) must divide the plan's batch ({batch})")
+        raise InputError(f"micro_batches ({options.micro_batches}) must divide the plan's batch ({batch})",
+                         parameters=("micro_batches",))
     if options.nnodes < 1 or plan.cards % options.nnodes:
-        raise InputError(f"--nnodes ({options.nnodes}) must divide the plan's {plan.cards} cards")
+        raise InputError(f"nnodes ({options.nnodes}) must divide the plan's {plan.cards} cards",
+                         parameters=("nnodes",))
     Manifest.read(Path(weights))
     for card in range(plan.cards):
         verify_card(weights, card, plan)

@@ -45,6 +45,12 @@ def pin_weights_in_l2(buffer: torch.Tensor) -> dict[str, Any]:
         runtime = cuda_runtime()
     except ImportError as error:
         return {"applied": False, "reason": f"cuda-python is not installed ({error})"}
+    return pin_with(runtime, buffer)
+
+
+def pin_with(runtime: Any, buffer: torch.Tensor) -> dict[str, Any]:
+    """The decisions and calls of :func:`pin_weights_in_l2` through ``runtime`` (cuda-python's, or a stand-in);
+    a failed call becomes the report's reason, so a run goes on without residency rather than failing."""
     try:
         return _apply(runtime, buffer)
     except (RuntimeError, AttributeError, TypeError, ValueError) as error:

@@ -8,9 +8,9 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -31,11 +31,14 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+SCHEMA = "cachefit.shards/v1"
+_STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 @dataclass(frozen=True, slots=True)
 class CardShard:
-    card: int
+    __pydantic_config__ = _STRICT
+    card: Annotated[int, Field(ge=0)]
     file: str
     sha256: str
     bytes: int
@@ -47,6 +50,7 @@ class SharedWeight:
     """One stored tensor written to several cards (a tied embedding): its name in the checkpoint, the names it
     takes on each card, and the cards."""
 
+    __pydantic_config__ = _STRICT
     tensor: str
     names: tuple[str, ...]
     cards: tuple[int, ...]
@@ -54,6 +58,7 @@ class SharedWeight:
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
+    __pydantic_config__ = _STRICT
     plan_fingerprint: str
     model_fingerprint: str
     checkpoint_sha256: str
@@ -62,19 +67,20 @@ class Manifest:
     shared: tuple[SharedWeight, ...] = ()
 
     def write(self, folder: Path) -> None:
-        document = {"schema": "cachefit.shards/v1", **asdict(self)}
+        document = {"schema": SCHEMA, **asdict(self)}
         atomic_write_text(folder / MANIFEST, json.dumps(document, indent=1) + "\n")
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
         source = str(folder / MANIFEST)
+        body = read_json_object(folder / MANIFEST, "shard manifest")
+        schema = body.pop("schema", None)
+        if schema != SCHEMA:
+            raise InputError(f"{source}: schema must be '{SCHEMA}', got {schema!r}")
         try:
-            model = _ManifestModel.model_validate(read_json_object(folder / MANIFEST, "shard manifest"))
+            return _MANIFEST.validate_json(json.dumps(body))
         except ValidationError as error:
             raise InputError(describe_validation_error(error, source)) from error
-        return cls(model.plan_fingerprint, model.model_fingerprint, model.checkpoint_sha256, model.dtype,
-                   tuple(CardShard(c.card, c.file, c.sha256, c.bytes, tuple(c.tensors)) for c in model.cards),
-                   tuple(SharedWeight(s.tensor, tuple(s.names), tuple(s.cards)) for s in model.shared))
 
 
 def plan_fingerprint(plan: Plan) -> str:
@@ -101,7 +107,7 @@ def shard_checkpoint(plan: Plan, checkpoint: str | Path, out: str | Path) -> Man
                          f"the plan's model {plan.model.name!r}")
     if plan.model.dtype is not None and plan.model.dtype != info["dtype"]:
         raise InputError(f"the plan counted {plan.model.dtype} weights but the checkpoint holds {info['dtype']}; "
-                         f"make one with cachefit init-weights --dtype {plan.model.dtype}")
+                         f"make one with init-weights and dtype {plan.model.dtype}", parameters=("dtype",))
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     config = ModelConfig.of(spec)
@@ -149,28 +155,4 @@ def verify_card(folder: str | Path, card: int, plan: Plan) -> CardShard:
     return entry
 
 
-class _CardModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    card: int
-    file: str
-    sha256: str
-    bytes: int
-    tensors: list[str]
-
-
-class _SharedModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    tensor: str
-    names: list[str]
-    cards: list[int]
-
-
-class _ManifestModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    schema_: Annotated[Literal["cachefit.shards/v1"], Field(alias="schema")]
-    plan_fingerprint: str
-    model_fingerprint: str
-    checkpoint_sha256: str
-    dtype: str
-    cards: list[_CardModel]
-    shared: list[_SharedModel] = []
+_MANIFEST = TypeAdapter(Manifest)

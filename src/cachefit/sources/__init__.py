@@ -87,8 +87,8 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     path = Path(text)
     suffix = path.suffix.lower()
     if (options.measure or options.prefill_chunk) and not (suffix == ".toml" or text in presets()):
-        raise InputError("--measure and --prefill-chunk apply to presets and .toml specs (torch models and Hugging "
-                         "Face configs are always measured)")
+        raise InputError("measure and prefill_chunk apply to presets and .toml specs (torch models and Hugging "
+                         "Face configs are always measured)", parameters=("measure", "prefill_chunk"))
     if (path.is_dir() and (path / "config.json").exists()) or _is_hf_config(path):
         table: LayerTable = _torch().profile_hf(path, path.stem if path.is_file() else path.name,
                                                 replace(HF_WORKLOAD, **chosen), _torch_granularity(options))
@@ -96,7 +96,7 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     if suffix in (".json", ".csv"):
         return _load_table_file(path, input_bytes, chosen)
     if input_bytes is not None:
-        raise InputError("--input-bytes applies to CSV layer tables only")
+        raise InputError("input_bytes applies to CSV layer tables only", parameters=("input_bytes",))
     if suffix == ".toml" or text in presets():
         spec, work = spec_of(text)
         return _spec_table(spec, work, chosen, options)
@@ -139,10 +139,12 @@ def spec_of(model: str | Path) -> tuple[ModelSpec, Workload]:
 def _spec_table(spec: ModelSpec, work: Workload, chosen: dict[str, Any], options: TorchOptions) -> LayerTable:
     if not options.measure:
         if options.prefill_chunk is not None:
-            raise InputError("--prefill-chunk measures a prompt chunk: use it with --measure")
+            raise InputError("prefill_chunk measures a prompt chunk: use it with measure",
+                             parameters=("prefill_chunk", "measure"))
         return build_table(spec, work, options.granularity == "sublayer", **chosen)
     if options.granularity == "sublayer":
-        raise InputError("--granularity sublayer splits the closed form's blocks; with --measure use block or leaf")
+        raise InputError("granularity='sublayer' splits the closed form's blocks; with measure use block or leaf",
+                         parameters=("granularity", "measure"))
     table: LayerTable = _torch().measure_spec(spec, replace(work, **chosen), options.granularity,
                                               options.prefill_chunk)
     return table
@@ -150,8 +152,8 @@ def _spec_table(spec: ModelSpec, work: Workload, chosen: dict[str, Any], options
 
 def _torch_granularity(options: TorchOptions) -> Literal["block", "leaf"]:
     if options.granularity == "sublayer":
-        raise InputError("--granularity sublayer is for presets and .toml specs (closed form); torch and Hugging "
-                         "Face models take block or leaf")
+        raise InputError("granularity='sublayer' is for presets and .toml specs (closed form); torch and Hugging "
+                         "Face models take block or leaf", parameters=("granularity",))
     return "leaf" if options.granularity == "leaf" else "block"
 
 
@@ -184,5 +186,6 @@ def _is_hf_config(path: Path) -> bool:
 
 def _refuse_options(chosen: dict[str, Any], what: str) -> None:
     if chosen:
-        options = ", ".join(f"--{key}" for key in sorted(chosen))
-        raise InputError(f"{options}: {what} has fixed sizes; these options apply to presets and .toml specs")
+        options = ", ".join(sorted(chosen))
+        raise InputError(f"{options}: {what} has fixed sizes; these options apply to presets and .toml specs",
+                         parameters=tuple(chosen))

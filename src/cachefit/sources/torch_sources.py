@@ -33,10 +33,11 @@ def measure_spec(spec: ModelSpec, work: Workload, granularity: Granularity = "bl
     context, and keep each layer's larger activations and workspace, so a run may send prompts in such chunks.
     """
     if work.attention != "naive":
-        raise InputError("--measure profiles the reference module, whose attention is naive; drop --attention")
+        raise InputError("measure profiles the reference module, whose attention is naive; drop attention",
+                         parameters=("measure", "attention"))
     if prefill_chunk is not None and (work.phase != "decode" or not 1 <= prefill_chunk <= work.seq):
-        raise InputError(f"--prefill-chunk needs --phase decode and 1 <= chunk <= seq ({work.seq}), got "
-                         f"{prefill_chunk} for {work.phase}")
+        raise InputError(f"prefill_chunk needs phase='decode' and 1 <= chunk <= seq ({work.seq}), got "
+                         f"{prefill_chunk} for {work.phase}", parameters=("prefill_chunk", "phase"))
     table = _measure_with_chunk(spec, work, granularity, prefill_chunk, 1)
     record = SpecRecord(spec, work.attention, measured=True,
                         prefill_chunk=prefill_chunk if prefill_chunk is not None and prefill_chunk > 1 else None)
@@ -129,11 +130,12 @@ def _inputs(target: str, inputs: Any, shape: tuple[int, ...] | None, dtype: str
             ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if inputs is None:
         if shape is None:
-            raise InputError(f"{target} returned no example inputs: give --input-shape (e.g. 1,128) and "
-                             "--input-dtype (default int64)")
+            raise InputError(f"{target} returned no example inputs: give input_shape (e.g. 1,128) and "
+                             "input_dtype (default int64)", parameters=("input_shape", "input_dtype"))
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
-            raise InputError(f"--input-dtype must be a torch dtype such as int64 or float16, got {dtype!r}")
+            raise InputError(f"input_dtype must be a torch dtype such as int64 or float16, got {dtype!r}",
+                             parameters=("input_dtype",))
         return (torch.zeros(shape, dtype=torch_dtype, device="meta"),), {}
     if isinstance(inputs, dict):
         return (), inputs
