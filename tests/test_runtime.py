@@ -124,7 +124,7 @@ def test_plans_that_would_under_count_are_refused(tmp_path: Path) -> None:
     _, shards = prepared(tmp_path, "tiny-llama", 2)
     closed_form = cachefit.plan("tiny-llama", capacity="8MiB", cards=2, memory_model="pipeline")
     closed_form.write(tmp_path / "closed.json")
-    with pytest.raises(ValueError, match="of closed-form sizes: re-plan tiny-llama with measure and memory_model='pipeline'"):
+    with pytest.raises(ValueError, match="closed-form sizes: re-plan tiny-llama with measure and memory_model="):
         run_plan(str(tmp_path / "closed.json"), str(shards), SHORT)
     peak = cachefit.plan(cachefit.load_model("tiny-llama", torch_options=TorchOptions(measure=True)),
                          capacity="8MiB", cards=2)

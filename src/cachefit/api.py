@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from cachefit.runtime.launch import RunOptions, RunResult
     from cachefit.runtime.shard import Manifest
 
-__all__ = ["SPLITS", "Objective", "SplitMode", "devices", "export", "largest_micro_batch", "load_model", "plan",
-           "predict", "profile", "run", "shard", "torchrun_command"]
+__all__ = ["SPLITS", "Objective", "SplitMode", "devices", "export", "largest_micro_batch", "load_model",
+           "parse_baseline", "plan", "predict", "profile", "run", "shard", "torchrun_command"]
 
 Capacity = int | str | Sequence[int | str]
 SplitMode = Literal["auto", "never", "always"]

@@ -12,15 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cachefit import api
+from cachefit import Prediction, api
 from cachefit.apps.seed_text import render
 from cachefit.core.files import atomic_write_text
 from cachefit.core.memory import interval_cost
 from cachefit.core.records import Plan
 from cachefit.core.units import format_size
 from cachefit.output import report
-from cachefit.perf.predict import Prediction
-from cachefit.planning import parse_baseline
 from cachefit.sources import TorchOptions
 from cachefit.sources.spec import parse_spec_text
 
@@ -149,7 +147,7 @@ def measured_small(folder: Path, baseline: str = "tp=8,pp=2", progress: Callable
     progress("calibrating this host")
     devices.write_text(to_toml(measure_host()))
     table = api.load_model(spec_path, torch_options=TorchOptions(measure=True, prefill_chunk=CHUNK))
-    ways, stages = parse_baseline(baseline)
+    ways, stages = api.parse_baseline(baseline)
     layouts = {f"baseline {baseline}": api.plan(table, capacity=1 << 40, memory_model="pipeline", baseline=baseline),
                f"layer-wise pp={ways * stages}": api.plan(table, capacity=1 << 40, memory_model="pipeline",
                                                           cards=ways * stages)}

@@ -7,10 +7,9 @@ import json
 import click
 from rich.table import Table
 
-from cachefit import api
+from cachefit import Prediction, api
 from cachefit.cli._common import emit_json, err, handle_errors, out
 from cachefit.core.files import atomic_write_text
-from cachefit.perf.predict import Prediction
 
 
 @click.command("predict")
