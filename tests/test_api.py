@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import cachefit
 
@@ -35,3 +38,31 @@ def test_planning_core_does_not_import_torch() -> None:
             "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"batch": 999}, r"batch: a LayerTable has fixed sizes"),
+    ({"bogus": 1}, r"bogus: a LayerTable has fixed sizes"),
+    ({"objective": "time", "device": "h100", "baseline": "tp=2,pp=1"}, r"it has no baseline"),
+    ({"objective": "time", "device": "h100", "strategy": "greedy"}, r"it has no strategy"),
+    ({"objective": "time", "device": "h100", "split": "always"}, r"it has no split"),
+    ({"capacity": "1GB", "baseline": "tp=2,pp=2", "cards": 3}, r"cards \(3\) is fixed by baseline tp=2,pp=2 to 4"),
+    ({"capacity": "1GB", "baseline": "tp=2,pp=1", "split": "never"}, r"baseline fixes the split"),
+    ({"capacity": "1GB", "micro_batches": 2}, r"micro_batches applies to objective='time'"),
+])
+def test_plan_refuses_what_it_would_ignore(arguments: dict[str, object], message: str) -> None:
+    table = cachefit.load_model("tiny-llama")
+    with pytest.raises(cachefit.InputError, match=message):
+        cachefit.plan(table, **arguments)  # type: ignore[arg-type]
+
+
+def test_every_verb_has_a_function(tmp_path: Path) -> None:
+    table = cachefit.profile("tiny-llama")
+    plan = cachefit.plan(table, capacity="1MiB")
+    assert table == cachefit.load_model("tiny-llama") and plan.found and plan.feasible
+    plan.write(tmp_path / "plan.json")
+    assert cachefit.export(tmp_path / "plan.json", "vllm") == cachefit.export(plan, "vllm")
+    assert cachefit.export(plan, "vllm").startswith("VLLM_PP_LAYER_PARTITION=")
+    with pytest.raises(cachefit.InputError, match="nnodes=2"):
+        from cachefit.runtime.launch import RunOptions
+        cachefit.run(tmp_path / "plan.json", tmp_path, RunOptions(nnodes=2))
