@@ -61,8 +61,8 @@ def test_every_verb_has_a_function(tmp_path: Path) -> None:
     plan = cachefit.plan(table, capacity="1MiB")
     assert table == cachefit.load_model("tiny-llama") and plan.found and plan.feasible
     plan.write(tmp_path / "plan.json")
-    assert cachefit.export(tmp_path / "plan.json", "vllm") == cachefit.export(plan, "vllm")
-    assert cachefit.export(plan, "vllm").startswith("VLLM_PP_LAYER_PARTITION=")
+    assert cachefit.export(tmp_path / "plan.json", "accelerate") == cachefit.export(plan, "accelerate")
+    assert '"embed": 0' in cachefit.export(plan, "accelerate")
     with pytest.raises(cachefit.InputError, match="nnodes=2"):
         from cachefit.runtime.launch import RunOptions
         cachefit.run(tmp_path / "plan.json", tmp_path, RunOptions(nnodes=2))
