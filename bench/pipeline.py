@@ -39,7 +39,7 @@ def pipeline(cards: int, folder: Path, work: Workload, chunk: int) -> dict[str, 
     table = cachefit.load_model(spec_file(folder, work), torch_options=options)
     plan = cachefit.plan(table, capacity=1 << 40, cards=cards, memory_model="pipeline")
     _, result = run(folder, plan, work, RunOptions(PROMPT, NEW, MICRO, check=True, timeout=120), f"plan{cards}")
-    summary = summarise(result.ranks, work.batch, PROMPT, NEW)
+    summary = summarise(result.ranks, work.batch, PROMPT, NEW).to_dict()
     passes = -(-PROMPT // chunk) + NEW - 1
     summary["comm_ms_per_pass"] = [1e3 * (r["wait_s"] + r["send_s"]) / (passes * MICRO) for r in result.ranks]
     summary["tokens"] = result.tokens

@@ -43,7 +43,7 @@ def measure(name: str, baseline: str | None, folder: Path, work: Workload, chunk
         plan = cachefit.plan(table, capacity=1 << 40, memory_model="pipeline", baseline=baseline)
     tag = name.split()[0].replace("=", "").replace(",", "")
     _, result = run(folder, plan, work, RunOptions(PROMPT, NEW, MICRO, check=True, timeout=300), tag)
-    summary = summarise(result.ranks, work.batch, PROMPT, NEW)
+    summary = summarise(result.ranks, work.batch, PROMPT, NEW).to_dict()
     summary["allreduce_share"] = (sum(r["allreduce_s"] for r in result.ranks)
                                   / sum(r["total_s"] for r in result.ranks))
     summary["stages"] = [(p.first, p.last, p.tensor_parallel) for p in plan.partitions]

@@ -45,7 +45,7 @@ def case(folder: Path, devices: Path, name: str, batch: int, cards: int, baselin
             api.plan(table, capacity=1 << 40, cards=cards, memory_model="pipeline"))
     plan_file, result = run(folder, plan, work, RunOptions(PROMPT, NEW, micro, check=True, timeout=300),
                             "".join(c if c.isalnum() else "-" for c in name))
-    measured = summarise(result.ranks, batch, PROMPT, NEW)
+    measured = summarise(result.ranks, batch, PROMPT, NEW).to_dict()
     predicted, _ = api.predict(plan_file, device="host", devices_file=devices, micro_batches=micro,
                                prompt_len=PROMPT, chunk=chunk)
     prefill_passes, decode_passes = -(-PROMPT // chunk) * micro, (NEW - 1) * micro

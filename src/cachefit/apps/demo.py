@@ -59,7 +59,7 @@ def _split_finer(console: Any) -> None:
 def _run_section(folder: Path) -> None:
     from cachefit.runtime import init_weights, shard_checkpoint
     from cachefit.runtime.launch import RunOptions, run_plan
-    from cachefit.runtime.summary import run_report, summarise
+    from cachefit.runtime.summary import run_report
     from cachefit.sources import TorchOptions, presets
 
     out.rule(f"1. {MODEL}: measured on meta (decode + 8-token prompt chunks), planned for cards that need {CARDS}, "
@@ -79,7 +79,8 @@ def _run_section(folder: Path) -> None:
     options = RunOptions(prompt_len=16, new_tokens=16, micro_batches=2, check=True)
     out.print(f"running {plan.cards} processes (torch.distributed, gloo on loopback) ...")
     result = run_plan(str(plan_file), str(shards), options)
-    summary = summarise(result.ranks, int(plan.model.batch or 1), options.prompt_len, options.new_tokens)
+    summary = result.summary
+    assert summary is not None
     report.print_run_summary(out, summary, result.checked)
     document = run_report(str(plan_file), options, result.checked, summary)
     atomic_write_text(folder / "run.json", json.dumps(document, indent=1) + "\n")

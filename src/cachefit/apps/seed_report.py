@@ -139,7 +139,6 @@ def measured_small(folder: Path, baseline: str = "tp=8,pp=2", progress: Callable
     from cachefit.runtime import init_weights, shard_checkpoint
     from cachefit.runtime.calibrate import measure_host, to_toml
     from cachefit.runtime.launch import RunOptions, run_plan
-    from cachefit.runtime.summary import summarise
     from cachefit.sources import spec_of
 
     spec_path, devices = folder / "seed-small.toml", folder / "host.toml"
@@ -161,11 +160,12 @@ def measured_small(folder: Path, baseline: str = "tp=8,pp=2", progress: Callable
         plan.write(plan_file)
         shard_checkpoint(plan, weights, shards)
         result = run_plan(str(plan_file), str(shards), RunOptions(PROMPT, NEW, MICRO, check=True, timeout=120))
-        summary = summarise(result.ranks, int(plan.model.batch or 1), PROMPT, NEW)
+        summary = result.summary
+        assert summary is not None
         predicted = api.predict(plan, device="host", devices_file=devices, micro_batches=MICRO, prompt_len=PROMPT,
                                 chunk=CHUNK)[0]
         rows.append(Row(name, "measured", plan.cards, "tokens identical" if result.checked else "-",
-                        summary["decode_tokens_per_s"], summary["tpot_median_ms"]))
+                        summary.decode_tokens_per_s or 0.0, summary.tpot_median_ms or 0.0))
         rows.append(Row(name, "predicted", plan.cards, "", predicted.decode_tokens_per_s,
                         predicted.decode_tpot_s * 1e3))
     return rows

@@ -50,7 +50,7 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
       cachefit run plan.json --weights shards/ --nnodes 2 --rdzv-endpoint 10.0.0.1:29500 --print-torchrun
     """
     from cachefit.runtime.launch import RunOptions
-    from cachefit.runtime.summary import run_report, summarise
+    from cachefit.runtime.summary import run_report
 
     options = RunOptions(prompt_len, new_tokens, micro_batches, seed, threads, timeout, check, nnodes, rdzv_endpoint)
     if nnodes > 1 and not print_torchrun:
@@ -65,7 +65,8 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
     with err.status(f"running {plan.cards} ranks ...") as status:
         result = api.run(plan_file, weights, options,
                           progress=lambda now: status.update(f"running {plan.cards} ranks: {now - started:.0f} s"))
-    summary = summarise(result.ranks, int(plan.model.batch or 1), prompt_len, new_tokens)
+    summary = result.summary
+    assert summary is not None
     report_.print_run_summary(out, summary, result.checked)
     if report:
         document = run_report(plan_file, options, result.checked, summary)

@@ -31,8 +31,8 @@ from cachefit.core.layers import LayerTable
 from cachefit.core.memory import MemoryModel
 from cachefit.core.spec import Phase, SpecRecord
 
-__all__ = ["LAYOUTS", "OBJECTIVES", "SCHEMA", "STRATEGIES", "DeviceRecord", "Layout", "ModelInfo", "Objective",
-           "Partition", "Plan", "Strategy"]
+__all__ = ["LAYOUTS", "OBJECTIVES", "SCHEMA", "STRATEGIES", "CardSummary", "DeviceRecord", "Layout", "ModelInfo",
+           "Objective", "Partition", "Plan", "RunSummary", "Strategy"]
 
 SCHEMA = "cachefit.plan/v2"
 _V1 = "cachefit.plan/v1"
@@ -241,3 +241,40 @@ def _check_plan(plan: Plan, source: str) -> None:
         expected_first, expected_card = part.last + 1, part.card + part.tensor_parallel
     if expected_first != plan.model.layers or expected_card != plan.cards:
         raise InputError(f"{source}: partitions must cover layers 0..{plan.model.layers - 1} on {plan.cards} cards")
+
+
+# --- what a run measured (runtime.summary makes it from the ranks' reports; --report writes it) ---
+@dataclass(frozen=True, slots=True)
+class CardSummary:
+    """One card of a run: where its time went (seconds) and what it held (bytes) against its plan."""
+
+    card: int
+    layers: tuple[int, int]
+    tensor_parallel: int
+    compute_s: float
+    allreduce_s: float
+    wait_s: float
+    send_s: float
+    planned_bytes: int
+    measured_bytes: int
+    over_plan_bytes: int
+    memory: Mapping[str, int]
+    residency: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    prefill_tokens_per_s: float | None
+    decode_tokens_per_s: float | None
+    tpot_median_ms: float | None
+    tpot_p90_ms: float | None
+    total_s: float
+    prefill_chunk: int | None
+    cards: tuple[CardSummary, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        document = asdict(self)
+        document["cards"] = [{**asdict(card), "layers": list(card.layers), "memory": dict(card.memory),
+                              "residency": None if card.residency is None else dict(card.residency)}
+                             for card in self.cards]
+        return document

@@ -13,7 +13,7 @@ from rich.table import Table
 from cachefit.core.hardware import Device
 from cachefit.core.layers import LayerTable
 from cachefit.core.memory import breakdown, interval_cost
-from cachefit.core.records import Plan
+from cachefit.core.records import CardSummary, Plan, RunSummary
 from cachefit.core.units import format_size
 
 __all__ = ["console", "devices_table", "layer_table", "plan_summary", "plan_table", "plot_plan", "print_run_summary"]
@@ -172,42 +172,41 @@ def _bars(plan: Plan, table: LayerTable) -> tuple[list[dict[str, int]], list[str
     return bars, [layer.name for layer in table.layers]
 
 
-def _print_residency(out: Console, cards: list[dict[str, Any]]) -> None:
+def _print_residency(out: Console, cards: tuple[CardSummary, ...]) -> None:
     """Whether each card's weights were pinned in L2 (CUDA), grouped by outcome."""
     outcomes: dict[str, list[int]] = {}
     for card in cards:
-        state = card.get("residency") or {}
+        state = card.residency or {}
         label = "applied" if state.get("applied") else f"not applied: {state.get('reason', 'not reported')}"
-        outcomes.setdefault(label, []).append(card["card"])
+        outcomes.setdefault(label, []).append(card.card)
     for label, found in outcomes.items():
         out.print(f"L2 residency {label} (cards {', '.join(map(str, found))})", highlight=False)
 
 
-def print_run_summary(out: Console, summary: dict[str, Any], checked: dict[str, Any] | None) -> None:
+def print_run_summary(out: Console, summary: RunSummary, checked: dict[str, Any] | None) -> None:
     """A run's measurements: speed, then per card time and memory against the plan, residency, the check."""
     def number(value: float | None, digits: str = ".1f") -> str:
         return "-" if value is None else format(value, digits)
-    out.print(f"prefill {number(summary['prefill_tokens_per_s'])} tokens/s ({summary['prefill_chunk']} prompt "
+    out.print(f"prefill {number(summary.prefill_tokens_per_s)} tokens/s ({summary.prefill_chunk} prompt "
               "token(s) per sequence per pass, as the plan counts); "
-              f"decode {number(summary['decode_tokens_per_s'])} tokens/s; TPOT median "
-              f"{number(summary['tpot_median_ms'], '.2f')} ms, p90 {number(summary['tpot_p90_ms'], '.2f')} ms")
+              f"decode {number(summary.decode_tokens_per_s)} tokens/s; TPOT median "
+              f"{number(summary.tpot_median_ms, '.2f')} ms, p90 {number(summary.tpot_p90_ms, '.2f')} ms")
     view = Table(title="per card", caption="compute includes the all-reduces of tensor groups; wait includes "
                  "receives and a group's broadcasts")
     for header in ("card", "layers", "tp", "compute s", "all-reduce s", "wait s", "send s", "planned", "measured",
                    "over plan"):
         view.add_column(header, justify="right")
-    for card in summary["cards"]:
-        view.add_row(str(card["card"]), f"{card['layers'][0]}-{card['layers'][1]}", str(card["tensor_parallel"]),
-                     f"{card['compute_s']:.3f}", f"{card['allreduce_s']:.3f}", f"{card['wait_s']:.3f}",
-                     f"{card['send_s']:.3f}", format_size(card["planned_bytes"]),
-                     format_size(card["measured_bytes"]),
-                     format_size(card["over_plan_bytes"]) if card["over_plan_bytes"] else "-")
+    for card in summary.cards:
+        view.add_row(str(card.card), f"{card.layers[0]}-{card.layers[1]}", str(card.tensor_parallel),
+                     f"{card.compute_s:.3f}", f"{card.allreduce_s:.3f}", f"{card.wait_s:.3f}", f"{card.send_s:.3f}",
+                     format_size(card.planned_bytes), format_size(card.measured_bytes),
+                     format_size(card.over_plan_bytes) if card.over_plan_bytes else "-")
     out.print(view)
-    _print_residency(out, summary["cards"])
+    _print_residency(out, summary.cards)
     if checked is not None:
         out.print(f"check: tokens identical to the unpartitioned model; largest logit difference "
                   f"{checked['max_logit_difference']:.3g}")
-    if any(card["over_plan_bytes"] for card in summary["cards"]):
+    if any(card.over_plan_bytes for card in summary.cards):
         out.print("note: measured bytes exceed the plan by each card's pre-allocated receive buffer, which the "
                   "peak memory model does not count yet (docs/runtime.md)")
     out.file.flush()

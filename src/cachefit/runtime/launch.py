@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from cachefit.core.errors import InputError, RunError
-from cachefit.core.records import Plan
+from cachefit.core.records import Plan, RunSummary
 from cachefit.runtime.shard import Manifest, verify_card
+from cachefit.runtime.summary import summarise
 from cachefit.runtime.weights import plan_spec
 
 __all__ = ["RunOptions", "RunResult", "run_plan", "torchrun_command"]
@@ -48,7 +49,7 @@ class RunResult:
     logits: torch.Tensor
     checked: dict[str, Any] | None = None
     log: str = ""
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: RunSummary | None = None        # the measurements, from every rank's report
 
 
 def _free_port() -> int:
@@ -113,7 +114,8 @@ def run_plan(plan_file: str, weights: str, options: RunOptions,
         log = _launch(command, env, plan, options, progress)
         ranks = [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(plan.cards)]
         outputs = load_file(str(Path(out, "outputs.safetensors")))
-    result = RunResult(ranks, outputs["tokens"], outputs["logits"], log=log)
+    summary = summarise(ranks, int(plan.model.batch or 1), options.prompt_len, options.new_tokens)
+    result = RunResult(ranks, outputs["tokens"], outputs["logits"], log=log, summary=summary)
     if options.check:
         result.checked = reference_check(plan, weights, options, result)
     return result
