@@ -226,3 +226,10 @@ def test_library_messages_name_parameters_and_the_cli_names_flags() -> None:
     code, _, stderr = run("plan", "tiny-llama", "--device", "h100", "--objective", "time", "--baseline", "tp=2,pp=1")
     assert code == 2 and "--objective time plans whole layers by predicted time; it has no --baseline: drop " \
         "--baseline" in stderr
+
+
+@pytest.mark.parametrize("args", [("--capacity", "300KiB"), ("--capacity", "2GB", "--baseline", "tp=2,pp=2")])
+def test_plots_of_tensor_group_plans(tmp_path: Path, args: tuple[str, ...]) -> None:
+    # One bar per stage against its cards' capacity (a group's cards share one size).
+    code, _, _ = run("plan", "tiny-llama", *args, "--plot", str(tmp_path / "p.png"))
+    assert code == 0 and (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

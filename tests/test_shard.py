@@ -103,3 +103,14 @@ def test_cli_init_weights_and_shard(tmp_path: Path) -> None:
     assert Plan.read(plan_file).cards == len(Manifest.read(folder).cards)
     result = runner.invoke(cli, ["init-weights", "no-such-model", "--out", str(weights)])
     assert result.exit_code == 2 and "expected a preset" in result.stderr
+
+
+def test_one_card_holding_both_ends_of_a_tied_weight(tmp_path: Path) -> None:
+    # tiny-llama ties its head to its embedding; on one card the shard holds it under both names, as two tensors
+    # (safetensors writes no aliases), equal to the checkpoint's one.
+    plan = cachefit.plan("tiny-llama", capacity="1GB")
+    assert plan.cards == 1
+    manifest = shard_checkpoint(plan, checkpoint(tmp_path), tmp_path / "shards")
+    card = load_file(tmp_path / "shards" / manifest.cards[0].file)
+    assert torch.equal(card["embed.weight"], card["head.proj.weight"]) and manifest.shared == ()
+    verify_card(tmp_path / "shards", 0, plan)

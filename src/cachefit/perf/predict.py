@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cachefit.core.cost import LayerCosts, Rates, layer_costs, stage_time
+from cachefit.core.cost import LayerCosts, Rates, StageTime, layer_costs, stage_time
 from cachefit.core.errors import InputError
 from cachefit.core.layers import LayerTable
 from cachefit.core.memory import shared_bytes, shared_uses
@@ -24,22 +24,14 @@ __all__ = ["Prediction", "StagePrediction", "predict_plan"]
 
 
 @dataclass(frozen=True, slots=True)
-class StagePrediction:
-    card: int
-    first: int
-    last: int
-    tensor_parallel: int
-    resident: bool
-    compute_s: float
-    memory_s: float
-    allreduce_s: float
-    transfer_s: float
-    overlap: bool = True
+class StagePrediction(StageTime):
+    """One stage's pass (the stage-time model's terms) and where it runs: cards ``card..card+tensor_parallel-1``,
+    layers ``first..last``."""
 
-    @property
-    def pass_s(self) -> float:
-        work = max(self.compute_s, self.memory_s) if self.overlap else self.compute_s + self.memory_s
-        return work + self.allreduce_s
+    card: int = 0
+    first: int = 0
+    last: int = 0
+    tensor_parallel: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"card": self.card, "layers": [self.first, self.last], "tensor_parallel": self.tensor_parallel,
@@ -110,5 +102,5 @@ def _stage(part: Partition, costs: LayerCosts, shared: int) -> StagePrediction:
     if time.memory_s == float("inf"):
         raise InputError(f"the stage at card {part.card} does not fit on-chip and the device has no off-chip "
                          "bandwidth figure to stream from")
-    return StagePrediction(part.card, part.first, part.last, part.tensor_parallel, time.resident, time.compute_s,
-                           time.memory_s, time.allreduce_s, time.transfer_s, time.overlap)
+    return StagePrediction(time.resident, time.compute_s, time.memory_s, time.allreduce_s, time.transfer_s,
+                           time.overlap, part.card, part.first, part.last, part.tensor_parallel)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
+import torch
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -119,8 +120,8 @@ def shard_checkpoint(plan: Plan, checkpoint: str | Path, out: str | Path) -> Man
             names = [name for name in sources if any(name.startswith(prefix + ".") for prefix in part.modules)]
             full = {name: handle.get_tensor(sources[name]) for name in names}
             for rank, card in enumerate(part.cards):     # a tensor group: each card its share (model.tensor_share)
-                tensors = {name: tensor_share(name, tensor, config, rank, part.tensor_parallel).contiguous()
-                           for name, tensor in full.items()}
+                tensors = _own_storage({name: tensor_share(name, tensor, config, rank, part.tensor_parallel)
+                                        for name, tensor in full.items()})
                 path = folder / f"card-{card}.safetensors"
                 save_file(tensors, str(path), metadata={"card": str(card)})
                 cards.append(CardShard(card, path.name, file_sha256(path), path.stat().st_size, tuple(names)))
@@ -132,6 +133,19 @@ def shard_checkpoint(plan: Plan, checkpoint: str | Path, out: str | Path) -> Man
                         str(info["dtype"]), tuple(cards), shared)
     manifest.write(folder)
     return manifest
+
+
+def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor contiguous and in storage of its own: a card holding both ends of a tied weight (the embedding
+    and the head on one card) stores it under both names, which safetensors only writes as separate tensors."""
+    seen: set[int] = set()
+    owned = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        owned[name] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return owned
 
 
 def verify_card(folder: str | Path, card: int, plan: Plan) -> CardShard:
