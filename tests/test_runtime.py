@@ -181,3 +181,22 @@ def test_tensor_groups_match_the_unpartitioned_model(tmp_path: Path, model: str,
     sizes = {card["card"]: card["bytes"] for card in manifest["cards"]}
     assert manifest["cards"][0]["sha256"] != manifest["cards"][1]["sha256"]
     assert abs(sizes[0] - sizes[1]) < 4096
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
+def test_the_launchers_death_ends_every_rank(tmp_path: Path, tag: str, sig: signal.Signals) -> None:
+    plan_file, shards = prepared(tmp_path, "tiny-llama", 2)
+    env = {**os.environ, "CACHEFIT_INJECT_FAULT": "1:hang"}
+    launcher = subprocess.Popen([sys.executable, "-m", "cachefit", "run", str(plan_file), "--weights", str(shards),
+                                 "--prompt-len", "4", "--new-tokens", "4", "--timeout", "120"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while running(tag) < 3 and time.monotonic() < deadline:        # torchrun and its two workers
+        time.sleep(0.2)
+    assert running(tag) >= 3, "the workers never started"
+    launcher.send_signal(sig)                                        # SIGKILL: nothing of the launcher runs
+    launcher.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while running(tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running(tag) == 0

@@ -14,7 +14,7 @@ from typing import Any
 
 from cachefit import Prediction, api
 from cachefit.apps.seed_text import render
-from cachefit.core.files import atomic_write_text
+from cachefit.core.files import atomic_output, atomic_write_text
 from cachefit.core.memory import interval_cost
 from cachefit.core.records import Plan
 from cachefit.core.units import format_size
@@ -118,7 +118,8 @@ def _plot_predictions(rows: list[Row], path: Path) -> None:
     axes.set_xlabel("decode tokens/s (log scale): predicted (blue), claimed by the seed (red)")
     axes.set_title("seed-dense16: predicted decode throughput (cachefit predict) vs the seed's claims")
     figure.tight_layout()
-    figure.savefig(str(path), dpi=120)
+    with atomic_output(path, "plot") as temporary:
+        figure.savefig(str(temporary), dpi=120, format="png")
     plt.close(figure)
 
 

@@ -118,7 +118,9 @@ def model_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
     try:
         shape = tuple(int(part) for part in shape_text.split(",")) if shape_text else None
     except ValueError:
-        raise InputError(f"--input-shape must be integers joined by commas, e.g. 1,128; got {shape_text!r}") from None
+        shape = ()
+    if shape is not None and (not shape or min(shape) < 1):
+        raise InputError(f"--input-shape must be positive integers joined by commas, e.g. 1,128; got {shape_text!r}")
     arguments["torch_options"] = TorchOptions(granularity=kwargs.pop("granularity"), input_shape=shape,
                                               input_dtype=kwargs.pop("input_dtype"), measure=kwargs.pop("measure"),
                                               prefill_chunk=kwargs.pop("prefill_chunk"))

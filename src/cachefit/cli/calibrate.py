@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import click
 
 from cachefit.cli._common import err, handle_errors, out
-from cachefit.core.files import atomic_write_text
+from cachefit.core.errors import InputError
+from cachefit.core.files import atomic_write_text, check_output
 from cachefit.core.units import format_size
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 @click.command("calibrate")
@@ -25,6 +30,10 @@ def calibrate_command(output: str, name: str) -> None:
       cachefit predict plan.json --device host --devices-file host.toml --micro-batches 4
     """
     from cachefit.runtime.calibrate import measure_host, to_toml
+
+    check_output(output, "devices file")      # before 20 s of measuring
+    if not _NAME.match(name):
+        raise InputError(f"--name must be a plain device name (letters, digits, - and _), got {name!r}")
 
     with err.status("measuring ...") as status:
         figures = measure_host(lambda step: status.update(f"measuring {step} ..."))

@@ -8,7 +8,7 @@ import click
 
 from cachefit import api
 from cachefit.cli._common import err, handle_errors
-from cachefit.core.files import atomic_write_text
+from cachefit.core.files import atomic_write_text, check_output
 from cachefit.output.export import TARGETS, Target
 
 
@@ -28,6 +28,8 @@ def export_command(plan_file: str, target: str, output: str | None) -> None:
       cachefit export plan.json --to torchtitan
       export $(cachefit export plan.json --to vllm)
     """
+    if output:
+        check_output(output, "export")
     text = api.export(plan_file, cast(Target, target))
     if output:
         atomic_write_text(output, text)

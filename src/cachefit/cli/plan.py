@@ -19,6 +19,7 @@ from cachefit.cli._common import (
     model_options,
     out,
 )
+from cachefit.core.files import check_output
 from cachefit.core.layers import LayerTable
 from cachefit.core.memory import MemoryModel
 from cachefit.core.records import Plan, Strategy
@@ -73,6 +74,9 @@ def plan_command(model: str, device: str | None, capacity: str | None, cards: in
     """
     if (device is None) == (capacity is None) and not (objective == "time" and device is not None):
         fail("give exactly one of --device NAME and --capacity SIZE[,SIZE...] (both only with --objective time)")
+    for path, what in ((output, "plan"), (plot, "plot")):
+        if path:
+            check_output(path, what)          # before any work: a bad path fails first and nothing is written
     arguments = model_arguments(kwargs)
     options: dict[str, Any] = dict(device=device, cards=cards, memory_model=cast(MemoryModel, memory_model),
                                    strategy=cast(Strategy, strategy), split=cast(api.SplitMode, split),

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from cachefit import Prediction, api
 from cachefit.cli._common import emit_json, err, handle_errors, out
-from cachefit.core.files import atomic_write_text
+from cachefit.core.files import atomic_write_text, check_output
 
 
 @click.command("predict")
@@ -40,6 +40,8 @@ def predict_command(plan_file: str, device: str | None, micro_batches: int, base
       cachefit predict plan.json --micro-batches 1 --baseline tp=8,pp=2 --device dmatrix-corsair
       cachefit calibrate -o host.toml && cachefit predict run-plan.json --device host --devices-file host.toml
     """
+    if output:
+        check_output(output, "prediction")
     ours, classic = api.predict(plan_file, device=device, micro_batches=micro_batches, prompt_len=prompt_len,
                                 chunk=prefill_chunk, baseline=baseline, devices_file=devices_file)
     document = {"schema": "cachefit.prediction/v1", "plan": plan_file, "prediction": ours.to_dict(),

@@ -8,6 +8,7 @@ import click
 
 from cachefit import api
 from cachefit.cli._common import emit_json, err, handle_errors, model_arguments, model_options, out
+from cachefit.core.files import check_output
 from cachefit.output import report
 
 
@@ -35,13 +36,16 @@ def profile_command(model: str, output_format: str, output: str | None, **kwargs
       cachefit profile mypkg.models:build --input-shape 1,128 --input-dtype int64 --granularity leaf
       cachefit profile tiny-llama --measure
     """
+    if output:
+        check_output(output, "layer table")
     table = api.load_model(model, **model_arguments(kwargs))
+    text = table.to_csv() if output_format == "csv" else None       # before -o: a table CSV cannot hold fails first
     if output:
         table.write(output)
         err.print(f"wrote {output}")
     if output_format == "json":
         emit_json(table.to_dict())
-    elif output_format == "csv":
-        click.echo(table.to_csv(), nl=False)
+    elif text is not None:
+        click.echo(text, nl=False)
     else:
         out.print(report.layer_table(table))

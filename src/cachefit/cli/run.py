@@ -11,7 +11,7 @@ import click
 from cachefit import api
 from cachefit.cli._common import err, handle_errors, out
 from cachefit.core.errors import InputError
-from cachefit.core.files import atomic_write_text
+from cachefit.core.files import atomic_write_text, check_output
 from cachefit.core.records import Plan
 from cachefit.output import report as report_
 
@@ -52,6 +52,8 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
     from cachefit.runtime.launch import RunOptions
     from cachefit.runtime.summary import run_report
 
+    if report:
+        check_output(report, "run report")
     options = RunOptions(prompt_len, new_tokens, micro_batches, seed, threads, timeout, check, nnodes, rdzv_endpoint)
     if nnodes > 1 and not print_torchrun:
         raise InputError(f"--nnodes {nnodes}: start the run on each host with the command --print-torchrun prints "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from cachefit.cli._common import err, handle_errors
+from cachefit.core.files import check_output
 from cachefit.sources import spec_of
 
 
@@ -26,6 +27,7 @@ def init_weights_command(model: str, out: str, seed: int, dtype: str | None) -> 
 
     from cachefit.runtime.weights import init_weights
 
+    check_output(out, "checkpoint")
     spec, work = spec_of(model)
     if dtype:
         work = replace(work, dtype=dtype)

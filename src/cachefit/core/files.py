@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,8 @@ from pydantic import ValidationError
 
 from cachefit.core.errors import InputError
 
-__all__ = ["atomic_write_text", "describe_validation_error", "field_path", "read_json_object"]
+__all__ = ["MAX_INPUT_BYTES", "atomic_output", "atomic_write_text", "check_output", "describe_validation_error",
+           "field_path", "read_json_object", "read_text"]
 
 
 def field_path(location: tuple[int | str, ...]) -> str:
@@ -69,33 +73,96 @@ def describe_validation_error(error: ValidationError, source: str) -> str:
     return f"{source}: {where} {expectation}, got {first['input']!r}"
 
 
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """Read a JSON object from ``path``; ``ValueError`` with a one-line reason when that is not possible."""
+MAX_INPUT_BYTES = 1 << 30     # a file a user hands in larger than 1 GiB is not a table, plan or config
+
+
+def read_text(path: Path, what: str) -> str:
+    """A user's text file, read only when it is a regular file of a sane size, decoded as UTF-8; InputError
+    naming the file and the problem otherwise (never a hang on a FIFO, nor a MemoryError on /dev/zero)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        status = path.stat()
     except OSError as error:
         raise InputError(f"cannot read {what} {path}: {error.strerror or error}") from error
+    if not stat.S_ISREG(status.st_mode):
+        raise InputError(f"cannot read {what} {path}: not a regular file")
+    if status.st_size > MAX_INPUT_BYTES:
+        raise InputError(f"cannot read {what} {path}: {status.st_size} bytes, more than the {MAX_INPUT_BYTES} "
+                         "a file here may hold")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise InputError(f"cannot read {what} {path}: {error.strerror or error}") from error
+    except UnicodeDecodeError as error:
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {error.start}: {error.reason})") from error
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object from ``path``; InputError with a one-line reason when that is not possible."""
+    text = read_text(path, what)
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:
         where = f"line {error.lineno}, column {error.colno}"
         raise InputError(f"{path}: not valid JSON ({error.msg} at {where})") from error
+    except RecursionError as error:
+        raise InputError(f"{path}: JSON nested too deeply to be a {what}") from error
     if not isinstance(document, dict):
         raise InputError(f"{path}: a {what} must be a JSON object, got {type(document).__name__}")
     return document
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (temporary file in the same folder, then rename)."""
+def check_output(path: str | os.PathLike[str], what: str = "output") -> Path:
+    """An output path that can be written: its folder exists and is writable, and it is not a folder, FIFO or
+    socket. Called before any long work, so a bad ``-o`` fails first and nothing else is written."""
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
-        raise InputError(f"cannot write {target}: folder {folder} does not exist")
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
+        raise InputError(f"cannot write {what} {target}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {what} {target}: folder {folder} is not writable")
+    if target.exists() and not (target.is_file() or _is_device(target)):
+        raise InputError(f"cannot write {what} {target}: it exists and is not a regular file")
+    return target
+
+
+def _is_device(path: Path) -> bool:
+    mode = path.stat().st_mode
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], what: str = "output") -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write the whole output to; on success it replaces ``path`` (a
+    link's target, keeping the link; a device such as /dev/null is written through), with the mode the file had,
+    or the user's umask for a new one. On failure ``path`` is left exactly as it was."""
+    target = check_output(path, what)
+    if target.exists() and _is_device(target):
+        with tempfile.TemporaryDirectory() as scratch:
+            temporary = Path(scratch) / target.name
+            yield temporary
+            with target.open("wb") as device:
+                device.write(temporary.read_bytes())
+        return
+    final = target.resolve() if target.is_symlink() else target
+    mode = final.stat().st_mode & 0o7777 if final.exists() else 0o666 & ~_umask()
+    handle, name = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+    os.close(handle)
+    temporary = Path(name)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        yield temporary
+        os.chmod(temporary, mode)
+        os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (see :func:`atomic_output`)."""
+    with atomic_output(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from cachefit.core.errors import InputError
-from cachefit.core.files import describe_validation_error
+from cachefit.core.files import describe_validation_error, read_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -77,9 +77,10 @@ def load_devices(user_file: str | Path | None = None) -> dict[str, Device]:
     source = "bundled devices.toml"
     if user_file is not None:
         source = str(user_file)
-        for name, entry in _read_toml(Path(user_file)).items():
+        for given, entry in _read_toml(Path(user_file)).items():
+            name = given.lower()            # device names are case-insensitive (get_device lowers them too)
             if not isinstance(entry, dict):
-                raise InputError(f"{user_file}: [{name}] must be a table of device fields")
+                raise InputError(f"{user_file}: [{given}] must be a table of device fields")
             merged = dict(raw.get(name, {}))
             merged.update({key: _as_figure(key, value, source) for key, value in entry.items()})
             raw[name] = merged
@@ -95,10 +96,9 @@ def get_device(name: str, devices: Mapping[str, Device]) -> Device:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    text = read_text(path, "devices file")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise InputError(f"cannot read devices file {path}: {error.strerror or error}") from error
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise InputError(f"{path}: not valid TOML ({error})") from error
 

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from cachefit.core.errors import InputError
-from cachefit.core.files import atomic_write_text, describe_validation_error, read_json_object
+from cachefit.core.files import atomic_write_text, describe_validation_error, read_json_object, read_text
 from cachefit.core.spec import Phase, SpecRecord
 from cachefit.core.units import INT64_MAX
 
@@ -151,10 +151,7 @@ class LayerTable:
         """Read a ``.json`` or ``.csv`` layer table; ``input_bytes`` is for CSV, which cannot carry it."""
         path = Path(path)
         if path.suffix.lower() == ".csv":
-            try:
-                text = path.read_text(encoding="utf-8")
-            except OSError as error:
-                raise InputError(f"cannot read layer table {path}: {error.strerror or error}") from error
+            text = read_text(path, "layer table")
             return cls.from_csv(text, name=path.stem, input_bytes=input_bytes or 0, source=str(path))
         if input_bytes is not None:
             raise InputError(f"input_bytes is for CSV layer tables; {path} is JSON and carries its own",
@@ -178,7 +175,10 @@ class LayerTable:
 
     @classmethod
     def from_csv(cls, text: str, name: str, input_bytes: int = 0, source: str = "CSV") -> LayerTable:
-        rows = list(csv.reader(io.StringIO(text)))
+        try:
+            rows = list(csv.reader(io.StringIO(text)))
+        except csv.Error as error:                       # a field over the csv module's limit, a NUL byte
+            raise InputError(f"{source}: not a readable CSV table ({error})") from error
         if not rows:
             raise InputError(f"{source}: empty file; expected the header {','.join(CSV_COLUMNS)}")
         header = [column.strip() for column in rows[0]]

@@ -28,8 +28,10 @@ _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16
 TOKEN_ID_BYTES = 8   # token ids enter the embedding as int64
 Phase = Literal["prefill", "decode"]
 Attention = Literal["naive", "flash"]
-_Positive = Annotated[int, Field(ge=1, strict=True)]
-_Dim = Annotated[int, Field(ge=0, strict=True)]
+# Bounded so that a typo (layers = 99999999999999999999) is refused, not planned for hours.
+_Positive = Annotated[int, Field(ge=1, le=2**31, strict=True)]
+_Dim = Annotated[int, Field(ge=0, le=2**31, strict=True)]
+_Layers = Annotated[int, Field(ge=1, le=1_000_000, strict=True)]
 _Flag = Annotated[bool, Field(strict=True)]
 
 # Module names of the reference model (cachefit.nn), which the closed-form tables and the shards use.
@@ -108,7 +110,7 @@ class DenseSpec:
 
     __pydantic_config__ = ConfigDict(extra="forbid")
     name: Annotated[str, Field(min_length=1)]
-    layers: _Positive
+    layers: _Layers
     heads: _Positive
     head_dim: _Positive
     mlp_hidden: _Positive
@@ -127,7 +129,7 @@ class LlamaSpec:
 
     __pydantic_config__ = ConfigDict(extra="forbid")
     name: Annotated[str, Field(min_length=1)]
-    layers: _Positive
+    layers: _Layers
     hidden: _Positive
     heads: _Positive
     kv_heads: _Positive
@@ -135,6 +137,16 @@ class LlamaSpec:
     vocab: _Positive
     head_dim: _Dim = 0          # 0: hidden // heads
     tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        """Attention's shapes must divide (checked wherever a spec is made: a file, a record, a checkpoint)."""
+        if isinstance(self.heads, int) and isinstance(self.kv_heads, int) and self.kv_heads and (
+                self.heads % self.kv_heads):
+            raise InputError(f"{self.name}: heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if isinstance(self.hidden, int) and isinstance(self.heads, int) and self.heads and not self.head_dim and (
+                self.hidden % self.heads):
+            raise InputError(f"{self.name}: hidden ({self.hidden}) must be a multiple of heads ({self.heads}), or "
+                             "give head_dim")
 
     @property
     def dim_per_head(self) -> int:

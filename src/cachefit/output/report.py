@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from cachefit.core.files import atomic_output
 from cachefit.core.hardware import Device
 from cachefit.core.layers import LayerTable
 from cachefit.core.memory import breakdown, interval_cost
@@ -153,7 +154,8 @@ def plot_plan(plan: Plan, table: LayerTable, path: str | Path) -> None:
     axes.set_title(f"{plan.model.name}: {state} ({plan.memory_model} model)")
     axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(str(path), dpi=120)
+    with atomic_output(path, "plot") as temporary:
+        figure.savefig(str(temporary), dpi=120, format="png")
     plt.close(figure)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import math
 import os
 import re
 import signal
@@ -18,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 
 from cachefit.core.errors import InputError, RunError
 from cachefit.core.records import Plan, RunSummary
-from cachefit.runtime.shard import Manifest, verify_card
+from cachefit.runtime.shard import Manifest, read_card, verify_card
 from cachefit.runtime.summary import summarise
 from cachefit.runtime.weights import plan_spec
 
@@ -40,6 +42,31 @@ class RunOptions:
     check: bool = False
     nnodes: int = 1
     rdzv_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refused here, before any process starts."""
+        counts = {"prompt_len": self.prompt_len, "new_tokens": self.new_tokens, "micro_batches": self.micro_batches,
+                  "nnodes": self.nnodes, "threads": self.threads}
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}", parameters=(name,))
+        if self.threads > MAX_THREADS:
+            raise InputError(f"threads ({self.threads}) must be at most {MAX_THREADS} per rank",
+                             parameters=("threads",))
+        if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout)
+                and 0 < self.timeout <= MAX_TIMEOUT):
+            raise InputError(f"timeout must be a number of seconds in (0, {MAX_TIMEOUT}], got {self.timeout!r}",
+                             parameters=("timeout",))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise InputError(f"seed must be an integer in [0, 2**63), got {self.seed!r}", parameters=("seed",))
+        endpoint = _ENDPOINT.match(self.rdzv_endpoint or "")
+        if self.rdzv_endpoint is not None and (endpoint is None or int(endpoint.group(2)) > 65535):
+            raise InputError(f"rdzv_endpoint must be HOST:PORT (a port 1-65535), got {self.rdzv_endpoint!r}",
+                             parameters=("rdzv_endpoint",))
+
+
+MAX_THREADS, MAX_TIMEOUT = 1024, 86400.0
+_ENDPOINT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):([1-9][0-9]{0,4})$")
 
 
 @dataclass
@@ -126,7 +153,7 @@ def _launch(command: list[str], env: dict[str, str], plan: Plan, options: RunOpt
     """Run torchrun in its own process group; any failure ends the whole job, naming the rank and its error."""
     out = Path(command[command.index("--out") + 1])
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=_end_with_parent)
     limit = time.monotonic() + options.timeout * 4 + 60
     # Ctrl-C (and SIGTERM) must stop the run even where SIGINT came in ignored, as it does for background jobs
     # of non-interactive shells: Python installs no KeyboardInterrupt handler then.
@@ -150,6 +177,19 @@ def _launch(command: list[str], env: dict[str, str], plan: Plan, options: RunOpt
         _stop(process)                 # torchrun stopped its workers; make sure none is left before reporting
         raise RunError(_failure(out, log, process.returncode))
     return log
+
+
+PR_SET_PDEATHSIG = 1     # linux/prctl.h
+# Looked up now: after fork, the child may only call what needs no lock another thread could hold (no imports).
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def _end_with_parent() -> None:
+    """In torchrun's process, before it starts: SIGTERM when this launcher dies, however it dies (SIGKILL
+    included), so torchrun stops its workers (Linux prctl PR_SET_PDEATHSIG; elsewhere the workers' own watch of
+    their parent, worker.watch_parent, still ends them)."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -221,10 +261,9 @@ def full_state(plan: Plan, weights: str | Path) -> dict[str, torch.Tensor]:
     from cachefit.nn.model import ModelConfig, tensor_unshare
 
     config = ModelConfig.of(plan_spec(plan.model))
-    files = {card.card: Path(weights) / card.file for card in Manifest.read(Path(weights)).cards}
     state: dict[str, torch.Tensor] = {}
-    for part in plan.partitions:
-        shares = [load_file(str(files[card])) for card in part.cards]
+    for part in plan.partitions:        # each shard verified against its manifest as it is read, as a rank does
+        shares = [load(read_card(weights, card, plan)[1]) for card in part.cards]
         state.update({name: tensor_unshare(name, [share[name] for share in shares], config) for name in shares[0]})
     return state
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
@@ -18,8 +22,9 @@ from safetensors.torch import save_file
 from cachefit.core.errors import InputError
 from cachefit.core.files import atomic_write_text, describe_validation_error, read_json_object
 from cachefit.core.records import Plan
+from cachefit.core.spec import ModelSpec
 from cachefit.nn.model import ModelConfig, tensor_share
-from cachefit.runtime.weights import checkpoint_spec, plan_spec, read_checkpoint_info, tensor_sources
+from cachefit.runtime.weights import checkpoint_spec, expected_shapes, plan_spec, read_checkpoint_info, tensor_sources
 
 __all__ = [
     "MANIFEST",
@@ -27,6 +32,7 @@ __all__ = [
     "Manifest",
     "SharedWeight",
     "plan_fingerprint",
+    "read_card",
     "shard_checkpoint",
     "verify_card",
 ]
@@ -67,6 +73,11 @@ class Manifest:
     cards: tuple[CardShard, ...]
     shared: tuple[SharedWeight, ...] = ()
 
+    def __post_init__(self) -> None:
+        numbers = [card.card for card in self.cards]
+        if len(set(numbers)) != len(numbers):
+            raise InputError(f"a shard manifest lists each card once, got cards {numbers}")
+
     def write(self, folder: Path) -> None:
         document = {"schema": SCHEMA, **asdict(self)}
         atomic_write_text(folder / MANIFEST, json.dumps(document, indent=1) + "\n")
@@ -98,7 +109,8 @@ def file_sha256(path: Path) -> str:
 
 
 def shard_checkpoint(plan: Plan, checkpoint: str | Path, out: str | Path) -> Manifest:
-    """Write ``out/card-K.safetensors`` for every card of ``plan`` and ``out/manifest.json``."""
+    """Write ``out/card-K.safetensors`` for every card of ``plan`` and ``out/manifest.json``: into a new folder
+    beside ``out``, swapped in whole once every file is written (a failure leaves ``out`` as it was)."""
     if not plan.partitions:
         raise InputError("the plan is not feasible: there are no partitions to shard")
     info = read_checkpoint_info(checkpoint)
@@ -109,17 +121,35 @@ def shard_checkpoint(plan: Plan, checkpoint: str | Path, out: str | Path) -> Man
     if plan.model.dtype is not None and plan.model.dtype != info["dtype"]:
         raise InputError(f"the plan counted {plan.model.dtype} weights but the checkpoint holds {info['dtype']}; "
                          f"make one with init-weights and dtype {plan.model.dtype}", parameters=("dtype",))
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _check_out_folder(Path(out))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        cards, shared = _write_cards(plan, spec, Path(checkpoint), staging)
+        manifest = Manifest(plan_fingerprint(plan), plan.model.fingerprint, file_sha256(Path(checkpoint)),
+                            str(info["dtype"]), cards, shared)
+        manifest.write(staging)
+        _swap_in(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _write_cards(plan: Plan, spec: ModelSpec, checkpoint: Path, folder: Path
+                 ) -> tuple[tuple[CardShard, ...], tuple[SharedWeight, ...]]:
+    """Each card's tensors (a tensor group: each card its share, model.tensor_share), shapes checked first."""
     config = ModelConfig.of(spec)
     with safe_open(str(checkpoint), framework="pt") as handle:
-        sources = tensor_sources(spec, set(handle.keys()))
+        sources, shapes = tensor_sources(spec, set(handle.keys())), expected_shapes(spec)
         cards: list[CardShard] = []
         users: dict[str, list[tuple[str, int]]] = {}
         for part in plan.partitions:
             names = [name for name in sources if any(name.startswith(prefix + ".") for prefix in part.modules)]
             full = {name: handle.get_tensor(sources[name]) for name in names}
-            for rank, card in enumerate(part.cards):     # a tensor group: each card its share (model.tensor_share)
+            for name, tensor in full.items():
+                if tuple(tensor.shape) != shapes[name]:
+                    raise InputError(f"checkpoint {checkpoint}: {sources[name]} has shape {tuple(tensor.shape)}, "
+                                     f"the plan's model needs {shapes[name]}")
+            for rank, card in enumerate(part.cards):
                 tensors = _own_storage({name: tensor_share(name, tensor, config, rank, part.tensor_parallel)
                                         for name, tensor in full.items()})
                 path = folder / f"card-{card}.safetensors"
@@ -129,10 +159,36 @@ def shard_checkpoint(plan: Plan, checkpoint: str | Path, out: str | Path) -> Man
                     users.setdefault(sources[name], []).append((name, card))
     shared = tuple(SharedWeight(tensor, tuple(n for n, _ in uses), tuple(c for _, c in uses))
                    for tensor, uses in users.items() if len({card for _, card in uses}) > 1)
-    manifest = Manifest(plan_fingerprint(plan), plan.model.fingerprint, file_sha256(Path(checkpoint)),
-                        str(info["dtype"]), tuple(cards), shared)
-    manifest.write(folder)
-    return manifest
+    return tuple(cards), shared
+
+
+_SHARD_FILE = re.compile(r"^card-\d+\.safetensors$")
+
+
+def _check_out_folder(folder: Path) -> Path:
+    """A new folder, an empty one, or an earlier shard folder (its manifest and card files only), to replace
+    whole; anything else holds the user's files, which a swap would lose."""
+    if not folder.parent.is_dir():
+        raise InputError(f"cannot write shards to {folder}: folder {folder.parent} does not exist")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"cannot write shards to {folder}: it exists and is not a folder")
+    if folder.is_dir():
+        others = [p.name for p in folder.iterdir() if p.name != MANIFEST and not _SHARD_FILE.match(p.name)]
+        if others:
+            raise InputError(f"{folder} holds other files than shards ({', '.join(sorted(others)[:3])}): give a "
+                             "new or empty folder")
+    return folder
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Replace ``folder`` by ``staging`` whole (the old one, if any, is removed only after the swap)."""
+    if not folder.exists():
+        staging.rename(folder)
+        return
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    folder.rename(old)
+    staging.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -150,6 +206,13 @@ def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def verify_card(folder: str | Path, card: int, plan: Plan) -> CardShard:
     """Check, before any compute, that ``folder`` holds card ``card``'s shard of this very plan, untouched."""
+    return read_card(folder, card, plan)[0]
+
+
+def read_card(folder: str | Path, card: int, plan: Plan) -> tuple[CardShard, bytes]:
+    """Card ``card``'s shard of this very plan, untouched, and its bytes: hashed from the bytes it is then loaded
+    from (no window between the check and the use). The file must be the manifest's own ``card-N.safetensors`` in
+    ``folder`` itself, a regular file, not a link leading elsewhere."""
     directory = Path(folder)
     manifest = Manifest.read(directory)
     if manifest.plan_fingerprint != plan_fingerprint(plan):
@@ -159,14 +222,18 @@ def verify_card(folder: str | Path, card: int, plan: Plan) -> CardShard:
     entry = next((shard for shard in manifest.cards if shard.card == card), None)
     if entry is None:
         raise InputError(f"{directory}/{MANIFEST} has no shard for card {card}")
+    if not _SHARD_FILE.match(entry.file):
+        raise InputError(f"{directory}/{MANIFEST}: card {card}'s file must be a card-N.safetensors in the folder "
+                         f"itself, got {entry.file!r}")
     path = directory / entry.file
-    if not path.is_file():
-        raise InputError(f"card {card}: shard {path} is missing")
-    digest = file_sha256(path)
+    if path.is_symlink() or not path.is_file():
+        raise InputError(f"card {card}: shard {path} is missing, or a link (shards are plain files in the folder)")
+    data = path.read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
     if digest != entry.sha256:
         raise InputError(f"card {card}: shard {path} does not match its manifest (sha256 {digest[:19]}..., expected "
                          f"{entry.sha256[:19]}...): tampered or truncated; re-run cachefit shard")
-    return entry
+    return entry, data
 
 
 _MANIFEST = TypeAdapter(Manifest)

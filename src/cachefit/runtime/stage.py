@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 from torch import nn
 
 from cachefit.core.errors import InputError
@@ -42,11 +41,12 @@ class Stage(nn.Module):
             assert isinstance(block, Block)
             block.reduce = reduce
 
-    def load_shard(self, path: Path) -> None:
-        tensors = load_file(str(path))
+    def load_shard(self, data: bytes, name: str) -> None:
+        """Load this card's tensors from its shard's bytes (as hashed: runtime.shard.read_card)."""
+        tensors = load(data)
         missing, unexpected = self.load_state_dict(tensors, strict=False)
         if missing or unexpected:
-            raise InputError(f"shard {path} does not fit this card's layers: missing {missing[:3]}, "
+            raise InputError(f"{name} does not fit this card's layers: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
 
     def make_caches(self, batch: int, length: int, dtype: torch.dtype, device: str = "cpu") -> dict[str, KVCache]:

@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cachefit.core.errors import InputError
+from cachefit.core.files import atomic_output, check_output
 from cachefit.core.records import ModelInfo
 from cachefit.core.spec import ModelSpec, SpecRecord, Workload, dtype_bytes
 from cachefit.nn import build_model
@@ -20,18 +21,19 @@ from cachefit.nn.model import TORCH_DTYPES
 __all__ = ["METADATA_KEY", "checkpoint_spec", "init_weights", "plan_spec", "read_checkpoint_info"]
 
 METADATA_KEY = "cachefit"
+TRAINABLE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def init_weights(spec: ModelSpec, work: Workload, out: str | Path, seed: int = 0) -> dict[str, Any]:
     """Write the seeded reference model of ``spec`` to ``out`` (safetensors). A tied weight is stored once; the
     metadata keeps the spec, seed and dtype. Returns the metadata."""
     dtype = dtype_bytes(work.dtype)[0]
+    if dtype not in TRAINABLE_DTYPES:
+        raise InputError(f"init-weights draws weights in {', '.join(TRAINABLE_DTYPES)}; dtype {dtype} would round "
+                         "them to nothing useful: store float weights", parameters=("dtype",))
     model = build_model(spec, dtype=TORCH_DTYPES[dtype], device="cpu", seed=seed)
     info = {"spec": SpecRecord(spec, work.attention).to_dict(), "seed": seed, "dtype": dtype}
-    target = Path(out)
-    if not target.parent.is_dir():
-        raise InputError(f"cannot write {target}: folder {target.parent} does not exist")
-    temporary = target.with_name(f".{target.name}.partial")
+    check_output(out, "checkpoint")
     # Tied parameters are stored once, under their first name in state-dict order; one metadata key, so the
     # file is the same byte for byte in every process (safetensors' save_model orders aliases by hash seed).
     stored: dict[str, torch.Tensor] = {}
@@ -40,11 +42,8 @@ def init_weights(spec: ModelSpec, work: Workload, out: str | Path, seed: int = 0
         if id(tensor) not in seen:
             seen.add(id(tensor))
             stored[name] = tensor.detach().contiguous()
-    try:
+    with atomic_output(out, "checkpoint") as temporary:
         save_file(stored, str(temporary), metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
-        temporary.replace(target)
-    finally:
-        temporary.unlink(missing_ok=True)
     return info
 
 
@@ -76,6 +75,11 @@ def tensor_sources(spec: ModelSpec, stored: set[str]) -> dict[str, str]:
             raise InputError(f"the checkpoint lacks {aliases[0]}: it does not match this plan's model")
         sources.update({name: kept[0] for name in aliases})
     return sources
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """{state-dict name: shape} of the reference model of ``spec`` (built on meta: no memory)."""
+    return {name: tuple(tensor.shape) for name, tensor in build_model(spec, device="meta").state_dict().items()}
 
 
 def checkpoint_dtype(info: Mapping[str, Any]) -> torch.dtype:

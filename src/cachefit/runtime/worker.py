@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,7 +32,7 @@ from cachefit.core.records import Partition, Plan
 from cachefit.nn.model import TORCH_DTYPES
 from cachefit.runtime.measure import PeakTracker, tensor_bytes
 from cachefit.runtime.residency import flatten_weights, pin_weights_in_l2
-from cachefit.runtime.shard import verify_card
+from cachefit.runtime.shard import read_card
 from cachefit.runtime.stage import Stage
 from cachefit.runtime.weights import plan_spec
 
@@ -109,8 +110,20 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def watch_parent(interval: float = 0.5) -> None:
+    """End this rank when the process that started it (torchrun) is gone: a rank never outlives its launcher."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _arguments(argv)
+    watch_parent()
     rank = int(os.environ["RANK"])
     try:
         _run(args, rank, int(os.environ["WORLD_SIZE"]))
@@ -126,7 +139,7 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> None:
     plan = Plan.read(args.plan)
     if world != plan.cards:
         raise ValueError(f"{world} processes for a plan of {plan.cards} cards")
-    entry = verify_card(args.weights, rank, plan)             # before any compute: tampered or foreign shards
+    _, shard = read_card(args.weights, rank, plan)          # before any compute: tampered or foreign shards
     torch.set_num_threads(args.threads)
     _pin(int(os.environ.get("LOCAL_RANK", rank)), int(os.environ.get("LOCAL_WORLD_SIZE", world)), args.threads)
     cuda = torch.cuda.is_available()
@@ -135,7 +148,7 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> None:
     place = _place(plan, rank)
     spec, dtype = plan_spec(plan.model), TORCH_DTYPES[str(plan.model.dtype)]
     stage = Stage(spec, place.part, device, dtype).eval()
-    stage.load_shard(Path(args.weights) / entry.file)
+    stage.load_shard(shard, f"card {rank}'s shard")
     # On CUDA: the stage's weights in one buffer, kept in L2 by a persisting access-policy window when they fit.
     residency = pin_weights_in_l2(flatten_weights(stage) if cuda else torch.empty(0))
     reduce = GroupReduce(place.group)

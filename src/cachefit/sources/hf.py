@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cachefit.core.errors import InputError
+from cachefit.core.files import read_json_object
 from cachefit.core.layers import LayerTable
 from cachefit.core.spec import Workload, dtype_bytes
 from cachefit.nn.model import TORCH_DTYPES
@@ -38,12 +39,7 @@ def hf_presets() -> dict[str, dict[str, Any]]:
 
 def read_hf_config(path: Path) -> dict[str, Any]:
     file = path / "config.json" if path.is_dir() else path
-    try:
-        document = json.loads(file.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise InputError(f"cannot read Hugging Face config {file}: {error.strerror or error}") from error
-    except json.JSONDecodeError as error:
-        raise InputError(f"{file}: not valid JSON ({error.msg})") from error
+    document: Any = read_json_object(file, "Hugging Face config")
     if not isinstance(document, dict) or "model_type" not in document:
         raise InputError(f"{file}: a Hugging Face config.json needs a model_type")
     return document
@@ -74,13 +70,44 @@ def _build(config: dict[str, Any], dtype: str) -> tuple[nn.Module, Any]:
         raise InputError("profiling Hugging Face configs needs transformers: pip install 'cachefit[hf]'") from error
     fields = {key: value for key, value in config.items() if not key.startswith("_")}
     model_type = fields.pop("model_type")
+    if not isinstance(model_type, str):
+        raise InputError(f"model_type must be a string, got {model_type!r}")
     try:
         hf_config = AutoConfig.for_model(model_type, **fields)
     except (ValueError, KeyError) as error:
         raise InputError(f"transformers does not know model_type {model_type!r}: {error}") from error
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[dtype_bytes(dtype)[0]])
+    except Exception as error:      # transformers' own config validation (strict dataclasses): the user's config
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise InputError(f"transformers rejects this {model_type} config: {' '.join(lines[:2])}") from error
+    _check_dimensions(hf_config, model_type)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[dtype_bytes(dtype)[0]])
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
+        raise InputError(f"transformers cannot build a {model_type} model from this config: "
+                         f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
     return model.eval(), hf_config
+
+
+_DIMENSIONS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "intermediate_size",
+               "vocab_size", "head_dim")
+
+
+def _check_dimensions(hf_config: Any, model_type: str) -> None:
+    """The dimensions a config gives are positive integers that divide as attention needs (transformers checks
+    few of them, and fails deep inside a forward, or not at all)."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    values = {name: getattr(text, name, None) for name in _DIMENSIONS}
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"{model_type} config: {name} must be a positive integer, got {value!r}")
+    hidden, heads, kv_heads = values["hidden_size"], values["num_attention_heads"], values["num_key_value_heads"]
+    if hidden and heads and not values["head_dim"] and hidden % heads:
+        raise InputError(f"{model_type} config: hidden_size ({hidden}) must be a multiple of num_attention_heads "
+                         f"({heads}), or give head_dim")
+    if heads and kv_heads and heads % kv_heads:
+        raise InputError(f"{model_type} config: num_attention_heads ({heads}) must be a multiple of "
+                         f"num_key_value_heads ({kv_heads})")
 
 
 def _inputs(model: nn.Module, hf_config: Any, work: Workload) -> tuple[tuple[Any, ...], dict[str, Any]]:

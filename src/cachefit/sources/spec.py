@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from cachefit.core.errors import InputError
-from cachefit.core.files import describe_validation_error
+from cachefit.core.files import describe_validation_error, read_text
 from cachefit.core.layers import LayerTable
 from cachefit.core.spec import DenseSpec, ModelSpec, Workload, parse_spec_fields
 from cachefit.sources.families import dense_table, llama_table
@@ -42,11 +42,7 @@ _WORKLOAD = TypeAdapter(Workload)
 
 
 def read_spec(path: Path) -> tuple[ModelSpec, Workload, str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise InputError(f"cannot read model spec {path}: {error.strerror or error}") from error
-    return parse_spec_text(text, str(path))
+    return parse_spec_text(read_text(path, "model spec"), str(path))
 
 
 def parse_spec_text(text: str, source: str) -> tuple[ModelSpec, Workload, str]:

@@ -101,18 +101,9 @@ def _measure_pass(spec: ModelSpec, work: Workload, granularity: Granularity, tok
 def profile_factory(target: str, input_shape: tuple[int, ...] | None, input_dtype: str, phase: str | None,
                     granularity: Granularity = "block") -> LayerTable:
     """``pkg.module:factory`` returns a module, or (module, inputs) with inputs a tuple of args or a dict of
-    kwargs. It is called under ``torch.device("meta")``, so its weights take no memory."""
-    module_name, _, attribute = target.partition(":")
-    sys.path.insert(0, str(Path.cwd()))
-    try:
-        factory = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise InputError(f"cannot import {target}: {error}") from error
-    finally:
-        sys.path.pop(0)
-    with torch.device("meta"):
-        made = factory()
-    model, inputs = made if isinstance(made, tuple) else (made, None)
+    kwargs. It is called under ``torch.device("meta")``, so its weights take no memory. This imports and runs the
+    user's module: its code, its errors."""
+    model, inputs = _call_factory(target)
     if not isinstance(model, nn.Module):
         raise InputError(f"{target} must return a torch.nn.Module (or a module and its inputs), got "
                          f"{type(model).__name__}")
@@ -124,6 +115,27 @@ def profile_factory(target: str, input_shape: tuple[int, ...] | None, input_dtyp
     return profile_module(model.eval(), args, kwargs, name=target, batch=batch, seq=seq,
                           phase=phase if phase in ("prefill", "decode") else None,  # type: ignore[arg-type]
                           dtype=dtype, granularity=granularity)
+
+
+def _call_factory(target: str) -> tuple[Any, Any]:
+    """Import ``pkg.module`` and call ``factory()`` on meta; whatever goes wrong in the user's code (an import or
+    syntax error, a missing argument, a raise, even sys.exit) is one line naming the target."""
+    module_name, _, attribute = target.partition(":")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (Exception, SystemExit) as error:
+        raise InputError(f"cannot import {target}: {type(error).__name__}: {error}") from error
+    finally:
+        sys.path.pop(0)
+    if not callable(factory):
+        raise InputError(f"{target} is not callable (a factory returning a torch.nn.Module)")
+    try:
+        with torch.device("meta"):
+            made = factory()
+    except (Exception, SystemExit) as error:
+        raise InputError(f"{target}() raised {type(error).__name__}: {error}") from error
+    return made if isinstance(made, tuple) and len(made) == 2 else (made, None)
 
 
 def _inputs(target: str, inputs: Any, shape: tuple[int, ...] | None, dtype: str
