@@ -47,7 +47,7 @@ def test_planning_core_does_not_import_torch() -> None:
     ({"objective": "time", "device": "h100", "strategy": "greedy"}, r"it has no strategy"),
     ({"objective": "time", "device": "h100", "split": "always"}, r"it has no split"),
     ({"capacity": "1GB", "baseline": "tp=2,pp=2", "cards": 3}, r"cards \(3\) is fixed by baseline tp=2,pp=2 to 4"),
-    ({"capacity": "1GB", "baseline": "tp=2,pp=1", "split": "never"}, r"baseline fixes the split"),
+    ({"capacity": "1GB", "baseline": "tp=2,pp=1", "split": "never"}, r"baseline splits every layer tp ways itself"),
     ({"capacity": "1GB", "micro_batches": 2}, r"micro_batches applies to objective='time'"),
 ])
 def test_plan_refuses_what_it_would_ignore(arguments: dict[str, object], message: str) -> None:

@@ -117,7 +117,7 @@ def _check_plan_options(split: str, baseline: Baseline | None, objective: str, s
         raise InputError("micro_batches applies to objective='time' (the passes it predicts); plan a smaller batch "
                          "instead", parameters=("micro_batches", "objective", "batch"))
     if baseline is not None and split != "auto":
-        raise InputError(f"baseline fixes the split (every layer tp ways); drop split={split!r}",
+        raise InputError(f"baseline splits every layer tp ways itself; drop split={split!r}",
                          parameters=("baseline", "split"))
 
 

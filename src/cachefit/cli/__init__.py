@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import click
 
 from cachefit import __version__
@@ -16,11 +19,38 @@ from cachefit.cli.run import run_command
 from cachefit.cli.seed_report import seed_report_command
 from cachefit.cli.shard import shard_command
 from cachefit.cli.weights import init_weights_command
+from cachefit.core.errors import EXIT_BUG
 
 __all__ = ["cli", "main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+_NO_ARGS: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class _Cachefit(click.Group):
+    """click's usage errors as one line, like every other bad input (DESIGN.md: one clear line, exit 2)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Exit as done:
+            sys.exit(done.exit_code)
+        except click.Abort:
+            click.echo("cachefit: aborted", err=True)
+            sys.exit(EXIT_BUG)
+        except _NO_ARGS as help_asked:          # `cachefit` (or a group) alone: the help, as click shows it
+            help_asked.show()
+            sys.exit(help_asked.exit_code)
+        except click.ClickException as error:
+            where = getattr(getattr(error, "ctx", None), "command_path", None)
+            hint = f" (see {where.replace('cli', 'cachefit', 1)} --help)" if where else ""
+            message = " ".join(error.format_message().split())
+            click.echo(f"cachefit: error: {message}{hint}", err=True)
+            sys.exit(error.exit_code)
+
+
+@click.group(cls=_Cachefit, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="cachefit")
 def cli() -> None:
     """Plan deployments whose partitions fit on-chip memory (GPU L2, accelerator SRAM).

@@ -173,13 +173,16 @@ def _load_table_file(path: Path, input_bytes: int | None, chosen: dict[str, Any]
     return LayerTable.read(path, input_bytes=input_bytes)
 
 
+_CONFIG_BYTES = 1 << 20
+
+
 def _is_hf_config(path: Path) -> bool:
-    if path.suffix.lower() != ".json" or not path.is_file():
-        return False
+    if path.suffix.lower() != ".json" or not path.is_file() or path.stat().st_size > _CONFIG_BYTES:
+        return False            # configs are a few KiB; a large file is a layer table, parsed once by its reader
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
+    except (OSError, ValueError, RecursionError):
+        return False            # not a config: the layer-table reader says what is wrong with it
     return isinstance(document, dict) and "schema" not in document and (
         "model_type" in document or "architectures" in document)
 
