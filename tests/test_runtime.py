@@ -3,6 +3,8 @@ the job naming it, a tampered shard is refused before any process starts."""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -52,8 +54,8 @@ def tag(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def running(value: str) -> int:
-    """Live processes of this test's run (torchrun, whose command names the worker module, and the workers):
-    those carrying its mark, not every cachefit process on the host."""
+    """Live ranks of this test's run (their command names the worker module): those carrying its mark, not every
+    cachefit process on the host."""
     count = 0
     for entry in Path("/proc").glob("[0-9]*"):
         try:
@@ -140,9 +142,9 @@ def test_ctrl_c_stops_every_process(tmp_path: Path, tag: str) -> None:
                                  "--prompt-len", "4", "--new-tokens", "4", "--timeout", "120"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while running(tag) < 3 and time.monotonic() < deadline:        # torchrun and its two workers
+    while running(tag) < 2 and time.monotonic() < deadline:        # its two ranks
         time.sleep(0.2)
-    assert running(tag) >= 3, "the workers never started"
+    assert running(tag) == 2, "the ranks never started"
     time.sleep(2)                                                    # let rank 1 reach its stall
     launcher.send_signal(signal.SIGINT)
     launcher.communicate(timeout=30)
@@ -191,12 +193,81 @@ def test_the_launchers_death_ends_every_rank(tmp_path: Path, tag: str, sig: sign
                                  "--prompt-len", "4", "--new-tokens", "4", "--timeout", "120"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while running(tag) < 3 and time.monotonic() < deadline:        # torchrun and its two workers
+    while running(tag) < 2 and time.monotonic() < deadline:        # its two ranks
         time.sleep(0.2)
-    assert running(tag) >= 3, "the workers never started"
+    assert running(tag) == 2, "the ranks never started"
     launcher.send_signal(sig)                                        # SIGKILL: nothing of the launcher runs
     launcher.wait(timeout=30)
     deadline = time.monotonic() + 30
     while running(tag) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert running(tag) == 0
+
+
+@pytest.mark.parametrize("fault", ["1:stop", "1:hang"])
+def test_a_stopped_or_hung_rank_is_named_within_the_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            tag: str, fault: str) -> None:
+    # Its peer waits for it (a bystander, marked as waiting); the launcher names the rank that stopped making
+    # progress once the timeout has passed, and ends the job.
+    plan_file, shards = prepared(tmp_path, "tiny-llama", 2)
+    monkeypatch.setenv("CACHEFIT_INJECT_FAULT", fault)
+    with pytest.raises(cachefit.RunError, match=r"rank 1 failed: made no progress for \d+ s \(hung or stopped\)"):
+        run_plan(str(plan_file), str(shards), RunOptions(prompt_len=6, new_tokens=4, micro_batches=2, timeout=5))
+    assert running(tag) == 0
+
+
+def test_a_single_host_run_listens_on_loopback_only(tmp_path: Path, tag: str) -> None:
+    # Every listening TCP socket of the run's ranks is bound to a loopback address (the ranks meet through a file
+    # store; gloo binds to lo). Read from /proc while the ranks wait on a stalled peer.
+    plan_file, shards = prepared(tmp_path, "tiny-llama", 2)
+    env = {**os.environ, "CACHEFIT_INJECT_FAULT": "1:hang"}
+    launcher = subprocess.Popen([sys.executable, "-m", "cachefit", "run", str(plan_file), "--weights", str(shards),
+                                 "--prompt-len", "4", "--new-tokens", "4", "--timeout", "120"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, addresses = time.monotonic() + 90, []
+        while len(addresses) < 2 and time.monotonic() < deadline:     # until both ranks have set up gloo
+            time.sleep(0.5)
+            addresses = listening_addresses([launcher.pid, *rank_pids(tag)])
+        assert len(addresses) >= 2 and all(address.startswith(("127.", "::1", "::ffff:127.")) for address in addresses)
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait(timeout=30)
+    assert running(tag) == 0
+
+
+def rank_pids(value: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"{TAG}={value}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def listening_addresses(pids: list[int]) -> list[str]:
+    """The local addresses of the TCP sockets these processes listen on (/proc/net/tcp and tcp6)."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    addresses = []
+    for table, width in (("tcp", 8), ("tcp6", 32)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:                  # 0A: LISTEN
+                addresses.append(_address(fields[1].split(":")[0], width))
+    return addresses
+
+
+def _address(hexadecimal: str, width: int) -> str:
+    raw = bytes.fromhex(hexadecimal)
+    if width == 8:                                                       # IPv4, little-endian words
+        return ".".join(str(b) for b in raw[::-1])
+    words = [raw[i:i + 4][::-1] for i in range(0, 16, 4)]
+    return str(ipaddress.IPv6Address(b"".join(words)))

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import socket
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,10 +143,12 @@ def _all_cores_bandwidth(matrix_bytes: int, rate: float, cores: list[int]) -> fl
     return min(values)
 
 
-def _gloo_peer(rank: int, port: int, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _gloo_peer(rank: int, store: str, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # As cachefit run does: a file store (no port) and gloo on loopback only.
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     small, large = torch.zeros(1, dtype=torch.float64), torch.zeros(4 << 20)      # 8 B and 16 MiB
 
     def ping_pong(tensor: torch.Tensor) -> None:
@@ -166,17 +169,16 @@ def _gloo_peer(rank: int, port: int, results: multiprocessing.Queue) -> None:  #
 
 
 def _gloo_link() -> tuple[float, float, float]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    peers = [context.Process(target=_gloo_peer, args=(rank, port, results)) for rank in (0, 1)]
-    for peer in peers:
-        peer.start()
-    latency, bandwidth, allreduce = results.get(timeout=300)
-    for peer in peers:
-        peer.join()
+    with tempfile.TemporaryDirectory(prefix="cachefit-calibrate-") as folder:
+        store = str(Path(folder) / "store")
+        peers = [context.Process(target=_gloo_peer, args=(rank, store, results)) for rank in (0, 1)]
+        for peer in peers:
+            peer.start()
+        latency, bandwidth, allreduce = results.get(timeout=300)
+        for peer in peers:
+            peer.join()
     return latency, bandwidth, allreduce
 
 

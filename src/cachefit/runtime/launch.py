@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,9 @@ from cachefit.runtime.shard import Manifest, read_card, verify_card
 from cachefit.runtime.summary import summarise
 from cachefit.runtime.weights import plan_spec
 
-__all__ = ["RunOptions", "RunResult", "run_plan", "torchrun_command"]
+__all__ = ["INIT_VARIABLE", "RunOptions", "RunResult", "run_plan", "torchrun_command", "worker_command"]
+
+INIT_VARIABLE = "CACHEFIT_INIT_METHOD"   # how a rank started here meets its peers (a file store: no port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,13 +135,15 @@ def check_run(plan: Plan, weights: str | Path, options: RunOptions) -> None:
 
 def run_plan(plan_file: str, weights: str, options: RunOptions,
              progress: Callable[[float], None] | None = None) -> RunResult:
+    """Run a plan on this host: one process per card, started here and watched (torchrun is for several hosts)."""
     plan = Plan.read(plan_file)
     check_run(plan, weights, options)
+    if options.nnodes > 1:
+        raise InputError("a run across hosts starts on each host with the torchrun command (torchrun_command)",
+                         parameters=("nnodes",))
     with tempfile.TemporaryDirectory(prefix="cachefit-run-") as out:
-        command = torchrun_command(str(Path(plan_file).resolve()), str(Path(weights).resolve()), out, options,
-                                   plan.cards)
-        env = {**os.environ, "OMP_NUM_THREADS": str(options.threads), "GLOO_SOCKET_IFNAME": "lo"}
-        log = _launch(command, env, plan, options, progress)
+        command = worker_command(str(Path(plan_file).resolve()), str(Path(weights).resolve()), out, options)
+        log = _launch(command, Path(out), plan.cards, options, progress)
         ranks = [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(plan.cards)]
         outputs = load_file(str(Path(out, "outputs.safetensors")))
     summary = summarise(ranks, int(plan.model.batch or 1), options.prompt_len, options.new_tokens)
@@ -148,35 +153,106 @@ def run_plan(plan_file: str, weights: str, options: RunOptions,
     return result
 
 
-def _launch(command: list[str], env: dict[str, str], plan: Plan, options: RunOptions,
+def worker_command(plan_file: str, weights: str, out: str, options: RunOptions) -> list[str]:
+    """One rank's command line (its rank and the store come in its environment)."""
+    return [sys.executable, "-m", "cachefit.runtime.worker", "--plan", plan_file, "--weights", weights,
+            "--out", out, "--prompt-len", str(options.prompt_len), "--new-tokens", str(options.new_tokens),
+            "--micro-batches", str(options.micro_batches), "--seed", str(options.seed),
+            "--timeout", str(options.timeout), "--threads", str(options.threads)]
+
+
+def _spawn(command: list[str], out: Path, cards: int, options: RunOptions) -> list[subprocess.Popen[bytes]]:
+    """Every rank, each in a session of its own, ending with this launcher. The ranks meet through a file store
+    in the run's folder and talk over loopback only (gloo bound to ``lo``): nothing listens beyond this host."""
+    base = {**os.environ, "OMP_NUM_THREADS": str(options.threads), "GLOO_SOCKET_IFNAME": "lo",
+            "WORLD_SIZE": str(cards), "LOCAL_WORLD_SIZE": str(cards), INIT_VARIABLE: f"file://{out / 'store'}"}
+    log = (out / "log.txt").open("ab")
+    try:
+        return [subprocess.Popen(command, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_end_with_parent)
+                for rank in range(cards)]
+    finally:
+        log.close()
+
+
+def _launch(command: list[str], out: Path, cards: int, options: RunOptions,
             progress: Callable[[float], None] | None) -> str:
-    """Run torchrun in its own process group; any failure ends the whole job, naming the rank and its error."""
-    out = Path(command[command.index("--out") + 1])
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True, preexec_fn=_end_with_parent)
-    limit = time.monotonic() + options.timeout * 4 + 60
+    """Start every rank and watch them: a rank that fails, or makes no progress for the timeout (hung or
+    stopped), ends the whole job, and the error names it."""
     # Ctrl-C (and SIGTERM) must stop the run even where SIGINT came in ignored, as it does for background jobs
     # of non-interactive shells: Python installs no KeyboardInterrupt handler then.
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    processes: list[subprocess.Popen[bytes]] = []
     try:
-        while process.poll() is None:
+        processes = _spawn(command, out, cards, options)
+        started = time.time()
+        while any(process.poll() is None for process in processes):
             if progress is not None:
                 progress(time.monotonic())
-            if time.monotonic() > limit:
-                _stop(process)
-                raise RunError(f"the run did not finish within {options.timeout * 4 + 60:.0f} s; stopped it")
+            culprit = _culprit(processes, out, options.timeout, started)
+            if culprit is not None:
+                _stop(processes)
+                raise RunError(culprit)
             time.sleep(0.1)
-    except KeyboardInterrupt:
-        _stop(process)
+        culprit = _culprit(processes, out, options.timeout, started)
+        if culprit is not None:
+            raise RunError(culprit)
+    except BaseException:
+        _stop(processes)
         raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    log = process.stdout.read() if process.stdout else ""
-    if process.returncode != 0:
-        _stop(process)                 # torchrun stopped its workers; make sure none is left before reporting
-        raise RunError(_failure(out, log, process.returncode))
-    return log
+    return (out / "log.txt").read_text(errors="replace")
+
+
+STARTUP_S = 60.0     # before a rank first reports: the interpreter, torch, its shard (on a loaded host)
+
+
+def _culprit(processes: list[subprocess.Popen[bytes]], out: Path, timeout: float, started: float) -> str | None:
+    """Why the run must end, naming the rank, or None while it goes on: a rank that made no progress for the
+    timeout while not waiting for a peer (it hung or was stopped; its peers, waiting for it, are bystanders),
+    else the first rank that failed."""
+    now, stalled = time.time(), []
+    for rank, process in enumerate(processes):
+        if process.poll() is not None:
+            continue
+        state, since = _progress(out, rank)
+        quiet = now - (since if since is not None else started)
+        if state not in ("w", "d") and quiet > timeout + (STARTUP_S if since is None else 0.0):
+            stalled.append((quiet, rank))
+    if stalled:
+        quiet, rank = max(stalled)
+        return f"rank {rank} failed: made no progress for {quiet:.0f} s (hung or stopped); stopped the run"
+    failed = [(rank, code) for rank, process in enumerate(processes) if (code := process.returncode)]
+    return None if not failed else _failure(out, *min(failed, key=lambda item: _failure_order(out, *item)))
+
+
+def _progress(out: Path, rank: int) -> tuple[str | None, float | None]:
+    """A rank's last state (worker.Progress: ``r`` running, ``w`` waiting for a peer, ``d`` done) and since when;
+    (None, None) before it first reports."""
+    try:
+        data = (out / f"progress-rank{rank}").read_bytes()
+    except OSError:
+        return None, None
+    if len(data) < 16 or data[0] == 0:
+        return None, None
+    return chr(data[0]), struct.unpack("<d", data[8:16])[0]
+
+
+def _failure_order(out: Path, rank: int, code: int) -> tuple[int, float]:
+    """Killed ranks first (their peers then fail on a reset connection), then by when each wrote its error."""
+    error = out / f"error-rank{rank}.txt"
+    return (0 if code < 0 else 1, error.stat().st_mtime if error.exists() else float("inf"))
+
+
+def _failure(out: Path, rank: int, code: int) -> str:
+    """How rank ``rank`` failed: its own error when it wrote one; a killed rank writes nothing."""
+    own = out / f"error-rank{rank}.txt"
+    if own.exists():
+        return f"rank {rank} failed: {own.read_text().strip()}"
+    how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    return f"rank {rank} failed: {how}"
 
 
 PR_SET_PDEATHSIG = 1     # linux/prctl.h
@@ -185,75 +261,30 @@ _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("lin
 
 
 def _end_with_parent() -> None:
-    """In torchrun's process, before it starts: SIGTERM when this launcher dies, however it dies (SIGKILL
-    included), so torchrun stops its workers (Linux prctl PR_SET_PDEATHSIG; elsewhere the workers' own watch of
-    their parent, worker.watch_parent, still ends them)."""
+    """In each rank, before it starts: SIGKILL when this launcher dies, however it dies (SIGKILL included)
+    (Linux prctl PR_SET_PDEATHSIG; elsewhere, and for torchrun's ranks, worker.watch_parent ends them)."""
     if _PRCTL is not None:
-        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _stop(process: subprocess.Popen[str]) -> None:
-    """SIGTERM torchrun and its workers, then SIGKILL what is left, and return only when all are gone. torchrun
-    starts each worker in a session of its own, so they are found as its children (before it dies and they are
-    re-parented) and signalled one by one."""
-    processes = [process.pid, *_children(process.pid)]
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGCONT and SIGTERM every rank still running (each leads a session of its own), then SIGKILL what is left;
+    return only when all are gone."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+        for process in processes:
+            if process.poll() is None:
+                for each in (signal.SIGCONT, sig):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, each)
         deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            process.poll()
-            if not [pid for pid in processes if _alive(pid, process)]:
-                return
+        while time.monotonic() < deadline and any(process.poll() is None for process in processes):
             time.sleep(0.05)
-    process.wait()
-
-
-def _children(parent: int) -> list[int]:
-    """Process ids whose parent is ``parent`` (Linux /proc; none elsewhere)."""
-    found = []
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == parent:
-            found.append(int(entry.parent.name))
-    return found
-
-
-def _alive(pid: int, launched: subprocess.Popen[str]) -> bool:
-    if pid == launched.pid:
-        return launched.returncode is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    state = Path(f"/proc/{pid}/stat")
-    return not (state.exists() and state.read_text().rsplit(")", 1)[1].split()[0] == "Z")   # a zombie is gone
-
-
-def _failure(out: Path, log: str, code: int) -> str:
-    """Which rank failed first and how: torchrun's root cause (the first observed failure), with that rank's
-    own error when it wrote one; a killed rank writes nothing, and its peers only see a reset connection."""
-    root = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", log, re.S)
-    if root:
-        rank, exit_code = root.group(1), int(root.group(2))
-        own = out / f"error-rank{rank}.txt"
-        if own.exists():
-            return f"rank {rank} failed: {own.read_text().strip()}"
-        how = f"killed by signal {-exit_code}" if exit_code < 0 else f"exited with code {exit_code}"
-        return f"rank {rank} failed: {how}"
-    errors = sorted(out.glob("error-rank*.txt"))
-    if errors:
-        return f"{errors[0].stem.replace('error-rank', 'rank ')} failed: {errors[0].read_text().strip()}"
-    tail = "\n".join(log.strip().splitlines()[-5:])
-    return f"the run failed (launcher exit code {code}):\n{tail}"
+    for process in processes:
+        process.wait()
 
 
 def full_state(plan: Plan, weights: str | Path) -> dict[str, torch.Tensor]:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -30,6 +32,7 @@ from safetensors.torch import save_file
 
 from cachefit.core.records import Partition, Plan
 from cachefit.nn.model import TORCH_DTYPES
+from cachefit.runtime.launch import INIT_VARIABLE
 from cachefit.runtime.measure import PeakTracker, tensor_bytes
 from cachefit.runtime.residency import flatten_weights, pin_weights_in_l2
 from cachefit.runtime.shard import read_card
@@ -38,7 +41,7 @@ from cachefit.runtime.weights import plan_spec
 
 __all__ = ["main", "prompts"]
 
-FAULT_VARIABLE = "CACHEFIT_INJECT_FAULT"   # tests only: "RANK:kill|raise|hang" after the prefill
+FAULT_VARIABLE = "CACHEFIT_INJECT_FAULT"   # tests only: "RANK:kill|raise|hang|stop" after the prefill
 
 
 def prompts(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
@@ -72,26 +75,52 @@ def _place(plan: Plan, rank: int) -> Place:
                  parts[index + 1].card if index + 1 < len(parts) else None, parts[-1].card, len(parts))
 
 
-class GroupReduce:
-    """The all-reduce of a tensor group's partial sums, timed."""
+class Progress:
+    """This rank's last state (``r`` running, ``w`` waiting for a peer, ``d`` done) and when it entered it, in a
+    16-byte file the launcher watches (launch._progress). Written through an mmap, so a mark costs no system
+    call: cheap enough around every receive and all-reduce."""
 
-    def __init__(self, group: Any) -> None:
-        self.group, self.seconds = group, 0.0
+    def __init__(self, path: Path) -> None:
+        with path.open("wb") as stream:
+            stream.write(bytes(16))
+        self._file = path.open("r+b")
+        self._map = mmap.mmap(self._file.fileno(), 16)
+        self.mark(b"r")
+
+    def mark(self, state: bytes) -> None:
+        self._map[8:16] = struct.pack("<d", time.time())
+        self._map[0:1] = state
+
+
+class GroupReduce:
+    """The all-reduce of a tensor group's partial sums, timed (and marked as waiting: a peer may be late)."""
+
+    def __init__(self, group: Any, progress: Progress) -> None:
+        self.group, self.seconds, self.progress = group, 0.0, progress
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
+        self.progress.mark(b"w")
         dist.all_reduce(x, group=self.group)
+        self.progress.mark(b"r")
         self.seconds += time.perf_counter() - start
         return x
 
 
 class Clock:
-    def __init__(self) -> None:
+    """Seconds spent computing, waiting for a peer and finishing sends; a wait or send is marked as waiting."""
+
+    def __init__(self, progress: Progress) -> None:
         self.compute = self.wait = self.send = 0.0
+        self.progress = progress
 
     def timed(self, kind: str, function: Any, *args: Any) -> Any:
         start = time.perf_counter()
+        if kind != "compute":
+            self.progress.mark(b"w")
         result = function(*args)
+        if kind != "compute":
+            self.progress.mark(b"r")
         setattr(self, kind, getattr(self, kind) + time.perf_counter() - start)
         return result
 
@@ -125,8 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     args = _arguments(argv)
     watch_parent()
     rank = int(os.environ["RANK"])
+    progress = Progress(Path(args.out) / f"progress-rank{rank}")
     try:
-        _run(args, rank, int(os.environ["WORLD_SIZE"]))
+        _run(args, rank, int(os.environ["WORLD_SIZE"]), progress)
+        progress.mark(b"d")
     except Exception as error:
         Path(args.out, f"error-rank{rank}.txt").write_text(f"{type(error).__name__}: {error}\n")
         raise
@@ -135,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             dist.destroy_process_group()
 
 
-def _run(args: argparse.Namespace, rank: int, world: int) -> None:
+def _run(args: argparse.Namespace, rank: int, world: int, progress: Progress) -> None:
     plan = Plan.read(args.plan)
     if world != plan.cards:
         raise ValueError(f"{world} processes for a plan of {plan.cards} cards")
@@ -144,14 +175,22 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> None:
     _pin(int(os.environ.get("LOCAL_RANK", rank)), int(os.environ.get("LOCAL_WORLD_SIZE", world)), args.threads)
     cuda = torch.cuda.is_available()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
+    # Started by cachefit run: a file store in the run's folder (no port at all); by torchrun: its rendezvous.
+    init = os.environ.get(INIT_VARIABLE)
+    progress.mark(b"w")
+    backend, wait = ("nccl" if cuda else "gloo"), timedelta(seconds=args.timeout)
+    if init:
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=wait)
+    else:
+        dist.init_process_group(backend, timeout=wait)
+    progress.mark(b"r")
     place = _place(plan, rank)
     spec, dtype = plan_spec(plan.model), TORCH_DTYPES[str(plan.model.dtype)]
     stage = Stage(spec, place.part, device, dtype).eval()
     stage.load_shard(shard, f"card {rank}'s shard")
     # On CUDA: the stage's weights in one buffer, kept in L2 by a persisting access-policy window when they fit.
     residency = pin_weights_in_l2(flatten_weights(stage) if cuda else torch.empty(0))
-    reduce = GroupReduce(place.group)
+    reduce = GroupReduce(place.group, progress)
     if place.group is not None:
         stage.set_reduce(reduce)
     batch, micro, seq = int(plan.model.batch or 1), args.micro_batches, int(plan.model.seq or 0)
@@ -173,7 +212,7 @@ def _run(args: argparse.Namespace, rank: int, world: int) -> None:
         [t for cache in caches.values() for t in (cache.keys, cache.values)]), "buffers": tensor_bytes(inbox),
         "transient_peak": transient}
     outcome = _pipeline(args, place, stage, rows, inbox, prompts(stage.config.vocab, batch, args.prompt_len,
-                                                                 args.seed).to(device), size, chunk, device)
+                                                                 args.seed).to(device), size, chunk, Clock(progress))
     emits = stage.last and place.leader
     report = {"rank": rank, "card": rank, "first": place.part.first, "last": place.part.last,
               "tensor_parallel": place.part.tensor_parallel, "emits": emits,
@@ -213,15 +252,15 @@ def _passes(prompt_len: int, steps: int, chunk: int) -> list[tuple[int, int]]:
 
 def _pipeline(args: argparse.Namespace, place: Place, stage: Stage, rows: list[dict[str, Any]],
               inbox: dict[str, torch.Tensor], prompt: torch.Tensor, size: int, chunk: int,
-              device: str) -> dict[str, Any]:
-    clock, pending = Clock(), []
+              clock: Clock) -> dict[str, Any]:
+    pending, device = [], prompt.device
     micro, steps, hidden = len(rows), args.new_tokens, stage.config.hidden
     passes = _passes(args.prompt_len, steps, chunk)
     prefill_passes = len(passes) - (steps - 1)
     tokens = torch.zeros(micro * size, steps, dtype=torch.long, device=device)
     logits = torch.zeros(0)
     token_times: list[list[float]] = [[] for _ in range(micro)]
-    dist.barrier()
+    _barrier(clock.progress)
     start = time.perf_counter()
     prefill_done = 0.0
     for index, (position, length) in enumerate(passes):
@@ -254,11 +293,17 @@ def _pipeline(args: argparse.Namespace, place: Place, stage: Stage, rows: list[d
     for handle in pending:
         if handle is not None:
             clock.timed("send", handle.wait)
-    dist.barrier()
+    _barrier(clock.progress)
     total = time.perf_counter() - start
     return {"tokens": tokens, "logits": logits, "timing": {
         "compute_s": clock.compute, "wait_s": clock.wait, "send_s": clock.send, "total_s": total,
         "prefill_s": prefill_done, "prefill_chunk": chunk, "token_times": token_times}}
+
+
+def _barrier(progress: Progress) -> None:
+    progress.mark(b"w")
+    dist.barrier()
+    progress.mark(b"r")
 
 
 def _receive(clock: Clock, place: Place, buffer: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
@@ -285,6 +330,8 @@ def _inject_fault(rank: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if how == "hang":
             time.sleep(3600)
+        if how == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
         raise RuntimeError(f"injected fault on rank {rank}")
 
 
