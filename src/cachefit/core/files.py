@@ -152,6 +152,8 @@ def atomic_output(path: str | os.PathLike[str], what: str = "output") -> Iterato
         yield temporary
         os.chmod(temporary, mode)
         os.replace(temporary, final)
+    except OSError as error:        # a full disk, a folder made read-only meanwhile: name the file, not the temp
+        raise InputError(f"cannot write {what} {final}: {error.strerror or error}") from error
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -233,6 +233,9 @@ def _check_plan(plan: Plan, source: str) -> None:
         if part.card != expected_card or part.first != expected_first or part.last < part.first:
             raise InputError(f"{where} must start at card {expected_card} and layer {expected_first}, got card "
                              f"{part.card} layers {part.first}..{part.last}")
+        if len(part.layers) != part.last - part.first + 1:
+            raise InputError(f"{where}.layers must name its {part.last - part.first + 1} layers "
+                             f"{part.first}..{part.last}, got {len(part.layers)}")
         if part.footprint_bytes != (part.weight_bytes + part.activation_bytes + part.workspace_bytes
                                     + part.kv_cache_bytes):
             raise InputError(f"{where}.footprint_bytes must equal the sum of its parts, got {part.footprint_bytes}")

@@ -21,8 +21,9 @@ def parse_baseline(text: str) -> tuple[int, int]:
     values: dict[str, int] = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key.strip() not in ("tp", "pp") or not value.strip().isdigit() or int(value) < 1:
-            raise InputError(f"baseline must look like tp=8,pp=2 (positive integers), got {text!r}",
+        if (key.strip() not in ("tp", "pp") or not value.strip().isdigit() or int(value) < 1
+                or key.strip() in values):
+            raise InputError(f"baseline must look like tp=8,pp=2 (positive integers, each once), got {text!r}",
                              parameters=("baseline",))
         values[key.strip()] = int(value)
     return values.get("tp", 1), values.get("pp", 1)

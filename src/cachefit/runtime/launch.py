@@ -179,9 +179,10 @@ def _launch(command: list[str], out: Path, cards: int, options: RunOptions,
             progress: Callable[[float], None] | None) -> str:
     """Start every rank and watch them: a rank that fails, or makes no progress for the timeout (hung or
     stopped), ends the whole job, and the error names it."""
-    # Ctrl-C (and SIGTERM) must stop the run even where SIGINT came in ignored, as it does for background jobs
-    # of non-interactive shells: Python installs no KeyboardInterrupt handler then.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # Ctrl-C (and SIGTERM, SIGHUP: a closed terminal) must stop the run and remove its folder, even where SIGINT
+    # came in ignored, as it does for background jobs of non-interactive shells: Python installs no
+    # KeyboardInterrupt handler then.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     processes: list[subprocess.Popen[bytes]] = []
     try:
         processes = _spawn(command, out, cards, options)

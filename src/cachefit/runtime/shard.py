@@ -16,7 +16,7 @@ from typing import Annotated
 
 import torch
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cachefit.core.errors import InputError
@@ -153,7 +153,7 @@ def _write_cards(plan: Plan, spec: ModelSpec, checkpoint: Path, folder: Path
                 tensors = _own_storage({name: tensor_share(name, tensor, config, rank, part.tensor_parallel)
                                         for name, tensor in full.items()})
                 path = folder / f"card-{card}.safetensors"
-                save_file(tensors, str(path), metadata={"card": str(card)})
+                _save(tensors, path, {"card": str(card)})
                 cards.append(CardShard(card, path.name, file_sha256(path), path.stat().st_size, tuple(names)))
                 for name in names:
                     users.setdefault(sources[name], []).append((name, card))
@@ -189,6 +189,13 @@ def _swap_in(staging: Path, folder: Path) -> None:
     folder.rename(old)
     staging.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except (OSError, SafetensorError) as error:           # a full disk: name the file, exit 2
+        raise InputError(f"cannot write shard {path}: {getattr(error, 'strerror', None) or error}") from error
 
 
 def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

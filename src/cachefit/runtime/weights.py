@@ -43,7 +43,10 @@ def init_weights(spec: ModelSpec, work: Workload, out: str | Path, seed: int = 0
             seen.add(id(tensor))
             stored[name] = tensor.detach().contiguous()
     with atomic_output(out, "checkpoint") as temporary:
-        save_file(stored, str(temporary), metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
+        try:
+            save_file(stored, str(temporary), metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
+        except SafetensorError as error:
+            raise InputError(f"cannot write checkpoint {out}: {error}") from error
     return info
 
 
