@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import cachefit  # noqa: E402
@@ -114,3 +116,59 @@ def test_one_card_holding_both_ends_of_a_tied_weight(tmp_path: Path) -> None:
     card = load_file(tmp_path / "shards" / manifest.cards[0].file)
     assert torch.equal(card["embed.weight"], card["head.proj.weight"]) and manifest.shared == ()
     verify_card(tmp_path / "shards", 0, plan)
+
+
+def _sharded(tmp_path: Path) -> tuple[Plan, Path]:
+    plan = cachefit.plan("tiny-llama", capacity="2MiB")
+    shard_checkpoint(plan, checkpoint(tmp_path), tmp_path / "shards")
+    return plan, tmp_path / "shards"
+
+
+@pytest.mark.parametrize("name", ["../elsewhere.safetensors", "/etc/passwd", "card-0.safetensors/../x"])
+def test_manifests_are_confined_to_their_folder(tmp_path: Path, name: str) -> None:
+    plan, shards = _sharded(tmp_path)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["cards"][0]["file"] = name
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(cachefit.InputError, match=r"must be a card-N\.safetensors in the folder itself"):
+        verify_card(shards, 0, plan)
+
+
+def test_a_link_to_a_same_content_file_elsewhere_is_refused(tmp_path: Path) -> None:
+    plan, shards = _sharded(tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    (shards / "card-0.safetensors").rename(outside)
+    (shards / "card-0.safetensors").symlink_to(outside)               # same bytes, same hash: still refused
+    with pytest.raises(cachefit.InputError, match="or a link"):
+        verify_card(shards, 0, plan)
+
+
+def test_a_shard_folder_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    plan, shards = _sharded(tmp_path)
+    before = {path.name: path.read_bytes() for path in shards.iterdir()}
+    wrong = checkpoint(tmp_path, "tiny-dense4")                          # another model: refused before writing
+    with pytest.raises(cachefit.InputError, match="other dimensions"):
+        shard_checkpoint(plan, wrong, shards)
+    assert {path.name: path.read_bytes() for path in shards.iterdir()} == before
+    fewer = cachefit.plan("tiny-llama", capacity="8MiB")                 # an earlier shard folder: replaced whole
+    shard_checkpoint(fewer, checkpoint(tmp_path), shards)
+    assert sorted(path.name for path in shards.iterdir()) == ["card-0.safetensors", "manifest.json"]
+    (shards / "notes.txt").write_text("mine")                            # the user's own file: never swapped away
+    with pytest.raises(cachefit.InputError, match="holds other files than shards"):
+        shard_checkpoint(fewer, checkpoint(tmp_path), shards)
+    assert (shards / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".shards")] == []   # no staging left
+
+
+def test_a_checkpoint_tensor_of_the_wrong_shape_is_refused_when_sharding(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = checkpoint(tmp_path)
+    tensors = load_file(path)
+    name = next(n for n in tensors if n.endswith("q_proj.weight"))
+    tensors[name] = tensors[name][:-1].clone()
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(cachefit.InputError, match=f"{name} has shape"):
+        shard_checkpoint(cachefit.plan("tiny-llama", capacity="2MiB"), path, tmp_path / "shards")
