@@ -215,12 +215,14 @@ def _culprit(processes: list[subprocess.Popen[bytes]], out: Path, timeout: float
     timeout while not waiting for a peer (it hung or was stopped; its peers, waiting for it, are bystanders),
     else the first rank that failed."""
     now, stalled = time.time(), []
-    for rank, process in enumerate(processes):
-        if process.poll() is not None:
-            continue
-        state, since = _progress(out, rank)
+    states = {rank: _progress(out, rank) for rank, process in enumerate(processes) if process.poll() is None}
+    # A rank is stuck when it has not moved for the timeout while a peer waits for it (its peers' receives would
+    # time out next), or for ten timeouts with nobody waiting (one long pass is not a hang).
+    waited_on = any(state == "w" for state, _ in states.values())
+    for rank, (state, since) in states.items():
         quiet = now - (since if since is not None else started)
-        if state not in ("w", "d") and quiet > timeout + (STARTUP_S if since is None else 0.0):
+        limit = (timeout if waited_on else 10 * timeout) + (STARTUP_S if since is None else 0.0)
+        if state not in ("w", "d") and quiet > limit:
             stalled.append((quiet, rank))
     if stalled:
         quiet, rank = max(stalled)
