@@ -160,7 +160,8 @@ def test_plan_with_tensor_groups_baseline_and_micro_batch(tmp_path: Path) -> Non
     code, stdout, _ = run("plan", "tiny-llama", "--capacity", "300KiB", "--format", "json")
     document = json.loads(stdout)
     assert code == 0 and {p["tensor_parallel"] for p in document["partitions"]} == {1, 4}
-    assert document["partitions"][1]["cards"] == [1, 2, 3, 4]
+    assert all(p["cards"] == list(range(p["card"], p["card"] + p["tensor_parallel"])) for p in document["partitions"])
+    assert document["partitions"][0]["layers"] == ["embed", "layers.0"]     # the embedding split by vocabulary too
     code, _, _ = run("plan", "tiny-llama", "--capacity", "300KiB", "--split", "never")
     assert code == 3
     # The baseline is built as asked and written, and says it does not fit on-chip (exit 3: not feasible).

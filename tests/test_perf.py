@@ -168,3 +168,14 @@ def test_allreduce_term_by_hand() -> None:
     assert stage.pass_s == pytest.approx(9.4e-3)
     collective = Rates(**{**vars_of(RATES), "collective_latency": 1e-4})     # per ring step, when measured
     assert predict_plan(plan, table, collective).stages[0].allreduce_s == pytest.approx(4 * (1e-4 + 2e-4))
+
+
+def test_allgather_term_by_hand() -> None:
+    # A vocab-parallel head of 2 cards: its 100 B of logits gathered once per pass, a ring all-gather:
+    # (t-1)/t x 100 B / 1 MB/s + (t-1) x 1 ms = 0.05 ms + 1 ms = 1.05 ms (half an all-reduce).
+    split = Split(2, 300, 0, 0, 0.0, 0, 0, 1)
+    layers = (Layer("body", 600, 100, 0, 0, 0.0, (), (), (Split(2, 300, 0),)),
+              Layer("head", 600, 100, 0, 0, 0.0, (), (), (split,)))
+    table = LayerTable("vocab", layers, input_bytes=100, batch=2, seq=4, phase="decode")
+    stage = predict_plan(make_baseline_plan(table, 10**6, 2, 1), table, RATES).stages[0]
+    assert stage.allreduce_s == pytest.approx(1.05e-3)

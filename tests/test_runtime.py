@@ -19,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 import cachefit  # noqa: E402
 from cachefit.cli import cli  # noqa: E402
@@ -181,6 +182,9 @@ def test_tensor_groups_match_the_unpartitioned_model(tmp_path: Path, model: str,
     # than the stage's whole tensors.
     manifest = json.loads((shards / "manifest.json").read_text())
     sizes = {card["card"]: card["bytes"] for card in manifest["cards"]}
+    # The embedding is vocab-parallel too: each card of the first group holds half of its rows.
+    first = load_file(str(shards / "card-0.safetensors"))
+    assert first["embed.weight"].shape[0] * 2 == presets()[model].spec.vocab
     assert manifest["cards"][0]["sha256"] != manifest["cards"][1]["sha256"]
     assert abs(sizes[0] - sizes[1]) < 4096
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from cachefit import api
 from cachefit.core.layers import Layer, LayerTable, Split
+from cachefit.core.memory import per_card_table
 from cachefit.core.records import Plan
 from cachefit.planning import make_baseline_plan, make_split_plan, parse_baseline
 from cachefit.sources import TorchOptions
@@ -172,8 +173,34 @@ def test_family_splits_divide_what_the_split_divides(preset: str) -> None:
                 if preset.startswith(("tiny-dense", "seed")):
                     assert share.weight_bytes * share.ways == layer.weight_bytes
                     assert share.kv_cache_bytes * share.ways == layer.kv_cache_bytes
-            else:
-                assert share.weight_bytes == layer.weight_bytes    # embedding and head: replicated
+            elif layer.name == "embed":         # vocab-parallel: the widths the blocks allow all divide V here
+                assert share.weight_bytes * share.ways == layer.weight_bytes and share.allreduces == 1
+            else:                               # the head's columns by vocabulary, then one all-gather
+                assert share.allgathers == 1 and share.weight_bytes <= layer.weight_bytes
+
+
+def test_vocab_parallel_embedding_and_head_by_hand() -> None:
+    # tiny-llama: V = 512, d = 128, float32 (p = 4), batch 2, decode (T = 2 tokens), head tied to the embedding.
+    table = api.load_model("tiny-llama")
+    embed, head = table.layers[0].split(2), table.layers[-1].split(2)
+    assert embed is not None and head is not None
+    # Embedding split 2 ways: 256 rows x 128 x 4 B = 131,072 B per card; the ids shifted, masked and clamped
+    # (8 + 1 + 8 B a token) = 34 B; one all-reduce of the T x d x p = 1,024 B output.
+    assert (embed.weight_bytes, embed.workspace_bytes, embed.allreduce_bytes, embed.allreduces) == (131072, 34,
+                                                                                                   1024, 1)
+    # Head: its final norm (128 x 4 B) of its own (tied); local logits b x V/2 x p = 2,048 B and the gathered
+    # pieces b x V x p = 4,096 B; 2 x b x d x V/2 = 131,072 FLOPs; one all-gather.
+    assert (head.weight_bytes, head.workspace_bytes, head.flops, head.allgathers) == (512, 6144, 131072.0, 1)
+    # On a card of a 2-wide group the tied embedding the head uses is the card's half of it.
+    card, _ = per_card_table(table, 2)
+    assert card.layers[-1].shared[0].bytes == 131072 == card.layers[0].weight_bytes
+
+
+def test_sram_chips_plan_mainstream_models_with_the_embedding_split() -> None:
+    # The 1,002 MiB embedding of Llama-3-8B fits no 220 MiB Groq LPU whole; split by vocabulary it does.
+    plan = api.plan("llama-3-8b", device="groq-lpu")
+    assert plan.feasible and plan.partitions[0].first == 0 and plan.partitions[0].tensor_parallel >= 5
+    assert plan.bottleneck_bytes <= plan.capacity_bytes[0]
 
 
 def test_baseline_plan_is_built_and_says_whether_it_fits() -> None:

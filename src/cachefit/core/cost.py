@@ -13,6 +13,7 @@ card of a stage of layers i..j split t ways (Williams et al. 2009, roofline):
 - all-reduce, on a group of t cards: each of a layer's ``allreduces`` (one per split matmul pair) is a ring
   all-reduce of its whole output, S bytes: 2(t-1)/t * S / link bandwidth + 2(t-1) step latencies (Patarasuk &
   Yuan 2009; the device's collective latency, else its link's);
+- all-gather, likewise (a vocab-parallel head gathers its logits): (t-1)/t * S / link bandwidth + (t-1) steps;
 - transfer = the stage's output to the next stage (token ids back to the first after the last layer) / link
   bandwidth + one link latency.
 Pure numpy: the same functions take one stage (floats) or every start of a stage at once (arrays).
@@ -31,8 +32,8 @@ from cachefit.core.hardware import Device, Figure
 from cachefit.core.layers import LayerTable
 from cachefit.core.spec import TOKEN_ID_BYTES
 
-__all__ = ["LayerCosts", "Rates", "StageTime", "allreduce_seconds", "layer_costs", "memory_seconds", "rates_of",
-           "stage_time", "work_seconds"]
+__all__ = ["LayerCosts", "Rates", "StageTime", "allgather_seconds", "allreduce_seconds", "layer_costs",
+           "memory_seconds", "rates_of", "stage_time", "work_seconds"]
 
 FloatArray = npt.NDArray[np.float64]
 _FLOPS_FIGURE = {"float32": "fp32_flops", "float16": "fp16_flops", "bfloat16": "fp16_flops",
@@ -111,6 +112,12 @@ def allreduce_seconds(size: float, ways: int, rates: Rates) -> float:
     return 2 * (ways - 1) / ways * size / rates.link_bandwidth + 2 * (ways - 1) * rates.step_latency
 
 
+def allgather_seconds(size: float, ways: int, rates: Rates) -> float:
+    """One ring all-gather into ``size`` bytes over ``ways`` cards: half an all-reduce's traffic and steps
+    (Thakur, Rabenseifner & Gropp 2005)."""
+    return allreduce_seconds(size, ways, rates) / 2
+
+
 @dataclass(frozen=True, slots=True)
 class LayerCosts:
     """Per layer, one pass on one card of a ``ways``-wide group: compute seconds, bytes moved (shared tensors
@@ -138,7 +145,8 @@ def layer_costs(table: LayerTable, rates: Rates, share: float = 1.0, tokens: int
         else:                   # weights and KV rows read; the input read and the output written, whole
             terms = (split.flops * share * tokens / rates.flops,
                      split.weight_bytes + split.kv_cache_bytes * share + 2 * size,
-                     split.allreduces * allreduce_seconds(size, ways, rates))
+                     split.allreduces * allreduce_seconds(size, ways, rates)
+                     + split.allgathers * allgather_seconds(size, ways, rates))
         for column, value in zip((compute, moved, allreduce), terms):
             column.append(value)
     cut = [send_seconds(table, index, share, tokens, rates) for index in range(len(table.layers))]

@@ -64,6 +64,7 @@ class Split:
     flops: _Flops = 0.0
     allreduce_bytes: Bytes = 0
     allreduces: Annotated[int, Field(ge=0)] = 0
+    allgathers: Annotated[int, Field(ge=0)] = 0     # all-gathers of the whole output (a vocab-parallel head's logits)
 
 
 @dataclass(frozen=True, slots=True)

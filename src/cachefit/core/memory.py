@@ -17,7 +17,7 @@ embedding) is added once to any partition holding one of its users but not its o
 from __future__ import annotations
 
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -213,16 +213,22 @@ def interval_cost(table: LayerTable, model: MemoryModel) -> IntervalCost:
 def per_card_table(table: LayerTable, ways: int) -> tuple[LayerTable, npt.NDArray[np.bool_]]:
     """What one card of a ``ways``-wide tensor group holds of each layer, and which layers allow that width (the
     others keep their whole sizes, and a plan must not give them that width). Output activations stay whole, so
-    the memory models apply unchanged; shared tensors are replicated whole."""
+    the memory models apply unchanged. A shared tensor is held per card as its owner holds it: whole, or (a tied
+    embedding that is vocab-parallel) the owner's share, min(tensor, owner's per-card weights), which keeps the
+    owner counting it and so footprints growing with the interval."""
     layers, allowed = [], []
+    owners: dict[str, int] = {}
     for layer in table.layers:
         share = layer.split(ways)
         allowed.append(share is not None)
         if share is None:
             layers.append(layer)
+            owners[layer.name] = layer.weight_bytes
             continue
+        shared = tuple(replace(s, bytes=min(s.bytes, owners.get(s.owner, s.bytes))) for s in layer.shared)
+        owners[layer.name] = share.weight_bytes
         layers.append(Layer(layer.name, share.weight_bytes, layer.activation_bytes, share.workspace_bytes,
-                            share.kv_cache_bytes, share.flops, layer.modules, layer.shared))
+                            share.kv_cache_bytes, share.flops, layer.modules, shared))
     card = LayerTable(table.name, tuple(layers), table.input_bytes, table.dtype, table.batch, table.seq,
                       table.phase, table.spec)
     return card, np.array(allowed, dtype=bool)

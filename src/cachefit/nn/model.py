@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional
 
 from cachefit.core.errors import InputError
-from cachefit.core.spec import DenseSpec, LlamaSpec, block_tensor
+from cachefit.core.spec import EMBED, HEAD, DenseSpec, LlamaSpec, block_tensor
 
 __all__ = ["TORCH_DTYPES", "KVCache", "ModelConfig", "Transformer", "build_model", "tensor_share",
            "tensor_unshare"]
@@ -40,8 +40,9 @@ class ModelConfig:
     kv_heads: int
     head_dim: int
     mlp_hidden: int
-    vocab: int
+    vocab: int                      # this card's rows of the embedding and columns of the head
     tie_embeddings: bool
+    vocab_ways: int = 1             # > 1: vocab-parallel embedding and head, over this many cards
 
     @classmethod
     def of(cls, spec: DenseSpec | LlamaSpec, tensor_parallel: int = 1) -> ModelConfig:
@@ -60,8 +61,12 @@ class ModelConfig:
         if self.heads % ways or self.mlp_hidden % ways or (self.kv_heads % ways and ways % self.kv_heads):
             raise InputError(f"a block of {self.heads} heads ({self.kv_heads} KV heads) and MLP width "
                              f"{self.mlp_hidden} cannot be split {ways} ways")
+        # The embedding and the head are vocab-parallel where the width divides the vocabulary (as the closed forms
+        # count them, sources/families.py), else whole on every card.
+        vocab_ways = ways if self.vocab and self.vocab % ways == 0 else 1
         return ModelConfig(self.family, self.layers, self.hidden, self.heads // ways, max(self.kv_heads // ways, 1),
-                           self.head_dim, self.mlp_hidden // ways, self.vocab, self.tie_embeddings)
+                           self.head_dim, self.mlp_hidden // ways, self.vocab // vocab_ways, self.tie_embeddings,
+                           vocab_ways)
 
     @property
     def llama(self) -> bool:
@@ -227,7 +232,12 @@ _SPLIT_DIMS = {"attn.q_proj.weight": (0, "heads"), "attn.k_proj.weight": (0, "kv
                "mlp.up_proj.weight": (0, "mlp"), "mlp.down_proj.weight": (1, "mlp")}
 
 
+_VOCAB_TENSORS = (f"{EMBED}.weight", f"{HEAD}.proj.weight")     # rows by vocabulary
+
+
 def _split_dim(name: str) -> tuple[int, str] | None:
+    if name in _VOCAB_TENSORS:
+        return 0, "vocab"
     inside = block_tensor(name)
     return None if inside is None else _SPLIT_DIMS.get(inside)
 
@@ -236,6 +246,8 @@ def _share_range(kind: str, full: ModelConfig, rank: int, ways: int) -> tuple[in
     """[start, stop) of card ``rank``'s rows or columns: its h/t heads, its KV heads (the one KV head it shares
     with ways/h_kv cards when ways > h_kv), or its f/t MLP columns."""
     local = full.share(ways)
+    if kind == "vocab":
+        return (rank * local.vocab, (rank + 1) * local.vocab) if local.vocab_ways > 1 else (0, full.vocab)
     if kind == "mlp":
         return rank * local.mlp_hidden, (rank + 1) * local.mlp_hidden
     if kind == "heads":

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cachefit.core.layers import LayerTable
+from cachefit.core.layers import Layer, LayerTable
 from cachefit.core.memory import Breakdown, IntervalCost, MemoryModel, breakdown, per_card_table
 from cachefit.core.units import format_size
 from cachefit.planning.algorithms import single_layer_footprints
@@ -33,7 +33,7 @@ def explain_oversized(table: LayerTable, model: MemoryModel, cost: IntervalCost,
     if len(oversized) > _SHOWN:
         lines.append(f"{len(oversized) - _SHOWN} more layers are over capacity too")
     worst = breakdown(table, model, oversized[0], oversized[0], cost.shared)
-    lines += _remedies(table, worst, capacity, larger_devices)
+    lines += _remedies(table, worst, capacity, larger_devices, oversized[0])
     return lines
 
 
@@ -50,15 +50,14 @@ def _layer_line(table: LayerTable, index: int, parts: Breakdown, capacity: int, 
 
 
 def _remedies(table: LayerTable, worst: Breakdown, capacity: int,
-              larger_devices: Sequence[tuple[str, int]]) -> list[str]:
+              larger_devices: Sequence[tuple[str, int]], index: int) -> list[str]:
     need = worst.footprint_bytes
     lines = [f"to fit: a card holding at least {format_size(need)} ({need} bytes)"
              + (f", e.g. {', '.join(name for name, _ in larger_devices[:4])}" if larger_devices else "")]
     if worst.weight_bytes > capacity:
-        cards = -(-worst.weight_bytes // capacity)
         lines.append(f"its weights alone ({format_size(worst.weight_bytes)}) exceed the card, so no batch or "
-                     f"sequence fits: split the layer across at least {cards} cards (tensor parallelism), "
-                     "or store the weights in a narrower dtype")
+                     f"sequence fits: {_split_remedy(table.layers[index], capacity)}, or store the weights in a "
+                     "narrower dtype")
         return lines
     scaling = worst.activation_bytes + worst.workspace_bytes + worst.kv_cache_bytes
     room = capacity - worst.weight_bytes
@@ -72,6 +71,21 @@ def _remedies(table: LayerTable, worst: Breakdown, capacity: int,
         lines.append(f"or a shorter sequence (now {table.seq}): activations, workspace and KV cache take "
                      f"{format_size(scaling)} of the layer and only {format_size(room)} is left after its weights")
     return lines
+
+
+def _split_remedy(layer: Layer, capacity: int) -> str:
+    """The width to split a layer at, from the widths its shapes allow (the ones the planner can use): the least
+    whose per-card weights fit, or why none does."""
+    needed = -(-layer.weight_bytes // capacity)
+    widths = sorted(s.ways for s in layer.splits)
+    fitting = [s.ways for s in sorted(layer.splits, key=lambda s: s.ways) if s.weight_bytes <= capacity]
+    if fitting:
+        return (f"split it across {fitting[0]} cards (a tensor group; its shapes allow widths "
+                f"{', '.join(map(str, widths))}), planned with split 'auto' or 'always'")
+    if widths:
+        return (f"even at its widest split ({widths[-1]} cards, the most its shapes allow) its weights per card "
+                f"exceed the card; it would need at least {needed} cards' worth of memory")
+    return f"its shapes allow no split (it would need at least {needed} cards' worth of memory)"
 
 
 def explain_too_few_cards(cards: int, capacity: int, best_bottleneck: int, fewest: int) -> list[str]:

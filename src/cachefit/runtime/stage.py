@@ -21,10 +21,14 @@ class Stage(nn.Module):
     follow the full model (``embed``, ``layers.N``, ``head``), so the shard's tensor names load as they are."""
 
     def __init__(self, spec: ModelSpec, part: Partition, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, group_rank: int = 0) -> None:
         super().__init__()
         config = ModelConfig.of(spec, part.tensor_parallel)
         self.config = config
+        # Vocab-parallel (config.vocab_ways > 1): this card's rows of the embedding and columns of the head.
+        self.vocab_start = group_rank * config.vocab if config.vocab_ways > 1 else 0
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] = _whole
+        self.gather: Callable[[torch.Tensor], torch.Tensor] = _whole
         names = set(part.modules or part.layers)
         with torch.device(device):
             self.embed = nn.Embedding(config.vocab, config.hidden) if EMBED in names else None
@@ -35,8 +39,11 @@ class Stage(nn.Module):
         self.first = part.first == 0
         self.last = self.head is not None
 
-    def set_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """The all-reduce that sums a tensor group's partial outputs (attention's and the MLP's)."""
+    def set_collectives(self, reduce: Callable[[torch.Tensor], torch.Tensor],
+                        gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """A tensor group's all-reduce (summing attention's, the MLP's and a vocab-parallel embedding's partial
+        outputs) and its all-gather (a vocab-parallel head's logits, in rank order along the vocabulary)."""
+        self.reduce, self.gather = reduce, gather
         for block in self.layers.values():
             assert isinstance(block, Block)
             block.reduce = reduce
@@ -57,7 +64,26 @@ class Stage(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, caches: dict[str, KVCache] | None, position: int) -> torch.Tensor:
-        hidden = self.embed(x) if self.embed is not None else x
+        hidden = self._embed(x) if self.embed is not None else x
         for index, block in self.layers.items():
             hidden = block(hidden, caches[index] if caches is not None else None, position)
-        return self.head(hidden) if self.head is not None else hidden
+        if self.head is None:
+            return hidden
+        logits = self.head(hidden)
+        return self.gather(logits) if self.config.vocab_ways > 1 else logits
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding, or (vocab-parallel) this card's rows of it: ids outside them look up zeros, and the
+        group's all-reduce sums the partial lookups (Megatron-LM's VocabParallelEmbedding)."""
+        assert self.embed is not None
+        if self.config.vocab_ways == 1:
+            return self.embed(ids)
+        local = ids - self.vocab_start
+        inside = (local >= 0) & (local < self.config.vocab)
+        found = self.embed(torch.where(inside, local, 0))
+        found.mul_(inside.unsqueeze(-1))
+        return self.reduce(found)
+
+
+def _whole(x: torch.Tensor) -> torch.Tensor:
+    return x

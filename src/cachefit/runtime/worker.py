@@ -107,6 +107,20 @@ class GroupReduce:
         return x
 
 
+class GroupGather:
+    """The all-gather of a vocab-parallel head's logits (each card's columns, in rank order)."""
+
+    def __init__(self, group: Any, ways: int, progress: Progress) -> None:
+        self.group, self.ways, self.progress = group, ways, progress
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        pieces = [torch.empty_like(x) for _ in range(self.ways)]
+        self.progress.mark(b"w")
+        dist.all_gather(pieces, x.contiguous(), group=self.group)
+        self.progress.mark(b"r")
+        return torch.cat(pieces, dim=-1)
+
+
 class Clock:
     """Seconds spent computing, waiting for a peer and finishing sends; a wait or send is marked as waiting."""
 
@@ -186,13 +200,13 @@ def _run(args: argparse.Namespace, rank: int, world: int, progress: Progress) ->
     progress.mark(b"r")
     place = _place(plan, rank)
     spec, dtype = plan_spec(plan.model), TORCH_DTYPES[str(plan.model.dtype)]
-    stage = Stage(spec, place.part, device, dtype).eval()
+    stage = Stage(spec, place.part, device, dtype, rank - place.part.card).eval()
     stage.load_shard(shard, f"card {rank}'s shard")
     # On CUDA: the stage's weights in one buffer, kept in L2 by a persisting access-policy window when they fit.
     residency = pin_weights_in_l2(flatten_weights(stage) if cuda else torch.empty(0))
     reduce = GroupReduce(place.group, progress)
     if place.group is not None:
-        stage.set_reduce(reduce)
+        stage.set_collectives(reduce, GroupGather(place.group, place.part.tensor_parallel, progress))
     batch, micro, seq = int(plan.model.batch or 1), args.micro_batches, int(plan.model.seq or 0)
     size = batch // micro
     # A decode plan counts one token per sequence per pass, and, when measured with --prefill-chunk C, a pass of C
@@ -211,7 +225,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, progress: Progress) ->
     memory = {"weights": tensor_bytes(list(stage.state_dict().values())), "kv_cache": tensor_bytes(
         [t for cache in caches.values() for t in (cache.keys, cache.values)]), "buffers": tensor_bytes(inbox),
         "transient_peak": transient}
-    outcome = _pipeline(args, place, stage, rows, inbox, prompts(stage.config.vocab, batch, args.prompt_len,
+    outcome = _pipeline(args, place, stage, rows, inbox, prompts(spec.vocab, batch, args.prompt_len,
                                                                  args.seed).to(device), size, chunk, Clock(progress))
     emits = stage.last and place.leader
     report = {"rank": rank, "card": rank, "first": place.part.first, "last": place.part.last,

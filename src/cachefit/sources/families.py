@@ -16,8 +16,9 @@ T = b*q tokens, d hidden size, h heads, h_kv KV heads, e head dim, f MLP hidden 
   h/t heads, K and V by h_kv/t KV heads, or one KV head per card when t > h_kv, which GQA then replicates), the MLP
   by f/t columns of its first matrices and rows of its last; norms whole. Per card: those weights, the KV cache of
   its KV heads, transients of its heads and columns; the output (T*d*p) is whole after two all-reduces of T*d*p
-  each. The embedding and the head are replicated whole on every card of a group. t must divide h and f, and
-  divide h_kv or be a multiple of it.
+  each. t must divide h and f, and divide h_kv or be a multiple of it. The embedding and the head take the same
+  widths, vocab-parallel where t divides V (Megatron's VocabParallelEmbedding: V/t rows per card, partial lookups
+  summed by one all-reduce; the head by V/t columns, its logits all-gathered), else whole on every card.
 - FLOPs: 2 per multiply-add of every matmul, 2*T*(matmul parameters) (Kaplan et al. 2020, sec. 2.1), plus
   attention's QK^T and PV, 4*b*h*q*s*e, counted in full as a naive implementation computes them.
 """
@@ -41,7 +42,7 @@ from cachefit.core.spec import (
     dtype_bytes,
 )
 
-__all__ = ["dense_table", "llama_table", "split_ways"]
+__all__ = ["dense_table", "llama_table", "split_ways", "vocab_parallel_workspace"]
 
 FLASH_KEY_BLOCK = 128
 
@@ -140,24 +141,47 @@ def _blocks(spec: DenseSpec | LlamaSpec, work: Workload, p: int, sublayers: bool
     return layers
 
 
-def _replicated(layer: Layer, ways: tuple[int, ...]) -> Layer:
-    """``layer`` (an embedding or a head) whole on every card of a group of any of ``ways``."""
-    splits = tuple(Split(t, layer.weight_bytes, layer.workspace_bytes, layer.kv_cache_bytes, layer.flops)
-                   for t in ways)
-    return Layer(layer.name, layer.weight_bytes, layer.activation_bytes, layer.workspace_bytes,
-                 layer.kv_cache_bytes, layer.flops, layer.modules, layer.shared, splits)
+def _embedding_share(vocab: int, d: int, work: Workload, p: int, ways: int) -> Split:
+    """One card's share of the embedding: vocab-parallel when t divides V (rows V/t, a partial lookup per card,
+    summed by one all-reduce of the T*d*p output; Megatron-LM's VocabParallelEmbedding, Shoeybi et al. 2019,
+    sec. 3), else the whole table on every card."""
+    if ways > 1 and vocab % ways == 0:
+        return Split(ways, vocab // ways * d * p, vocab_parallel_workspace(EMBED, work.tokens, work.batch, vocab, ways,
+                                                                          p), 0, 0.0, work.tokens * d * p, allreduces=1)
+    return Split(ways, vocab * d * p, 0)
 
 
-def _embedding(name: str, vocab: int, d: int, work: Workload, p: int, modules: tuple[str, ...]) -> Layer:
-    return Layer(name, vocab * d * p, work.tokens * d * p, 0, 0, 0.0, modules)
+def _head_share(vocab: int, d: int, norm_params: int, tied: bool, work: Workload, p: int, ways: int) -> Split:
+    """One card's share of the final norm and the LM head: vocab-parallel when t divides V (V/t columns, local
+    logits as workspace, then one all-gather of the b*V*p logits), else whole. A tied head counts the shared
+    embedding whole (layer ``shared``): an over-count by (t-1)/t of it, never an under-count."""
+    local = vocab // ways if ways > 1 and vocab % ways == 0 else vocab
+    own = norm_params + (0 if tied else local * d)
+    workspace = vocab_parallel_workspace(HEAD, work.tokens, work.batch, vocab, ways, p) if local < vocab else 0
+    return Split(ways, own * p, workspace, 0, float(2 * work.batch * d * local), allgathers=1 if local < vocab else 0)
 
 
-def _head(vocab: int, d: int, norm_params: int, tied: bool, work: Workload, p: int,
-          modules: tuple[str, ...], embed_name: str, embed_tensor: str) -> Layer:
+def vocab_parallel_workspace(layer: str, tokens: int, batch: int, vocab: int, ways: int, p: int) -> int:
+    """What a vocab-parallel layer holds beyond its input and output on one card (runtime/stage.py): the
+    embedding's shifted ids, their mask and the clamped ids (8 + 1 + 8 bytes a token; the lookup is masked in
+    place); the head's own logits (b*V/t) and the t gathered pieces (b*V) before they are joined into the output."""
+    if layer == EMBED:
+        return tokens * (2 * TOKEN_ID_BYTES + 1)
+    return batch * (vocab // ways) * p + batch * vocab * p
+
+
+def _embedding(vocab: int, d: int, work: Workload, p: int, ways: tuple[int, ...]) -> Layer:
+    whole = _embedding_share(vocab, d, work, p, 1)
+    return Layer(EMBED, whole.weight_bytes, work.tokens * d * p, 0, 0, 0.0, (EMBED,),
+                 splits=tuple(_embedding_share(vocab, d, work, p, t) for t in ways))
+
+
+def _head(vocab: int, d: int, norm_params: int, tied: bool, work: Workload, p: int, ways: tuple[int, ...]) -> Layer:
     """The final norm and the LM head; logits only for each sequence's last position (what generation needs)."""
-    own = norm_params + (0 if tied else vocab * d)
-    shared = (SharedTensor(embed_tensor, embed_name, vocab * d * p),) if tied else ()
-    return Layer(HEAD, own * p, work.batch * vocab * p, 0, 0, float(2 * work.batch * d * vocab), modules, shared)
+    whole = _head_share(vocab, d, norm_params, tied, work, p, 1)
+    shared = (SharedTensor(f"{EMBED}.weight", EMBED, vocab * d * p),) if tied else ()
+    return Layer(HEAD, whole.weight_bytes, work.batch * vocab * p, 0, 0, whole.flops, (HEAD,), shared,
+                 tuple(_head_share(vocab, d, norm_params, tied, work, p, t) for t in ways))
 
 
 def _check_dims(spec: DenseSpec | LlamaSpec, names: tuple[str, ...]) -> None:
@@ -191,12 +215,12 @@ def llama_table(spec: LlamaSpec, work: Workload, sublayers: bool = False) -> Lay
 
 def _with_embedding_and_head(block: list[Layer], spec: DenseSpec | LlamaSpec, d: int, norm_params: int,
                              work: Workload, p: int) -> list[Layer]:
-    """The embedding first and the head last, replicated on every card of a group of any width the blocks allow.
-    Module names are those of the reference implementation (cachefit.nn), whose checkpoints shards are cut from."""
+    """The embedding first and the head last, at every width the blocks allow (vocab-parallel where the width
+    divides the vocabulary). Module names are those of the reference implementation (cachefit.nn), whose
+    checkpoints shards are cut from."""
     ways = tuple(sorted({s.ways for layer in block for s in layer.splits}))
-    embed = _embedding(EMBED, spec.vocab, d, work, p, (EMBED,))
-    head = _head(spec.vocab, d, norm_params, spec.tie_embeddings, work, p, (HEAD,), EMBED, f"{EMBED}.weight")
-    return [_replicated(embed, ways), *block, _replicated(head, ways)]
+    return [_embedding(spec.vocab, d, work, p, ways), *block,
+            _head(spec.vocab, d, norm_params, spec.tie_embeddings, work, p, ways)]
 
 
 def _table(spec: DenseSpec | LlamaSpec, work: Workload, dtype: str, layers: list[Layer], input_bytes: int,

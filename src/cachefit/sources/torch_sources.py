@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from cachefit.core.errors import InputError
-from cachefit.core.layers import LayerTable, Split
-from cachefit.core.spec import ModelSpec, SpecRecord, Workload, block_index, dtype_bytes
+from cachefit.core.layers import Layer, LayerTable, Split
+from cachefit.core.spec import EMBED, HEAD, ModelSpec, SpecRecord, Workload, block_index, dtype_bytes
 from cachefit.nn.model import TORCH_DTYPES
-from cachefit.sources.families import split_ways
+from cachefit.sources.families import split_ways, vocab_parallel_workspace
 from cachefit.sources.hf import hf_table, read_hf_config
 from cachefit.sources.torch_profile import Granularity, profile_module
 
@@ -67,16 +67,28 @@ def _with_measured_splits(table: LayerTable, spec: ModelSpec, work: Workload, pr
     ways = split_ways(config.heads, config.kv_heads, config.mlp_hidden)
     shares = {t: _measure_with_chunk(spec, work, "block", prefill_chunk, t) for t in ways}
     p = dtype_bytes(work.dtype)[1]
+    tokens = work.batch * max(work.new_tokens, prefill_chunk or 1)
     layers = []
     for index, layer in enumerate(table.layers):
-        # A block all-reduces its attention and its MLP output (cachefit.nn Block.reduce); the rest is whole.
-        allreduces = 2 if block_index(layer.name) is not None else 0
-        splits = tuple(Split(t, share.layers[index].weight_bytes, share.layers[index].workspace_bytes,
-                             share.layers[index].kv_cache_bytes, share.layers[index].flops,
-                             allreduces * work.tokens * config.hidden * p, allreduces)
-                       for t, share in shares.items())
+        splits = tuple(_measured_split(layer.name, share.layers[index], t, config.vocab, tokens, work.batch,
+                                       config.hidden, p) for t, share in shares.items())
         layers.append(replace(layer, splits=splits))
     return replace(table, layers=tuple(layers))
+
+
+def _measured_split(name: str, share: Layer, ways: int, vocab: int, tokens: int, batch: int, hidden: int, p: int
+                    ) -> Split:
+    """A layer's split at ``ways`` from its measured share, with the collectives the runtime adds: a block
+    all-reduces its attention and MLP outputs (cachefit.nn Block.reduce); a vocab-parallel embedding its partial
+    lookups, a vocab-parallel head all-gathers its logits (runtime/stage.py), which the meta forward of the share
+    does not run, so their buffers are added as the closed form counts them."""
+    allreduces = 2 if block_index(name) is not None else 0
+    allgathers, extra = 0, 0
+    if name in (EMBED, HEAD) and vocab % ways == 0:
+        allreduces, allgathers = (1, 0) if name == EMBED else (0, 1)
+        extra = vocab_parallel_workspace(name, tokens, batch, vocab, ways, p)
+    return Split(ways, share.weight_bytes, share.workspace_bytes + extra, share.kv_cache_bytes, share.flops,
+                 allreduces * tokens * hidden * p, allreduces, allgathers)
 
 
 def _measure_pass(spec: ModelSpec, work: Workload, granularity: Granularity, tokens: int, ways: int = 1
