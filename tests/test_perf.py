@@ -70,11 +70,24 @@ def vars_of(rates: Rates) -> dict[str, object]:
     return {name: getattr(rates, name) for name in Rates.__slots__}
 
 
-def test_missing_figures_name_the_fix() -> None:
+def test_missing_figures_name_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "cards.toml").write_text('[bare]\nlabel = "Bare"\non_chip_bytes = 1000000\n'
+                                         'on_chip_bandwidth = 1e12\nlink_bandwidth = 1e9\n')
     with pytest.raises(ValueError, match=r"no fp16_flops figure.*devices_file"):   # the API speaks of parameters
-        rates_of(load_devices()["dmatrix-corsair"], "float16")
+        rates_of(load_devices(tmp_path / "cards.toml")["bare"], "float16")
     rates = rates_of(load_devices()["h100"], "bfloat16")
     assert rates.flops == 989e12 and rates.link_latency == 5e-6 and "(A)" in rates.sources["link_latency"]
+    # A rate the catalog lacks comes from the nearest one it lists, said as an assumption: d-Matrix lists FP8 only.
+    corsair = rates_of(load_devices()["dmatrix-corsair"], "float16")
+    assert corsair.flops == 1200e12 and "assumed 0.5 x fp8_flops" in corsair.sources["flops"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_predict_works_on_every_catalog_device(dtype: str) -> None:
+    plan = api.plan("tiny-llama", capacity="1MiB", dtype=dtype)
+    for name in api.devices():
+        ours, _ = api.predict(plan, device=name)
+        assert ours.decode_tokens_per_s > 0 and ours.sources["flops"], name
 
 
 def _brute_least_time(table: LayerTable, model: str, costs: LayerCosts, capacity: int, cards: int) -> float | None:
@@ -120,8 +133,10 @@ def test_predict_cli_with_the_baseline(tmp_path: Path) -> None:
     assert not document["prediction"]["stages"][0]["resident"]
     code, stdout, _ = run("predict", str(tmp_path / "p.json"), "--device", "h100")
     assert code == 0 and "decode TPOT ms" in stdout
-    code, _, stderr = run("predict", str(tmp_path / "p.json"))
-    assert code == 2 and "fp16_flops" in stderr and "--devices-file" in stderr   # the CLI of flags
+    code, stdout, _ = run("predict", str(tmp_path / "p.json"))          # d-Matrix: its FP16 rate assumed from FP8
+    assert code == 0 and "assumed 0.5 x fp8_flops" in stdout
+    code, _, stderr = run("predict", str(tmp_path / "p.json"), "--device", "nope")
+    assert code == 2 and "--devices-file" in stderr                      # the CLI of flags
 
 
 def test_plan_objective_time_cli() -> None:

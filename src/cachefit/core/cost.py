@@ -61,10 +61,10 @@ class Rates:
 
 def rates_of(device: Device, dtype: str | None, capacity_bytes: int | None = None) -> Rates:
     """The figures of ``device`` the model uses; a missing one is an InputError naming it and the fix."""
-    wanted = {"flops": _FLOPS_FIGURE.get(dtype or "float16", "fp16_flops"), "on_chip_bandwidth": "on_chip_bandwidth",
-              "link_bandwidth": "link_bandwidth"}
+    wanted = {"on_chip_bandwidth": "on_chip_bandwidth", "link_bandwidth": "link_bandwidth"}
     values: dict[str, float] = {}
     sources: dict[str, str] = {}
+    values["flops"], sources["flops"] = _flops(device, dtype)
     for key, figure_name in wanted.items():
         figure = device.figure(figure_name)
         if figure is None:
@@ -81,6 +81,26 @@ def rates_of(device: Device, dtype: str | None, capacity_bytes: int | None = Non
                  values["link_bandwidth"], latency.value if latency else 0.0,
                  capacity_bytes or device.capacity_bytes, sources, overlap.value >= 0.5 if overlap else True,
                  collective.value if collective else None)
+
+
+# Where a device lists no rate for the plan's element type, the nearest one it lists, scaled by the usual ratio
+# between them (FP32 half FP16's rate, FP16 half FP8's; FP8 no faster than FP16), said as an assumption.
+_FALLBACKS = {"fp32_flops": (("fp16_flops", 0.5), ("fp8_flops", 0.25)), "fp16_flops": (("fp8_flops", 0.5),),
+              "fp8_flops": (("fp16_flops", 1.0),)}
+
+
+def _flops(device: Device, dtype: str | None) -> tuple[float, str]:
+    name = _FLOPS_FIGURE.get(dtype or "float16", "fp16_flops")
+    figure = device.figure(name)
+    if figure is not None:
+        return figure.value, f"{name}: {figure.source} ({figure.kind})"
+    for other, scale in _FALLBACKS[name]:
+        found = device.figure(other)
+        if found is not None:
+            return found.value * scale, (f"{name}: assumed {scale:g} x {other} (the catalog lists no {name} for "
+                                         f"{device.name}; {other}: {found.source}) (A)")
+    raise InputError(f"device {device.name} has no {name} figure, which predict needs; add it with devices_file "
+                     "(or measure this host with cachefit calibrate)", parameters=("devices_file",))
 
 
 def _optional(device: Device, name: str, missing: str, sources: dict[str, str]) -> Figure | None:
