@@ -22,6 +22,7 @@ from cachefit.core.files import read_json_object
 from cachefit.core.layers import LayerTable
 from cachefit.core.spec import Workload, dtype_bytes
 from cachefit.nn.model import TORCH_DTYPES
+from cachefit.sources.hf_splits import with_tp_splits
 from cachefit.sources.torch_profile import Granularity, find_blocks, profile_module
 
 __all__ = ["hf_presets", "hf_table", "read_hf_config"]
@@ -53,9 +54,11 @@ def hf_table(config: dict[str, Any], name: str, work: Workload, granularity: Gra
     # (Mistral, Phi-3) keep only their window, which a formula from the config would miss.
     held = _cache_bytes(kwargs.get(_cache_argument(model))) if work.phase == "decode" else []
     index = {id(block): position for position, block in enumerate(blocks[1])} if blocks else {}
-    return profile_module(model, args, kwargs, name=name, batch=work.batch, seq=work.seq, phase=work.phase,
-                          dtype=dtype_bytes(work.dtype)[0], granularity=granularity,
-                          kv_cache_bytes=lambda module: held[index[id(module)]] if id(module) in index else 0)
+    table = profile_module(model, args, kwargs, name=name, batch=work.batch, seq=work.seq, phase=work.phase,
+                           dtype=dtype_bytes(work.dtype)[0], granularity=granularity,
+                           kv_cache_bytes=lambda module: held[index[id(module)]] if id(module) in index else 0)
+    # Tensor groups from the model's own tensor-parallel plan (blocks are the unit it is written for).
+    return with_tp_splits(table, model, hf_config) if granularity == "block" else table
 
 
 def _cache_bytes(cache: Any) -> list[int]:
