@@ -32,6 +32,7 @@ from cachefit.runtime.weights import plan_spec
 __all__ = ["INIT_VARIABLE", "RunOptions", "RunResult", "run_plan", "torchrun_command", "worker_command"]
 
 INIT_VARIABLE = "CACHEFIT_INIT_METHOD"   # how a rank started here meets its peers (a file store: no port)
+PROGRESS_VARIABLE = "CACHEFIT_PROGRESS_DIR"   # where ranks mark their progress (worker.Progress)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +142,9 @@ def run_plan(plan_file: str, weights: str, options: RunOptions,
     if options.nnodes > 1:
         raise InputError("a run across hosts starts on each host with the torchrun command (torchrun_command)",
                          parameters=("nnodes",))
-    with tempfile.TemporaryDirectory(prefix="cachefit-run-") as out:
+    with tempfile.TemporaryDirectory(prefix="cachefit-run-") as out, _progress_folder() as marks:
         command = worker_command(str(Path(plan_file).resolve()), str(Path(weights).resolve()), out, options)
-        log = _launch(command, Path(out), plan.cards, options, progress)
+        log = _launch(command, Path(out), Path(marks), plan.cards, options, progress)
         ranks = [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(plan.cards)]
         outputs = load_file(str(Path(out, "outputs.safetensors")))
     summary = summarise(ranks, int(plan.model.batch or 1), options.prompt_len, options.new_tokens)
@@ -161,11 +162,21 @@ def worker_command(plan_file: str, weights: str, out: str, options: RunOptions) 
             "--timeout", str(options.timeout), "--threads", str(options.threads)]
 
 
-def _spawn(command: list[str], out: Path, cards: int, options: RunOptions) -> list[subprocess.Popen[bytes]]:
+def _progress_folder() -> tempfile.TemporaryDirectory[str]:
+    """Memory-backed where the host has it (/dev/shm): a rank's mark then never waits on a disk's writeback of
+    the page it writes (marks on a disk-backed file made decode steps jitter by milliseconds here)."""
+    shm = Path("/dev/shm")
+    memory = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return tempfile.TemporaryDirectory(prefix="cachefit-progress-", dir=memory)
+
+
+def _spawn(command: list[str], out: Path, marks: Path, cards: int, options: RunOptions
+           ) -> list[subprocess.Popen[bytes]]:
     """Every rank, each in a session of its own, ending with this launcher. The ranks meet through a file store
     in the run's folder and talk over loopback only (gloo bound to ``lo``): nothing listens beyond this host."""
     base = {**os.environ, "OMP_NUM_THREADS": str(options.threads), "GLOO_SOCKET_IFNAME": "lo",
-            "WORLD_SIZE": str(cards), "LOCAL_WORLD_SIZE": str(cards), INIT_VARIABLE: f"file://{out / 'store'}"}
+            "WORLD_SIZE": str(cards), "LOCAL_WORLD_SIZE": str(cards), INIT_VARIABLE: f"file://{out / 'store'}",
+            PROGRESS_VARIABLE: str(marks)}
     log = (out / "log.txt").open("ab")
     try:
         return [subprocess.Popen(command, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log,
@@ -175,7 +186,7 @@ def _spawn(command: list[str], out: Path, cards: int, options: RunOptions) -> li
         log.close()
 
 
-def _launch(command: list[str], out: Path, cards: int, options: RunOptions,
+def _launch(command: list[str], out: Path, marks: Path, cards: int, options: RunOptions,
             progress: Callable[[float], None] | None) -> str:
     """Start every rank and watch them: a rank that fails, or makes no progress for the timeout (hung or
     stopped), ends the whole job, and the error names it."""
@@ -185,17 +196,17 @@ def _launch(command: list[str], out: Path, cards: int, options: RunOptions,
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        processes = _spawn(command, out, cards, options)
+        processes = _spawn(command, out, marks, cards, options)
         started = time.time()
         while any(process.poll() is None for process in processes):
             if progress is not None:
                 progress(time.monotonic())
-            culprit = _culprit(processes, out, options.timeout, started)
+            culprit = _culprit(processes, out, marks, options.timeout, started)
             if culprit is not None:
                 _stop(processes)
                 raise RunError(culprit)
             time.sleep(0.1)
-        culprit = _culprit(processes, out, options.timeout, started)
+        culprit = _culprit(processes, out, marks, options.timeout, started)
         if culprit is not None:
             raise RunError(culprit)
     except BaseException:
@@ -210,12 +221,13 @@ def _launch(command: list[str], out: Path, cards: int, options: RunOptions,
 STARTUP_S = 60.0     # before a rank first reports: the interpreter, torch, its shard (on a loaded host)
 
 
-def _culprit(processes: list[subprocess.Popen[bytes]], out: Path, timeout: float, started: float) -> str | None:
+def _culprit(processes: list[subprocess.Popen[bytes]], out: Path, marks: Path, timeout: float, started: float
+             ) -> str | None:
     """Why the run must end, naming the rank, or None while it goes on: a rank that made no progress for the
     timeout while not waiting for a peer (it hung or was stopped; its peers, waiting for it, are bystanders),
     else the first rank that failed."""
     now, stalled = time.time(), []
-    states = {rank: _progress(out, rank) for rank, process in enumerate(processes) if process.poll() is None}
+    states = {rank: _progress(marks, rank) for rank, process in enumerate(processes) if process.poll() is None}
     # A rank is stuck when it has not moved for the timeout while a peer waits for it (its peers' receives would
     # time out next), or for ten timeouts with nobody waiting (one long pass is not a hang).
     waited_on = any(state == "w" for state, _ in states.values())

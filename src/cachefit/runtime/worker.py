@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from cachefit.core.records import Partition, Plan
 from cachefit.nn.model import TORCH_DTYPES
-from cachefit.runtime.launch import INIT_VARIABLE
+from cachefit.runtime.launch import INIT_VARIABLE, PROGRESS_VARIABLE
 from cachefit.runtime.measure import PeakTracker, tensor_bytes
 from cachefit.runtime.residency import flatten_weights, pin_weights_in_l2
 from cachefit.runtime.shard import read_card
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _arguments(argv)
     watch_parent()
     rank = int(os.environ["RANK"])
-    progress = Progress(Path(args.out) / f"progress-rank{rank}")
+    progress = Progress(Path(os.environ.get(PROGRESS_VARIABLE, args.out)) / f"progress-rank{rank}")
     try:
         _run(args, rank, int(os.environ["WORLD_SIZE"]), progress)
         progress.mark(b"d")
