@@ -123,6 +123,8 @@ PLAN = [
     (("plan", "tiny-llama", "--capacity", "1GB", "--prefill-chunk", "4"), "use it with --measure"),
     (("plan", "tiny-llama", "--capacity", "1GB", "--input-bytes", "4"), "--input-bytes applies to CSV"),
     (("plan", "tiny-llama", "--capacity", "1GB", "--granularity", "leaf"), None),
+    (("plan", "tiny-llama", "--capacity", "100,20MB"), None),             # a card too small: left out, not a crash
+    (("plan", "tiny-llama", "--capacity", "1MB,2MB,3MB,4MB,5MB,6MB"), None),
     (("plan", "tiny-llama", "--capacity", "1GB", "--measure", "--granularity", "sublayer"), "with --measure use"),
     (("plan", "tiny-llama", "--capacity", "1GB", "--measure", "--attention", "flash"), "drop --attention"),
     (("plan", "tiny-llama", "--capacity", "1GB", "--measure", "--prefill-chunk", "9999"),

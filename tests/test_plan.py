@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,26 @@ def test_v1_plans_read_as_v2(name: str, made: Any, layout: str, objective: str, 
     assert old.feasible == document["feasible"] and old.model.spec == new.model.spec
     assert Plan.from_dict(json.loads(old.to_json())) == old          # and it is written back as v2
     assert old.to_dict()["schema"] == "cachefit.plan/v2"
+
+
+def test_a_card_too_small_for_the_next_layer_is_left_out() -> None:
+    # tiny-llama's embedding alone needs about 257 KiB: a first card of 100 B holds nothing, the second all.
+    plan = cachefit.plan("tiny-llama", capacity="100,20MB")
+    assert plan.feasible and plan.cards == 1 and plan.capacity_bytes == (20_000_000,)
+    assert "card 0 holds no layer" in plan.diagnosis[0] and "the given cards 1" in plan.diagnosis[0]
+    Plan.from_dict(json.loads(plan.to_json()))                        # and the plan reads back
+
+
+@given(tables(max_layers=6), st.sampled_from(["sum", "peak"]), st.lists(st.integers(1, 120), min_size=2, max_size=4))
+def test_plans_over_cards_of_different_sizes_match_enumeration(table: LayerTable, model: str,
+                                                               capacities: list[int]) -> None:
+    # Two or more capacities: cards in that order, any of them possibly left empty (one capacity means same-size
+    # cards, as many as needed). The plan keeps the cards that got layers and is as good as the best assignment.
+    expected = reference.best_ordered_fill(table, model, capacities)
+    plan = make_plan(table, capacities, memory_model=model)        # type: ignore[arg-type]
+    assert plan.feasible == (expected is not None)
+    if plan.feasible:
+        assert Plan.from_dict(json.loads(plan.to_json())) == plan
+        fills = [Fraction(p.footprint_bytes, plan.capacity_bytes[p.card]) for p in plan.partitions]
+        assert max(fills) == expected and all(fill <= 1 for fill in fills)
+        assert all(size in capacities for size in plan.capacity_bytes)

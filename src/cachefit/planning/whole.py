@@ -93,11 +93,24 @@ def _plan_ordered(table: LayerTable, cost: IntervalCost, capacities: tuple[int, 
         lines = diagnose.explain_order(table, cost, capacities, _ordered_reach(cost, capacities))
         return refused_plan(table, settings, capacities, lower_bound=lower_bound(cost, count), diagnosis=lines,
                             cards=count)
-    used = len(solution.lasts)
-    notes = () if used == len(capacities) else (
-        f"cards {used}..{len(capacities) - 1} are not needed: the first {used} hold every layer",)
-    return build_plan(table, settings, stages_of(solution.lasts), capacities[:used],
-                      lower_bound=lower_bound(cost, used), optimal=balanced, notes=notes)
+    # Next-fit in card order may leave a card empty (too small for the next layer) as well as trailing ones: the
+    # plan holds the cards that got layers, in order, and says which of the given ones it left out.
+    used = [card for card, last in enumerate(solution.lasts) if last > (solution.lasts[card - 1] if card else -1)]
+    lasts = [solution.lasts[card] for card in used]
+    return build_plan(table, settings, stages_of(lasts), [capacities[card] for card in used],
+                      lower_bound=lower_bound(cost, len(used)), optimal=balanced,
+                      notes=_unused_cards(used, len(capacities)))
+
+
+def _unused_cards(used: list[int], given: int) -> tuple[str, ...]:
+    if len(used) == given:
+        return ()
+    if used == list(range(len(used))):
+        return (f"cards {len(used)}..{given - 1} are not needed: the first {len(used)} hold every layer",)
+    left = [card for card in range(given) if card not in used]
+    which = f"card {left[0]} holds" if len(left) == 1 else f"cards {', '.join(map(str, left))} hold"
+    return (f"of the {given} cards given, {which} no layer (too small for the layer that came next, or not "
+            f"needed): the plan's cards 0..{len(used) - 1} are the given cards {', '.join(map(str, used))}",)
 
 
 def _ordered_reach(cost: IntervalCost, capacities: tuple[int, ...]) -> int:
