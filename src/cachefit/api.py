@@ -243,11 +243,7 @@ def run(plan_file: str | Path, weights: str | Path, options: RunOptions | None =
     ``options.check``; raises RunError naming the rank when one fails."""
     from cachefit.runtime.launch import RunOptions, run_plan
 
-    chosen = options or RunOptions()
-    if chosen.nnodes > 1:
-        raise InputError(f"nnodes={chosen.nnodes}: start the run on each host with the command torchrun_command "
-                         "gives (run starts single-host jobs)", parameters=("nnodes",))
-    return run_plan(str(plan_file), str(weights), chosen, progress)
+    return run_plan(str(plan_file), str(weights), options or RunOptions(), progress)
 
 
 def torchrun_command(plan_file: str | Path, weights: str | Path, options: RunOptions) -> list[str]:

@@ -9,6 +9,7 @@ import platform
 from datetime import date
 from typing import Any
 
+from cachefit.core.hardware import KIND_NAMES as _KINDS
 from cachefit.core.hardware import Device
 from cachefit.core.units import format_size
 
@@ -34,7 +35,6 @@ def _header(facts: dict[str, Any], claims: dict[str, tuple[float, float]]) -> st
             ".\n")
 
 
-_KINDS = {"V": "datasheet", "M": "measured", "3P": "third party", "A": "assumed", "user": "a devices file"}
 
 
 def _figure(device: Device, name: str, scale: float, unit: str) -> str:

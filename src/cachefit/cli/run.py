@@ -10,7 +10,6 @@ import click
 
 from cachefit import api
 from cachefit.cli._common import err, handle_errors, out
-from cachefit.core.errors import InputError
 from cachefit.core.files import atomic_write_text, check_output
 from cachefit.core.records import Plan
 from cachefit.output import report as report_
@@ -55,9 +54,6 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
     if report:
         check_output(report, "run report")
     options = RunOptions(prompt_len, new_tokens, micro_batches, seed, threads, timeout, check, nnodes, rdzv_endpoint)
-    if nnodes > 1 and not print_torchrun:
-        raise InputError(f"--nnodes {nnodes}: start the run on each host with the command --print-torchrun prints "
-                         "(this command runs single-host jobs)")
     if print_torchrun:
         command = shlex.join(api.torchrun_command(plan_file, weights, options))
         click.echo(command + "   # on each host, with --node-rank N")

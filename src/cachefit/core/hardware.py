@@ -24,9 +24,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["FIGURES", "Device", "Figure", "get_device", "load_devices"]
+__all__ = ["FIGURES", "KIND_NAMES", "Device", "Figure", "get_device", "load_devices"]
 
 FigureKind = Literal["V", "M", "3P", "A", "user"]
+KIND_NAMES: dict[str, str] = {"V": "datasheet", "M": "measured", "3P": "third party", "A": "assumed",
+                              "user": "a devices file"}
 FIGURES = ("on_chip_bytes", "usable_fraction", "on_chip_bandwidth", "off_chip_bytes", "off_chip_bandwidth",
            "fp32_flops", "fp16_flops", "fp8_flops", "link_bandwidth", "link_latency", "collective_latency", "overlap")
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cachefit.core.files import atomic_output
-from cachefit.core.hardware import Device
+from cachefit.core.hardware import KIND_NAMES, Device
 from cachefit.core.layers import LayerTable
 from cachefit.core.memory import breakdown, interval_cost
 from cachefit.core.records import CardSummary, Plan, RunSummary
@@ -99,8 +99,8 @@ def plan_table(plan: Plan) -> Table:
 
 
 def devices_table(devices: Iterable[Device]) -> Table:
-    view = Table(title="device catalog", caption="V datasheet, M measured, 3P third party, A assumed, user: "
-                 "yours; sources: cachefit devices --format json")
+    legend = ", ".join(f"{kind} {name}" for kind, name in KIND_NAMES.items())
+    view = Table(title="device catalog", caption=f"{legend}; sources: cachefit devices --format json")
     for header in ("name", "device", "on-chip", "usable", "plan capacity", "on-chip BW", "off-chip BW",
                    "FP16", "link"):
         view.add_column(header, justify="left" if header in ("name", "device") else "right")

@@ -137,11 +137,12 @@ def check_run(plan: Plan, weights: str | Path, options: RunOptions) -> None:
 def run_plan(plan_file: str, weights: str, options: RunOptions,
              progress: Callable[[float], None] | None = None) -> RunResult:
     """Run a plan on this host: one process per card, started here and watched (torchrun is for several hosts)."""
+    if options.nnodes > 1:
+        raise InputError(f"nnodes={options.nnodes}: a run across hosts starts on each host with the command "
+                         "print_torchrun gives (torchrun_command); this starts single-host runs",
+                         parameters=("nnodes", "print_torchrun"))
     plan = Plan.read(plan_file)
     check_run(plan, weights, options)
-    if options.nnodes > 1:
-        raise InputError("a run across hosts starts on each host with the torchrun command (torchrun_command)",
-                         parameters=("nnodes",))
     with tempfile.TemporaryDirectory(prefix="cachefit-run-") as out, _progress_folder() as marks:
         command = worker_command(str(Path(plan_file).resolve()), str(Path(weights).resolve()), out, options)
         log = _launch(command, Path(out), Path(marks), plan.cards, options, progress)

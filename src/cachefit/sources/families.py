@@ -202,12 +202,7 @@ def dense_table(spec: DenseSpec, work: Workload, sublayers: bool = False) -> Lay
 
 
 def llama_table(spec: LlamaSpec, work: Workload, sublayers: bool = False) -> LayerTable:
-    _check_dims(spec, ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab"))
-    if spec.heads % spec.kv_heads:
-        raise InputError(f"{spec.name}: heads ({spec.heads}) must be a multiple of kv_heads ({spec.kv_heads})")
-    if not spec.head_dim and spec.hidden % spec.heads:
-        raise InputError(f"{spec.name}: hidden ({spec.hidden}) must be a multiple of heads ({spec.heads}), "
-                         "or give head_dim")
+    _check_dims(spec, ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab"))   # shapes: LlamaSpec
     dtype, p = dtype_bytes(work.dtype)
     layers = _with_embedding_and_head(_blocks(spec, work, p, sublayers), spec, spec.hidden, spec.hidden, work, p)
     return _table(spec, work, dtype, layers, work.tokens * TOKEN_ID_BYTES, sublayers)

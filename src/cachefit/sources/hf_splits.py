@@ -53,8 +53,11 @@ def with_tp_splits(table: LayerTable, model: nn.Module, hf_config: Any) -> Layer
                        _module_name(model, causal.get_input_embeddings()),
                        _module_name(model, causal.get_output_embeddings()), kv_heads,
                        int(getattr(text, "vocab_size", 0) or 0), table)
-    layers = tuple(replace(layer, splits=tuple(context.split(layer, t) for t in widths)) for layer in table.layers)
-    return replace(table, layers=layers)
+    layers = []
+    for layer in table.layers:
+        styled = context.styled(layer)                  # its parameters and their styles, found once per layer
+        layers.append(replace(layer, splits=tuple(context.split(layer, styled, t) for t in widths)))
+    return replace(table, layers=tuple(layers))
 
 
 def _rules(plan: dict[str, str], prefix: str) -> list[tuple[re.Pattern[str], str]]:
@@ -78,17 +81,19 @@ class _Context:
         self.rules, self.parameters, self.embed, self.head = rules, parameters, embed, head
         self.kv_heads, self.vocab, self.table = kv_heads, vocab, table
 
-    def split(self, layer: Layer, ways: int) -> Split:
+    def styled(self, layer: Layer) -> list[tuple[str, nn.Parameter, str | None]]:
+        """The layer's own parameters, each with the plan's style for it (None: not in the plan)."""
+        prefixes = tuple(module + "." for module in layer.modules)
+        return [(name, p, self._style(name)) for name, p in self.parameters.items() if name.startswith(prefixes)]
+
+    def split(self, layer: Layer, styled: list[tuple[str, nn.Parameter, str | None]], ways: int) -> Split:
         if self.embed is not None and self.embed in layer.modules:
             return self._vocab_split(layer, ways, self.embed, EMBED)
         if self.head is not None and self.head in layer.modules:
             return self._vocab_split(layer, ways, self.head, HEAD)
-        own = [(name, p) for name, p in self.parameters.items()
-               if any(name.startswith(module + ".") for module in layer.modules)]
-        styled = [(name, p, self._style(name)) for name, p in own]
         if not any(style in _COLWISE + _ROWWISE for _, _, style in styled):
             return Split(ways, layer.weight_bytes, layer.workspace_bytes, layer.kv_cache_bytes, layer.flops)
-        whole = sum(p.numel() * p.element_size() for _, p in own)
+        whole = sum(p.numel() * p.element_size() for _, p, _ in styled)
         shared = sum(self._share(name, p, style, ways) for name, p, style in styled)
         local_kv = max(self.kv_heads // ways, 1)
         reduced = {name.rsplit(".", 1)[0] for name, _, style in styled if style in _ROWWISE}

@@ -38,8 +38,11 @@ def least_time(cost: IntervalCost, costs: LayerCosts, capacity: int, cards: int)
     best = np.full((cards + 1, n + 1), np.inf)
     best[0, 0] = 0.0
     choice = np.zeros((cards + 1, n + 1), dtype=np.int64)
+    # Prefix sums of each per-layer term, once: a stage's term is a difference of two of them.
+    prefixes = tuple(np.concatenate(([0.0], np.cumsum(term))) for term in (costs.compute, costs.moved,
+                                                                              costs.allreduce))
     for end in range(1, n + 1):
-        seconds = _stages_ending_at(cost, costs, end - 1, capacity)
+        seconds = _stages_ending_at(cost, costs, prefixes, end - 1, capacity)
         for used in range(1, min(cards, end) + 1):
             candidates = np.maximum(best[used - 1, :end], seconds)
             start = int(np.argmin(candidates))
@@ -57,15 +60,13 @@ def least_time(cost: IntervalCost, costs: LayerCosts, capacity: int, cards: int)
     return TimedSolution(tuple(lasts), tuple(t.pass_s + t.transfer_s for t in times))
 
 
-def _stages_ending_at(cost: IntervalCost, costs: LayerCosts, last: int, capacity: int) -> npt.NDArray[np.float64]:
+def _stages_ending_at(cost: IntervalCost, costs: LayerCosts, prefixes: tuple[npt.NDArray[np.float64], ...],
+                      last: int, capacity: int) -> npt.NDArray[np.float64]:
     """T(first, last) for every first <= last (inf where the stage does not fit ``capacity``)."""
     footprints = cost.footprints_ending_at(last)
-    window = slice(None, last + 1)
-    moved = np.cumsum(costs.moved[window][::-1])[::-1]
+    compute, moved, allreduce = (prefix[last + 1] - prefix[:last + 1] for prefix in prefixes)
     if cost.shared:
         moved = moved + np.array([cost.shared_bytes(first, last) for first in range(last + 1)], dtype=np.float64)
-    compute = np.cumsum(costs.compute[window][::-1])[::-1]
-    allreduce = np.cumsum(costs.allreduce[window][::-1])[::-1]
     seconds = work_seconds(compute, memory_seconds(moved, footprints, costs.rates), costs.rates.overlap)
     seconds = np.asarray(seconds) + allreduce + costs.cut[last]
     return np.where(footprints <= capacity, seconds, np.inf)
