@@ -85,10 +85,6 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in build_model(spec, device="meta").state_dict().items()}
 
 
-def checkpoint_dtype(info: Mapping[str, Any]) -> torch.dtype:
-    return TORCH_DTYPES[str(info["dtype"])]
-
-
 def plan_spec(model: ModelInfo) -> ModelSpec:
     """The reference model a plan's model record names; InputError for plans of tables or torch/HF profiles."""
     if model.spec is None:
