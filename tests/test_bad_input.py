@@ -45,6 +45,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                          "def needs(x):\n    return x\n\ndef exits():\n    sys.exit(3)\n\n"
                                          "not_callable = 7\n")
     (folder / "syntax_error.py").write_text("def broken(:\n")
+    (folder / "deployment-no-seq.toml").write_text('[[deployment]]\nname = "x"\nmodel = "llama-2-7b"\n'
+                                                   'device = "groq-lpu"\ndtypes = ["int8"]\n')
     _corrupt_files(folder)
     return folder
 
@@ -176,6 +178,13 @@ OTHER = [
     (("init-weights", "{files}/gqa.toml", "--out", "{files}/w.safetensors"), "must be a multiple of kv_heads"),
     (("init-weights", "tiny-llama", "--out", "{files}/nodir/w.safetensors"), "does not exist"),
     (("init-weights", "hf/gpt2", "--out", "{files}/w.safetensors"), "expected a preset"),
+    (("init-weights", "mixtral-8x7b", "--out", "{files}/w.safetensors"), "dense MLPs only"),
+    (("plan", "tiny-llama", "--capacity", "1MiB", "--experts", "parallel"), "not one"),
+    (("plan", "hf/llama-3-8b", "--device", "groq-lpu", "--experts", "parallel"), "no mixture-of-experts model"),
+    (("deployments", "-o", "{files}/nodir/d.md"), "does not exist"),
+    (("deployments", "-o", "{files}/d.md", "--deployments-file", "{files}/fifo.toml"), "not a regular file"),
+    (("deployments", "-o", "{files}/d.md", "--deployments-file", "{files}/devices.toml"), "[[deployment]]"),
+    (("deployments", "-o", "{files}/d.md", "--deployments-file", "{files}/deployment-no-seq.toml"), "seq"),
     (("calibrate", "-o", "{files}/nodir/host.toml"), "does not exist"),
     (("calibrate", "-o", "{files}/host.toml", "--name", 'x"]\n[y'), "--name must be a plain device name"),
     (("shard", "{files}/nothing.json", "{files}/w.safetensors", "--out", "{files}/s"), "cannot read plan"),

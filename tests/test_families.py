@@ -99,3 +99,50 @@ def test_options_do_not_apply_to_fixed_tables(tmp_path: Path) -> None:
     load_model("tiny-llama").write(path)
     with pytest.raises(ValueError, match=r"batch: layer table .* has fixed sizes"):
         load_model(path, batch=2)
+
+
+# Meta's and Mistral AI's published parameter counts (config.json dimensions; the model cards' totals).
+PUBLISHED_PARAMETERS = {"llama-2-7b": 6_738_415_616, "llama-2-70b": 68_976_648_192, "llama-3.1-8b": 8_030_261_248,
+                        "llama-3.1-70b": 70_553_706_496, "mixtral-8x7b": 46_702_792_704}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
+def test_deployment_presets_have_their_published_size(name: str) -> None:
+    table = load_model(name, dtype="bfloat16")
+    assert sum(layer.weight_bytes for layer in table.layers) == 2 * PUBLISHED_PARAMETERS[name]
+
+
+def _moe_spec(tmp_path: Path) -> Path:
+    spec = tmp_path / "moe.toml"
+    spec.write_text('family = "llama"\nname = "tiny-moe"\nlayers = 2\nhidden = 64\nheads = 4\nkv_heads = 2\n'
+                    'ffn_hidden = 96\nvocab = 100\nexperts = 4\nexperts_per_token = 2\n[workload]\nbatch = 2\n'
+                    'seq = 32\nphase = "decode"\ndtype = "float32"\n')
+    return spec
+
+
+def test_mixture_of_experts_block_by_hand(tmp_path: Path) -> None:
+    # hidden 64, 4 heads of 16, 2 KV heads; 4 SwiGLU experts of width 96, 2 a token; fp32, decode, batch 2, seq 32.
+    table = load_model(_moe_spec(tmp_path), attention="flash")
+    block = table.layers[1]
+    attention = 64 * 64 + 2 * 32 * 64 + 64 * 64                      # q, k and v (2 KV heads of 16), o
+    experts, router, norms = 4 * 3 * 64 * 96, 64 * 4, 2 * 64
+    assert block.weight_bytes == (attention + experts + router + norms) * 4
+    # 2 tokens x 2 routes: gathered inputs (64) and gate-up outputs (2 x 96) each; flash attention's tile is
+    # 2 x 4 heads x 1 x 32 keys x 4 B = 1,024 B, smaller.
+    assert block.workspace_bytes == 2 * 2 * (64 + 2 * 96) * 4
+    assert block.flops == 2 * 2 * attention + 4 * 2 * 4 * 32 * 16 + 2 * 4 * 3 * 64 * 96 + 2 * 2 * router
+    two = block.split(2)
+    assert two is not None and two.weight_bytes == (attention // 2 + experts // 2 + router + norms) * 4
+    assert two.allreduces == 2 and two.kv_cache_bytes * 2 == block.kv_cache_bytes
+
+
+def test_mixture_of_experts_is_refused_where_it_cannot_be_built(tmp_path: Path) -> None:
+    from cachefit.core.errors import InputError
+    from cachefit.sources import TorchOptions
+
+    with pytest.raises(InputError, match=r"reference model .* dense MLPs only"):
+        load_model(_moe_spec(tmp_path), torch_options=TorchOptions(measure=True))
+    bad = tmp_path / "bad.toml"
+    bad.write_text(_moe_spec(tmp_path).read_text().replace("experts = 4\n", ""))
+    with pytest.raises(InputError, match=r"experts_per_token .* between 1 and experts"):
+        load_model(bad)

@@ -127,3 +127,62 @@ def test_hugging_face_profiles_plan_on_sram_chips_near_their_closed_forms() -> N
     closed = api.plan("llama-3-8b", device="groq-lpu", seq=8192, batch=1, dtype="bfloat16")
     assert hf_plan.feasible and closed.feasible and hf_plan.layout == "groups"
     assert closed.cards <= hf_plan.cards <= 1.2 * closed.cards
+
+
+def _tiny_mixtral(tmp_path: Path) -> Path:
+    # hidden 64, 4 heads of 16, 2 KV heads; 4 experts of width 96, 2 a token; vocab 100.
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "vocab_size": 100}))
+    return tmp_path
+
+
+def test_mixtral_in_float32_profiles_on_meta_as_its_family(tmp_path: Path) -> None:
+    # The grouped-mm experts' meta function admits bf16 only; the CPU kernel takes float32 (a crash before).
+    table = load_model(_tiny_mixtral(tmp_path), batch=2, seq=32, dtype="float32")
+    spec = LlamaSpec("tiny", layers=2, hidden=64, heads=4, kv_heads=2, ffn_hidden=96, vocab=100, experts=4,
+                     experts_per_token=2)
+    family = llama_table(spec, Workload(batch=2, seq=32, phase="decode", dtype="float32", attention="flash"))
+    assert [x.weight_bytes for x in table.layers[1:3]] == [x.weight_bytes for x in family.layers[1:3]]
+    assert [x.kv_cache_bytes for x in table.layers] == [x.kv_cache_bytes for x in family.layers[:3]] + [0, 0]
+
+
+def test_expert_parallel_splits_from_the_models_own_ep_plan(tmp_path: Path) -> None:
+    from cachefit.sources import TorchOptions
+
+    folder = _tiny_mixtral(tmp_path)
+    tensor = load_model(folder, batch=2, seq=32, dtype="float32").layers[1]
+    parallel = load_model(folder, batch=2, seq=32, dtype="float32",
+                          torch_options=TorchOptions(experts="parallel")).layers[1]
+    # Widths: the tensor split's (t | 4 heads, t | 96, 2 KV heads | t: 2, 4) that also divide the 4 experts.
+    assert [s.ways for s in parallel.splits] == [2, 4]
+    two, four = parallel.split(2), parallel.split(4)
+    assert two is not None and four is not None and (two.experts, four.experts) == (2, 1)
+    # t = 2: q 64x64/2, k and v one KV head (16x64) each, o 64x64/2; 2 of the 4 experts whole (3 x 64 x 96 each);
+    # the router (4 x 64) and the two norms whole: 43,392 parameters x 4 B -- what the tensor split holds too.
+    assert two.weight_bytes == (2048 + 1024 + 1024 + 2048 + 2 * 3 * 64 * 96 + 256 + 128) * 4
+    assert two.weight_bytes == tensor.split(2).weight_bytes  # type: ignore[union-attr]
+    # Every card runs its experts over the whole batch (AllReduceEP): the block's transients whole, plus per
+    # token and route a bool, an int64 and a float32 weight (2 tokens x 2 routes x 13 B).
+    assert two.workspace_bytes == four.workspace_bytes == parallel.workspace_bytes + 2 * 2 * 13
+    assert two.allreduces == 2 and two.kv_cache_bytes * 2 == parallel.kv_cache_bytes
+    assert tensor.split(2).experts == 0  # type: ignore[union-attr]
+
+
+def test_expert_parallel_plans_round_trip(tmp_path: Path) -> None:
+    from cachefit import api
+    from cachefit.core.layers import LayerTable
+    from cachefit.sources import TorchOptions
+
+    table = load_model(_tiny_mixtral(tmp_path), batch=2, seq=32, dtype="float32",
+                       torch_options=TorchOptions(experts="parallel"))
+    path = tmp_path / "table.json"
+    table.write(path)
+    again = LayerTable.read(path)
+    assert again == table and again.layers[1].split(4).experts == 1  # type: ignore[union-attr]
+    block = table.layers[1].split(4)
+    assert block is not None
+    plan = api.plan(again, capacity=block.weight_bytes + block.workspace_bytes + block.kv_cache_bytes + 4096,
+                    split="always")
+    assert plan.feasible and max(p.tensor_parallel for p in plan.partitions) == 4

@@ -10,6 +10,7 @@ import click
 from cachefit import __version__
 from cachefit.cli.calibrate import calibrate_command
 from cachefit.cli.demo import demo_command
+from cachefit.cli.deployments import deployments_command
 from cachefit.cli.devices import devices_command
 from cachefit.cli.export import export_command
 from cachefit.cli.plan import plan_command
@@ -62,12 +63,14 @@ def cli() -> None:
       cachefit plan llama-3-8b --device dmatrix-corsair
       cachefit predict plan.json                speed per stage and end to end, analytically
       cachefit init-weights, shard, run         run a plan on one process per card (see cachefit run --help)
+      cachefit deployments                      public SRAM deployments beside cachefit's plans
       cachefit demo                             all of it on a bundled model
     """
 
 
 for command in (devices_command, profile_command, plan_command, predict_command, export_command, init_weights_command,
-                shard_command, run_command, calibrate_command, seed_report_command, demo_command):
+                shard_command, run_command, calibrate_command, seed_report_command, deployments_command,
+                demo_command):
     cli.add_command(command)
 
 

@@ -105,6 +105,9 @@ def model_options(function: F) -> F:
                           "so cachefit run sends prompts in such chunks."),
         click.option("--input-shape", help="package.module:factory without example inputs: e.g. 1,128."),
         click.option("--input-dtype", default="int64", show_default=True, help="dtype of --input-shape's tensor."),
+        click.option("--experts", type=click.Choice(["tensor", "parallel"]), default="tensor", show_default=True,
+                     help="Hugging Face mixture-of-experts models in tensor groups: every expert split across the "
+                          "group's cards (tensor), or whole experts, E/t a card (parallel: the model's ep_plan)."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -123,7 +126,8 @@ def model_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
         raise InputError(f"--input-shape must be positive integers joined by commas, e.g. 1,128; got {shape_text!r}")
     arguments["torch_options"] = TorchOptions(granularity=kwargs.pop("granularity"), input_shape=shape,
                                               input_dtype=kwargs.pop("input_dtype"), measure=kwargs.pop("measure"),
-                                              prefill_chunk=kwargs.pop("prefill_chunk"))
+                                              prefill_chunk=kwargs.pop("prefill_chunk"),
+                                              experts=kwargs.pop("experts"))
     return arguments
 
 

@@ -65,6 +65,7 @@ class Split:
     allreduce_bytes: Bytes = 0
     allreduces: Annotated[int, Field(ge=0)] = 0
     allgathers: Annotated[int, Field(ge=0)] = 0     # all-gathers of the whole output (a vocab-parallel head's logits)
+    experts: Annotated[int, Field(ge=0)] = 0        # whole experts a card holds (expert parallel); 0: not so
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +203,9 @@ def _layer_dict(layer: Layer) -> dict[str, Any]:
     if layer.shared:
         document["shared"] = [{"tensor": s.tensor, "owner": s.owner, "bytes": s.bytes} for s in layer.shared]
     if layer.splits:
-        document["splits"] = [asdict(s) for s in layer.splits]
+        # A field at its default is left out (``experts`` came later: older tables keep their fingerprints).
+        document["splits"] = [{key: value for key, value in asdict(s).items() if key != "experts" or value}
+                              for s in layer.splits]
     return document
 
 

@@ -125,7 +125,9 @@ class DenseSpec:
 
 @dataclass(frozen=True, slots=True)
 class LlamaSpec:
-    """Llama-style decoder: GQA attention, SwiGLU MLP, RMSNorm, embedding and head (tied or not)."""
+    """Llama-style decoder: GQA attention, SwiGLU MLP, RMSNorm, embedding and head (tied or not). With ``experts``
+    > 0 the MLP is a mixture of that many SwiGLU experts of width ``ffn_hidden`` behind a linear router, each token
+    taking ``experts_per_token`` of them (Mixtral: Jiang et al. 2024, sec. 2.1)."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")
     name: Annotated[str, Field(min_length=1)]
@@ -137,9 +139,15 @@ class LlamaSpec:
     vocab: _Positive
     head_dim: _Dim = 0          # 0: hidden // heads
     tie_embeddings: bool = False
+    experts: _Dim = 0           # 0: a dense MLP
+    experts_per_token: _Dim = 0
 
     def __post_init__(self) -> None:
         """Attention's shapes must divide (checked wherever a spec is made: a file, a record, a checkpoint)."""
+        if isinstance(self.experts, int) and isinstance(self.experts_per_token, int) and (
+                not 1 <= self.experts_per_token <= self.experts if self.experts else self.experts_per_token):
+            raise InputError(f"{self.name}: experts_per_token ({self.experts_per_token}) must be between 1 and "
+                             f"experts ({self.experts}), and 0 without experts")
         if isinstance(self.heads, int) and isinstance(self.kv_heads, int) and self.kv_heads and (
                 self.heads % self.kv_heads):
             raise InputError(f"{self.name}: heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
@@ -190,7 +198,11 @@ class SpecRecord:
         return family_of(self.spec)
 
     def to_dict(self) -> dict[str, Any]:
-        document: dict[str, Any] = {"family": self.family, **asdict(self.spec), "attention": self.attention}
+        fields = asdict(self.spec)
+        for later in ("experts", "experts_per_token"):      # left out at 0: older tables keep their fingerprints
+            if not fields.get(later, 1):
+                fields.pop(later)
+        document: dict[str, Any] = {"family": self.family, **fields, "attention": self.attention}
         if self.sublayers:
             document["sublayers"] = True
         if self.measured:

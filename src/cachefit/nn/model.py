@@ -50,6 +50,9 @@ class ModelConfig:
         if isinstance(spec, DenseSpec):
             full = cls("dense", spec.layers, spec.model_dim, spec.heads, spec.heads, spec.head_dim,
                        spec.mlp_hidden, spec.vocab, spec.tie_embeddings)
+        elif spec.experts:
+            raise InputError(f"{spec.name} is a mixture of experts: cachefit plans and predicts it, but its "
+                             "reference model (for --measure, init-weights, shard and run) has dense MLPs only")
         else:
             full = cls("llama", spec.layers, spec.hidden, spec.heads, spec.kv_heads, spec.dim_per_head,
                        spec.ffn_hidden, spec.vocab, spec.tie_embeddings)

@@ -48,6 +48,7 @@ class TorchOptions:
     input_dtype: str = "int64"
     measure: bool = False
     prefill_chunk: int | None = None
+    experts: Literal["tensor", "parallel"] = "tensor"   # HF mixture-of-experts: experts split, or placed whole
 
 
 HF_WORKLOAD = Workload(batch=1, seq=4096, phase="decode", dtype="bfloat16")
@@ -89,9 +90,14 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     if (options.measure or options.prefill_chunk) and not (suffix == ".toml" or text in presets()):
         raise InputError("measure and prefill_chunk apply to presets and .toml specs (torch models and Hugging "
                          "Face configs are always measured)", parameters=("measure", "prefill_chunk"))
+    is_hf = (path.is_dir() and (path / "config.json").exists()) or _is_hf_config(path) or text in hf_preset_names()
+    if options.experts != "tensor" and not is_hf:
+        raise InputError("experts='parallel' is for Hugging Face mixture-of-experts configs (such as "
+                         "hf/mixtral-8x7b); this model is not one", parameters=("experts",))
     if (path.is_dir() and (path / "config.json").exists()) or _is_hf_config(path):
         table: LayerTable = _torch().profile_hf(path, path.stem if path.is_file() else path.name,
-                                                replace(HF_WORKLOAD, **chosen), _torch_granularity(options))
+                                                replace(HF_WORKLOAD, **chosen), _torch_granularity(options),
+                                                options.experts)
         return table
     if suffix in (".json", ".csv"):
         return _load_table_file(path, input_bytes, chosen)
@@ -103,7 +109,7 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     if text in hf_preset_names():
         from cachefit.sources.hf import hf_presets
         table = _torch().profile_hf(hf_presets()[text], text, replace(HF_WORKLOAD, **chosen),
-                                    _torch_granularity(options))
+                                    _torch_granularity(options), options.experts)
         return table
     if _FACTORY.match(text):
         _refuse_options({k: v for k, v in chosen.items() if k != "phase"}, f"factory {text}")

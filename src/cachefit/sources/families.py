@@ -19,6 +19,11 @@ T = b*q tokens, d hidden size, h heads, h_kv KV heads, e head dim, f MLP hidden 
   each. t must divide h and f, and divide h_kv or be a multiple of it. The embedding and the head take the same
   widths, vocab-parallel where t divides V (Megatron's VocabParallelEmbedding: V/t rows per card, partial lookups
   summed by one all-reduce; the head by V/t columns, its logits all-gathered), else whole on every card.
+- Mixture of experts (Mixtral, Jiang et al. 2024, sec. 2.1): E SwiGLU experts of width f behind a d x E router,
+  each token routed to k of them. Weights: E*3*d*f + d*E (+ the norm); split t ways, every expert by f/t columns
+  (Megatron-style, as transformers' tp_plan splits them), the router whole. Workspace: the T*k routed slots'
+  gathered inputs and gate-up outputs, T*k*(d + 2*f/t)*p (transformers' grouped-mm experts). FLOPs: 2*T*k*3*d*f/t
+  for the experts a token takes, 2*T*d*E for the router.
 - FLOPs: 2 per multiply-add of every matmul, 2*T*(matmul parameters) (Kaplan et al. 2020, sec. 2.1), plus
   attention's QK^T and PV, 4*b*h*q*s*e, counted in full as a naive implementation computes them.
 """
@@ -70,11 +75,14 @@ class _Shape:
     head_dim: int
     mlp_hidden: int
     gated: bool
+    experts: int = 0            # 0: a dense MLP
+    top_k: int = 0
 
     @classmethod
     def of(cls, spec: DenseSpec | LlamaSpec) -> _Shape:
         if isinstance(spec, LlamaSpec):
-            return cls(spec.hidden, spec.heads, spec.kv_heads, spec.dim_per_head, spec.ffn_hidden, True)
+            return cls(spec.hidden, spec.heads, spec.kv_heads, spec.dim_per_head, spec.ffn_hidden, True,
+                       spec.experts, spec.experts_per_token)
         return cls(spec.model_dim, spec.heads, spec.heads, spec.head_dim, spec.mlp_hidden, False)
 
     def attention_ways(self) -> tuple[int, ...]:
@@ -102,11 +110,22 @@ def _attention_share(shape: _Shape, work: Workload, p: int, ways: int) -> Split:
 
 def _mlp_share(shape: _Shape, work: Workload, p: int, ways: int) -> Split:
     """One card's share of the MLP (with its norm) split ``ways`` ways (1: whole)."""
+    if shape.experts:
+        return _experts_share(shape, work, p, ways)
     local_f, d = shape.mlp_hidden // ways, shape.hidden
     params = (3 if shape.gated else 2) * d * local_f
     return Split(ways, (params + (d if shape.gated else 0)) * p,
                  (2 if shape.gated else 1) * work.tokens * local_f * p, 0, float(2 * work.tokens * params),
                  work.tokens * d * p, 1)
+
+
+def _experts_share(shape: _Shape, work: Workload, p: int, ways: int) -> Split:
+    """One card's share of a mixture-of-experts MLP (with its norm): every expert by f/t, the router whole."""
+    local_f, d, slots = shape.mlp_hidden // ways, shape.hidden, work.tokens * shape.top_k
+    experts = shape.experts * 3 * d * local_f
+    router = d * shape.experts
+    return Split(ways, (experts + router + d) * p, slots * (d + 2 * local_f) * p, 0,
+                 float(2 * slots * 3 * d * local_f + 2 * work.tokens * router), work.tokens * d * p, 1)
 
 
 def _block_share(shape: _Shape, work: Workload, p: int, ways: int) -> Split:

@@ -22,7 +22,7 @@ from cachefit.core.files import read_json_object
 from cachefit.core.layers import LayerTable
 from cachefit.core.spec import Workload, dtype_bytes
 from cachefit.nn.model import TORCH_DTYPES
-from cachefit.sources.hf_splits import with_tp_splits
+from cachefit.sources.hf_splits import ExpertSplit, with_tp_splits
 from cachefit.sources.torch_profile import Granularity, find_blocks, profile_module
 
 __all__ = ["hf_presets", "hf_table", "read_hf_config"]
@@ -46,7 +46,8 @@ def read_hf_config(path: Path) -> dict[str, Any]:
     return document
 
 
-def hf_table(config: dict[str, Any], name: str, work: Workload, granularity: Granularity = "block") -> LayerTable:
+def hf_table(config: dict[str, Any], name: str, work: Workload, granularity: Granularity = "block",
+             experts: ExpertSplit = "tensor") -> LayerTable:
     model, hf_config = _build(config, work.dtype)
     args, kwargs = _inputs(model, hf_config, work)
     blocks = find_blocks(model)
@@ -58,7 +59,12 @@ def hf_table(config: dict[str, Any], name: str, work: Workload, granularity: Gra
                            dtype=dtype_bytes(work.dtype)[0], granularity=granularity,
                            kv_cache_bytes=lambda module: held[index[id(module)]] if id(module) in index else 0)
     # Tensor groups from the model's own tensor-parallel plan (blocks are the unit it is written for).
-    return with_tp_splits(table, model, hf_config) if granularity == "block" else table
+    if granularity != "block":
+        if experts != "tensor":
+            raise InputError("experts='parallel' works on whole decoder blocks: use granularity 'block'",
+                             parameters=("experts", "granularity"))
+        return table
+    return with_tp_splits(table, model, hf_config, experts)
 
 
 def _cache_bytes(cache: Any) -> list[int]:

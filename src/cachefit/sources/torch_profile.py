@@ -128,7 +128,7 @@ class _Tracker(TorchDispatchMode):
         for leaf in tree_leaves((args, kwargs)):
             if isinstance(leaf, torch.Tensor):
                 self.existing(leaf)
-        result = func(*args, **(kwargs or {}))
+        result = _on_meta(func, args, kwargs or {})
         self.collect()
         for leaf in tree_leaves(result):
             if isinstance(leaf, torch.Tensor):
@@ -142,6 +142,19 @@ class _Tracker(TorchDispatchMode):
         # crosses every boundary up to that layer, as a model input does; state no layer takes stays out.
         return [(rank.get(producer, -1), rank.get(consumer, -1), size)
                 for producer, consumer, size in self.history + alive if producer != -2 or consumer >= 0]
+
+
+def _on_meta(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    """``func`` run, except where its meta function refuses what the real kernels take: ``_grouped_mm``'s meta
+    function admits bfloat16 only (CUDA's rule, torch/_meta_registrations.py), while the CPU kernel takes float32
+    and float16 too (transformers' MoE experts call it for every dtype); the real kernel allocates its output
+    only, (tokens, out features) for a 2-D input against 3-D expert weights, so that is what is made here."""
+    if func is torch.ops.aten._grouped_mm.default and len(args) >= 2:
+        a, b = args[0], args[1]
+        if a.device.type == "meta" and a.dtype != torch.bfloat16 and b.dim() == 3 and a.dim() in (2, 3):
+            shape = (a.size(0), b.size(-1)) if a.dim() == 2 else (a.size(0), a.size(1), b.size(-1))
+            return torch.empty(shape, dtype=kwargs.get("out_dtype") or a.dtype, device="meta")
+    return func(*args, **kwargs)
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:

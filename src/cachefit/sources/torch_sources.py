@@ -20,6 +20,7 @@ from cachefit.core.spec import EMBED, HEAD, ModelSpec, SpecRecord, Workload, blo
 from cachefit.nn.model import TORCH_DTYPES
 from cachefit.sources.families import split_ways, vocab_parallel_workspace
 from cachefit.sources.hf import hf_table, read_hf_config
+from cachefit.sources.hf_splits import ExpertSplit
 from cachefit.sources.torch_profile import Granularity, profile_module
 
 __all__ = ["measure_spec", "profile_factory", "profile_hf"]
@@ -166,6 +167,7 @@ def _inputs(target: str, inputs: Any, shape: tuple[int, ...] | None, dtype: str
     return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
 
 
-def profile_hf(config: dict[str, Any] | Path, name: str, work: Workload, granularity: Granularity) -> LayerTable:
+def profile_hf(config: dict[str, Any] | Path, name: str, work: Workload, granularity: Granularity,
+               experts: ExpertSplit = "tensor") -> LayerTable:
     document = read_hf_config(config) if isinstance(config, Path) else config
-    return hf_table(document, name, work, granularity)
+    return hf_table(document, name, work, granularity, experts)
