@@ -146,3 +146,48 @@ def test_mixture_of_experts_is_refused_where_it_cannot_be_built(tmp_path: Path) 
     bad.write_text(_moe_spec(tmp_path).read_text().replace("experts = 4\n", ""))
     with pytest.raises(InputError, match=r"experts_per_token .* between 1 and experts"):
         load_model(bad)
+
+
+def test_expert_parallel_in_the_closed_form_by_hand(tmp_path: Path) -> None:
+    from cachefit.sources import TorchOptions
+
+    spec = _moe_spec(tmp_path)
+    tensor = load_model(spec, attention="flash")
+    parallel = load_model(spec, attention="flash", torch_options=TorchOptions(experts="parallel"))
+    block, whole = parallel.layers[1], tensor.layers[1]
+    assert block.weight_bytes == whole.weight_bytes and [s.ways for s in block.splits] == [2, 4]   # t | 4 experts
+    two = block.split(2)
+    assert two is not None and two.experts == 2
+    attention, expert, router, norms = 64 * 64 + 2 * 32 * 64 + 64 * 64, 3 * 64 * 96, 64 * 4, 2 * 64
+    assert two.weight_bytes == (attention // 2 + 2 * expert + router + norms) * 4       # = the tensor split's
+    # Every card's experts see both tokens' 2 routes: gathered inputs and gate-up outputs of the whole width,
+    # plus a bool, an int64 and a float32 weight per route.
+    assert two.workspace_bytes == 2 * 2 * (64 + 2 * 96) * 4 + 2 * 2 * 13
+    assert two.flops == block.flops / 2 + 2 * 2 * router / 2                 # the router runs whole on each card
+    # The table remembers the split, so predict rebuilds the same one from a plan.
+    assert parallel.spec is not None and parallel.spec.experts == "parallel"
+    from cachefit.core.spec import SpecRecord
+
+    assert SpecRecord.read(parallel.spec.to_dict()) == parallel.spec
+    sub = load_model(spec, torch_options=TorchOptions(experts="parallel", granularity="sublayer"))
+    assert [s.ways for s in sub.layers[2].splits] == [2, 4] and sub.layers[2].name == "layers.0.mlp"
+
+
+def test_a_pass_reads_only_the_experts_its_tokens_can_take(tmp_path: Path) -> None:
+    from cachefit.core.cost import layer_costs, rates_of
+    from cachefit.core.hardware import Device, Figure
+
+    table = load_model(_moe_spec(tmp_path), attention="flash")
+    block = table.layers[1]
+    # Decode, 2 sequences x 2 routes = 4 slots: all 4 experts may be taken, so every weight is read.
+    assert block.read_bytes is None
+    one = load_model(_moe_spec(tmp_path), attention="flash", batch=1)
+    attention, expert, router, norms = 64 * 64 + 2 * 32 * 64 + 64 * 64, 3 * 64 * 96, 64 * 4, 2 * 64
+    assert one.layers[1].read_bytes == (attention + 2 * expert + router + norms) * 4     # 2 of the 4 experts
+    two = one.layers[1].split(2)
+    assert two is not None and two.read_bytes == (attention // 2 + 2 * expert // 2 + router + norms) * 4
+    figures = {"on_chip_bytes": 1 << 30, "usable_fraction": 1.0, "on_chip_bandwidth": 1e9, "fp32_flops": 1e12,
+               "link_bandwidth": 1e9}
+    device = Device("x", "X", "SRAM", {k: Figure(v, "A", "test") for k, v in figures.items()})
+    moved = layer_costs(one, rates_of(device, "float32")).moved
+    assert moved[1] == one.layers[1].read_bytes + one.layers[1].kv_cache_bytes + 2 * one.layers[1].activation_bytes

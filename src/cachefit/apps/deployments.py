@@ -23,13 +23,13 @@ from cachefit import Prediction, api
 from cachefit.core.errors import InputError
 from cachefit.core.files import atomic_output, describe_validation_error, read_text
 from cachefit.core.records import Plan
-from cachefit.core.spec import is_decoder_block
-from cachefit.sources import TorchOptions
+from cachefit.core.spec import ExpertSplit, is_decoder_block
+from cachefit.sources import Granularity, TorchOptions
 
 __all__ = ["Published", "Reproduced", "plot", "published_deployments", "reproduce", "reproduce_all"]
 
 Kind = Literal["V", "M", "3P", "A"]
-_GRANULARITIES = {"block": TorchOptions(), "sublayer": TorchOptions(granularity="sublayer")}
+_GRANULARITIES: tuple[Granularity, ...] = ("block", "sublayer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +88,7 @@ class Reproduced:
     prediction: Prediction
     weight_bytes: int           # the whole model's weights at this element type
     decoder_layers: int
+    expert_parallel: Plan | None = None     # mixtures of experts: the same with whole experts a card
 
     @property
     def capacity(self) -> int:
@@ -122,19 +123,31 @@ def reproduce(entry: Published, dtype: str) -> Reproduced:
     """The plan with fewer cards of block and sublayer granularity (block on a tie), and its prediction."""
     options: dict[str, Any] = {"seq": entry.seq, "batch": entry.batch, "dtype": dtype, "phase": "decode",
                                "attention": "flash"}
-    best: tuple[str, Plan] | None = None
-    for granularity, torch_options in _GRANULARITIES.items():
-        plan = api.plan(entry.model, device=entry.device, torch_options=torch_options, **options)
-        if plan.feasible and (best is None or plan.cards < best[1].cards):
-            best = (granularity, plan)
+    best = _fewest_cards(entry, options, "tensor")
     if best is None:
         raise InputError(f"{entry.name}: no feasible plan of {entry.model} on {entry.device} at {dtype}")
     table = api.load_model(entry.model, **options)
     prediction = api.predict(best[1])[0]
-    decoders = table.spec.spec.layers if table.spec is not None else sum(
+    spec = table.spec.spec if table.spec is not None else None
+    decoders = spec.layers if spec is not None else sum(
         1 for layer in table.layers if any(is_decoder_block(m) for m in layer.modules))
+    experts = getattr(spec, "experts", 0)
+    whole_experts = _fewest_cards(entry, options, "parallel", feasible_only=False) if experts else None
     return Reproduced(entry, dtype, best[0], best[1], prediction, sum(x.weight_bytes for x in table.layers),
-                      decoders)
+                      decoders, whole_experts[1] if whole_experts else None)
+
+
+def _fewest_cards(entry: Published, options: dict[str, Any], experts: ExpertSplit, feasible_only: bool = True
+                  ) -> tuple[str, Plan] | None:
+    """The feasible plan with fewer cards over the granularities (or, not ``feasible_only``, the refused one)."""
+    best: tuple[str, Plan] | None = None
+    for granularity in _GRANULARITIES:
+        torch_options = TorchOptions(granularity=granularity, experts=experts)
+        plan = api.plan(entry.model, device=entry.device, torch_options=torch_options, **options)
+        if (best is None and not feasible_only) or (plan.feasible and (
+                best is None or not best[1].feasible or plan.cards < best[1].cards)):
+            best = (granularity, plan)
+    return best
 
 
 def reproduce_all(entries: list[Published], progress: Callable[[str], None] = lambda _: None) -> list[Reproduced]:

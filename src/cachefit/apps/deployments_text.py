@@ -114,15 +114,12 @@ def _bytes_per_weight(r: Reproduced) -> int:
 
 
 def _experts_note(rows: list[Reproduced]) -> str:
-    """How much more than a token reads the model counts for mixture-of-experts rows (every expert's weights)."""
+    """What the model reads of a mixture of experts each token (only the experts its routes can take)."""
     for r in rows:
         spec = r.plan.model.spec.spec if r.plan.model.spec is not None else None
         if isinstance(spec, LlamaSpec) and spec.experts:
-            idle = (spec.experts - spec.experts_per_token) * 3 * spec.hidden * spec.ffn_hidden * spec.layers
-            read = r.weight_bytes - idle * _bytes_per_weight(r)
-            return (f"it reads every weight each token ({r.published.model} reads {spec.experts_per_token} of its "
-                    f"{spec.experts} experts a token, so its bandwidth term is {r.weight_bytes / read:.1f}x too large, "
-                    "an under-estimate of speed that the gap swamps)")
+            return (f"for {r.published.model} it reads the {spec.experts_per_token} of {spec.experts} experts a "
+                    "token takes, all on the same chip of a group (the worst case)")
     return "it reads every weight each token"
 
 
@@ -149,12 +146,27 @@ def _plan_section(r: Reproduced) -> list[str]:
              f"({r.prediction.decode_tokens_per_s:,.0f} tokens/s).", "",
              "<details><summary>what each chip holds</summary>", "",
              "| chips | layers | per chip: weights | KV cache | workspace | footprint |", "|---|---|---|---|---|---|"]
+    if r.expert_parallel is not None:
+        lines[2:2] = [_whole_experts(r), ""]
     for part in plan.partitions:
         chips = f"{part.card}" if part.tensor_parallel == 1 else f"{part.card}-{part.card + part.tensor_parallel - 1}"
         names = part.layers[0] if len(part.layers) == 1 else f"{part.layers[0]} .. {part.layers[-1]}"
         lines.append(f"| {chips} | {names} | {format_size(part.weight_bytes)} | {format_size(part.kv_cache_bytes)} "
                      f"| {format_size(part.workspace_bytes)} | {format_size(part.footprint_bytes)} |")
     return [*lines, "", "</details>", ""]
+
+
+def _whole_experts(r: Reproduced) -> str:
+    """The same deployment with whole experts a card (expert parallel), for comparison."""
+    plan = r.expert_parallel
+    assert plan is not None
+    if plan.feasible:
+        return (f"With whole experts a card instead (`--experts parallel`, transformers' ep_plan): "
+                f"{_count(plan.cards, 'chip')} ({plan.cards / r.weight_cards:.3f}x the weights alone): the width "
+                "must divide the expert count, so the stages cannot be cut as finely.")
+    why = next((line for line in plan.diagnosis if line.startswith("its weights alone")),
+               plan.diagnosis[0] if plan.diagnosis else "")
+    return f"With whole experts a card instead (`--experts parallel`): no plan fits. {why[:1].upper()}{why[1:]}."
 
 
 def _sources(rows: list[Reproduced]) -> list[str]:

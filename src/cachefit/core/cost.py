@@ -5,9 +5,9 @@ Per pass of a share of the batch (1/M of it, M micro-batches) carrying ``tokens`
 card of a stage of layers i..j split t ways (Williams et al. 2009, roofline):
 - compute  = FLOPs of the card's share / the card's FLOP rate at the plan's dtype;
 - memory   = bytes the pass reads and writes (the card's weights, all of them, every pass, shared tensors
-             included; its KV cache rows; the layers' inputs and outputs) / on-chip bandwidth when the stage's
-             footprint fits the card's on-chip capacity (resident), off-chip bandwidth when it does not (the
-             weights stream);
+             included, except experts no token can take, a layer's ``read_bytes``; its KV cache rows; the
+             layers' inputs and outputs) / on-chip bandwidth when the stage's footprint fits the card's on-chip
+             capacity (resident), off-chip bandwidth when it does not (the weights stream);
 - work     = max(compute, memory) where the device overlaps loads and arithmetic (the roofline), their sum where
              it does not (the ``overlap`` figure 0);
 - all-reduce, on a group of t cards: each of a layer's ``allreduces`` (one per split matmul pair) is a ring
@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from cachefit.core.errors import InputError
 from cachefit.core.hardware import Device, Figure
-from cachefit.core.layers import LayerTable
+from cachefit.core.layers import LayerTable, Split
 from cachefit.core.spec import TOKEN_ID_BYTES
 
 __all__ = ["LayerCosts", "Rates", "StageTime", "allgather_seconds", "allreduce_seconds", "layer_costs",
@@ -164,13 +164,18 @@ def layer_costs(table: LayerTable, rates: Rates, share: float = 1.0, tokens: int
             terms = (0.0, 0.0, 0.0)
         else:                   # weights and KV rows read; the input read and the output written, whole
             terms = (split.flops * share * tokens / rates.flops,
-                     split.weight_bytes + split.kv_cache_bytes * share + 2 * size,
+                     _read(split) + split.kv_cache_bytes * share + 2 * size,
                      split.allreduces * allreduce_seconds(size, ways, rates)
                      + split.allgathers * allgather_seconds(size, ways, rates))
         for column, value in zip((compute, moved, allreduce), terms):
             column.append(value)
     cut = [send_seconds(table, index, share, tokens, rates) for index in range(len(table.layers))]
     return LayerCosts(ways, np.array(compute), np.array(moved), np.array(allreduce), np.array(cut), rates)
+
+
+def _read(split: Split) -> int:
+    """Weight bytes a pass reads: what the card holds, or fewer (the experts its tokens take)."""
+    return split.read_bytes if split.read_bytes is not None else split.weight_bytes
 
 
 def send_seconds(table: LayerTable, last: int, share: float, tokens: int, rates: Rates) -> float:

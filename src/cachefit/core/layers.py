@@ -66,6 +66,7 @@ class Split:
     allreduces: Annotated[int, Field(ge=0)] = 0
     allgathers: Annotated[int, Field(ge=0)] = 0     # all-gathers of the whole output (a vocab-parallel head's logits)
     experts: Annotated[int, Field(ge=0)] = 0        # whole experts a card holds (expert parallel); 0: not so
+    read_bytes: Bytes | None = None     # weight bytes a pass reads when fewer than held (experts not taken)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +81,14 @@ class Layer:
     modules: tuple[str, ...] = ()
     shared: tuple[SharedTensor, ...] = ()
     splits: tuple[Split, ...] = ()      # the tensor splits the layer's shapes allow (ways > 1); none: whole only
+    read_bytes: Bytes | None = None     # weight bytes one pass reads, when fewer than it holds (a mixture of
+                                        # experts reads only the experts its tokens take); None: all of them
 
     def split(self, ways: int) -> Split | None:
         """The layer split ``ways`` ways (1: whole), or None when its shapes do not allow it."""
         if ways == 1:
-            return Split(1, self.weight_bytes, self.workspace_bytes, self.kv_cache_bytes, self.flops)
+            return Split(1, self.weight_bytes, self.workspace_bytes, self.kv_cache_bytes, self.flops,
+                         read_bytes=self.read_bytes)
         return next((s for s in self.splits if s.ways == ways), None)
 
 
@@ -193,6 +197,9 @@ class LayerTable:
             raise InputError(f"{source}: {error}") from error
 
 
+_LATER = ("experts", "read_bytes")
+
+
 def _layer_dict(layer: Layer) -> dict[str, Any]:
     document: dict[str, Any] = {
         "name": layer.name, "weight_bytes": layer.weight_bytes, "activation_bytes": layer.activation_bytes,
@@ -202,9 +209,11 @@ def _layer_dict(layer: Layer) -> dict[str, Any]:
         document["modules"] = list(layer.modules)
     if layer.shared:
         document["shared"] = [{"tensor": s.tensor, "owner": s.owner, "bytes": s.bytes} for s in layer.shared]
+    if layer.read_bytes is not None:
+        document["read_bytes"] = layer.read_bytes
     if layer.splits:
-        # A field at its default is left out (``experts`` came later: older tables keep their fingerprints).
-        document["splits"] = [{key: value for key, value in asdict(s).items() if key != "experts" or value}
+        # Fields that came later are left out at their defaults, so older tables keep their fingerprints.
+        document["splits"] = [{key: value for key, value in asdict(s).items() if key not in _LATER or value}
                               for s in layer.splits]
     return document
 
@@ -222,6 +231,9 @@ def _check_table(table: LayerTable) -> None:
         for shared in layer.shared:
             if index.get(shared.owner, position) >= position:
                 raise InputError(f"layers[{position}].shared: owner {shared.owner!r} must be an earlier layer")
+        reads = [(layer.read_bytes, layer.weight_bytes), *((s.read_bytes, s.weight_bytes) for s in layer.splits)]
+        if any(read is not None and read > held for read, held in reads):
+            raise InputError(f"layers[{position}]: read_bytes cannot exceed the weight_bytes held")
         ways = [s.ways for s in layer.splits]
         if any(w < 2 for w in ways) or len(set(ways)) != len(ways):
             raise InputError(f"layers[{position}].splits: ways must be distinct integers >= 2, got {ways}")

@@ -28,6 +28,7 @@ _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16
 TOKEN_ID_BYTES = 8   # token ids enter the embedding as int64
 Phase = Literal["prefill", "decode"]
 Attention = Literal["naive", "flash"]
+ExpertSplit = Literal["tensor", "parallel"]     # a mixture of experts in a tensor group: split, or whole experts
 # Bounded so that a typo (layers = 99999999999999999999) is refused, not planned for hours.
 _Positive = Annotated[int, Field(ge=1, le=2**31, strict=True)]
 _Dim = Annotated[int, Field(ge=0, le=2**31, strict=True)]
@@ -192,6 +193,7 @@ class SpecRecord:
     sublayers: _Flag = False         # attention and MLP as separate layers (granularity "sublayer")
     measured: _Flag = False         # profiled on the reference module (so the runtime holds what it counts)
     prefill_chunk: _Positive | None = None    # prompt tokens per pass the table also counts
+    experts: ExpertSplit = "tensor"     # how its experts split in a tensor group ("parallel": whole, E/t a card)
 
     @property
     def family(self) -> str:
@@ -209,6 +211,8 @@ class SpecRecord:
             document["measured"] = True
         if self.prefill_chunk is not None:
             document["prefill_chunk"] = self.prefill_chunk
+        if self.experts != "tensor":
+            document["experts_split"] = self.experts
         return document
 
     @classmethod
@@ -219,6 +223,8 @@ class SpecRecord:
         family = rest.pop("family", None)
         extras = {key: rest.pop(key) for key in ("attention", "sublayers", "measured", "prefill_chunk")
                   if key in rest}
+        if "experts_split" in rest:
+            extras["experts"] = rest.pop("experts_split")
         spec = parse_spec_fields(family, rest, source)
         try:
             return _RECORD.validate_python({"spec": spec, **extras})

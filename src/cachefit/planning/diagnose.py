@@ -127,10 +127,13 @@ def explain_unsplittable(table: LayerTable, model: MemoryModel, options: Sequenc
     size, index, ways = best[0]
     parts = breakdown(shares[ways], model, index, index)
     if parts.weight_bytes > capacity:
+        whole_experts = any(s.experts for s in table.layers[index].splits)
+        finer = ("experts 'tensor', every expert split by columns, splits far finer than whole experts can"
+                 if whole_experts else "for presets and specs, granularity 'sublayer' plans attention and the MLP "
+                 "apart, and the MLP splits by columns far beyond the heads")
         lines.append(f"its weights alone, split {ways} ways, are {format_size(parts.weight_bytes)} per card: no "
                      f"batch or sequence fits; a card of at least {format_size(size)}, a narrower dtype, or a "
-                     "finer split would (for presets and specs, granularity 'sublayer' plans attention and the MLP "
-                     "apart, and the MLP splits by columns far beyond the heads)")
+                     f"finer split would ({finer})")
         return lines
     scaling = parts.activation_bytes + parts.workspace_bytes + parts.kv_cache_bytes
     lines.append(f"activations are not split: every card of a group holds the layer's whole input and output "

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from cachefit.core.errors import InputError
 from cachefit.core.layers import LayerTable
 from cachefit.core.records import ModelInfo
-from cachefit.core.spec import ModelSpec, Workload
+from cachefit.core.spec import ExpertSplit, ModelSpec, Workload
 from cachefit.sources.spec import build_table, parse_spec_text, read_spec
 
 __all__ = ["WORKLOAD_OPTIONS", "Preset", "TorchOptions", "hf_preset_names", "load_model", "presets",
@@ -48,7 +48,7 @@ class TorchOptions:
     input_dtype: str = "int64"
     measure: bool = False
     prefill_chunk: int | None = None
-    experts: Literal["tensor", "parallel"] = "tensor"   # HF mixture-of-experts: experts split, or placed whole
+    experts: ExpertSplit = "tensor"     # a mixture of experts in tensor groups: experts split, or placed whole
 
 
 HF_WORKLOAD = Workload(batch=1, seq=4096, phase="decode", dtype="bfloat16")
@@ -90,9 +90,10 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     if (options.measure or options.prefill_chunk) and not (suffix == ".toml" or text in presets()):
         raise InputError("measure and prefill_chunk apply to presets and .toml specs (torch models and Hugging "
                          "Face configs are always measured)", parameters=("measure", "prefill_chunk"))
+    closed_form = suffix == ".toml" or text in presets()
     is_hf = (path.is_dir() and (path / "config.json").exists()) or _is_hf_config(path) or text in hf_preset_names()
-    if options.experts != "tensor" and not is_hf:
-        raise InputError("experts='parallel' is for Hugging Face mixture-of-experts configs (such as "
+    if options.experts != "tensor" and not (is_hf or closed_form):
+        raise InputError("experts='parallel' is for mixture-of-experts models (such as mixtral-8x7b or "
                          "hf/mixtral-8x7b); this model is not one", parameters=("experts",))
     if (path.is_dir() and (path / "config.json").exists()) or _is_hf_config(path):
         table: LayerTable = _torch().profile_hf(path, path.stem if path.is_file() else path.name,
@@ -129,7 +130,7 @@ def rebuild_table(model: ModelInfo) -> LayerTable:
                          "a torch/HF profile): predict needs a plan made from a preset or a .toml spec")
     work = Workload(batch=model.batch or 1, seq=model.seq or 1, phase=model.phase or "decode",
                     dtype=model.dtype or "float16", attention=model.spec.attention)
-    return build_table(model.spec.spec, work, model.spec.sublayers)
+    return build_table(model.spec.spec, work, model.spec.sublayers, experts=model.spec.experts)
 
 
 def spec_of(model: str | Path) -> tuple[ModelSpec, Workload]:
@@ -147,10 +148,13 @@ def _spec_table(spec: ModelSpec, work: Workload, chosen: dict[str, Any], options
         if options.prefill_chunk is not None:
             raise InputError("prefill_chunk measures a prompt chunk: use it with measure",
                              parameters=("prefill_chunk", "measure"))
-        return build_table(spec, work, options.granularity == "sublayer", **chosen)
+        return build_table(spec, work, options.granularity == "sublayer", experts=options.experts, **chosen)
     if options.granularity == "sublayer":
         raise InputError("granularity='sublayer' splits the closed form's blocks; with measure use block or leaf",
                          parameters=("granularity", "measure"))
+    if options.experts != "tensor":
+        raise InputError("experts='parallel' places a closed form's experts; the reference model measure profiles "
+                         "has none", parameters=("experts", "measure"))
     table: LayerTable = _torch().measure_spec(spec, replace(work, **chosen), options.granularity,
                                               options.prefill_chunk)
     return table

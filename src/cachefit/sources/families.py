@@ -23,7 +23,11 @@ T = b*q tokens, d hidden size, h heads, h_kv KV heads, e head dim, f MLP hidden 
   each token routed to k of them. Weights: E*3*d*f + d*E (+ the norm); split t ways, every expert by f/t columns
   (Megatron-style, as transformers' tp_plan splits them), the router whole. Workspace: the T*k routed slots'
   gathered inputs and gate-up outputs, T*k*(d + 2*f/t)*p (transformers' grouped-mm experts). FLOPs: 2*T*k*3*d*f/t
-  for the experts a token takes, 2*T*d*E for the router.
+  for the experts a token takes, 2*T*d*E for the router. Expert parallel (``experts="parallel"``, t | E): E/t whole
+  experts a card, the router whole; as transformers' AllReduceEP runs it at inference (every card its own experts
+  over the whole batch, routes to other cards masked, one all-reduce of the output), a card's transients are the
+  whole batch's, T*k*(d + 2*f)*p, plus the masks (a bool, an int64 local expert id and a weight per token and route,
+  T*k*(9 + p)), and its FLOPs 1/t of the experts' (an even spread of routes).
 - FLOPs: 2 per multiply-add of every matmul, 2*T*(matmul parameters) (Kaplan et al. 2020, sec. 2.1), plus
   attention's QK^T and PV, 4*b*h*q*s*e, counted in full as a naive implementation computes them.
 """
@@ -40,6 +44,7 @@ from cachefit.core.spec import (
     HEAD,
     TOKEN_ID_BYTES,
     DenseSpec,
+    ExpertSplit,
     LlamaSpec,
     SpecRecord,
     Workload,
@@ -77,12 +82,18 @@ class _Shape:
     gated: bool
     experts: int = 0            # 0: a dense MLP
     top_k: int = 0
+    expert_parallel: bool = False
 
     @classmethod
-    def of(cls, spec: DenseSpec | LlamaSpec) -> _Shape:
+    def of(cls, spec: DenseSpec | LlamaSpec, experts: ExpertSplit = "tensor") -> _Shape:
         if isinstance(spec, LlamaSpec):
+            if experts == "parallel" and not spec.experts:
+                raise InputError(f"experts='parallel': {spec.name} has a dense MLP, no mixture-of-experts to place",
+                                 parameters=("experts",))
             return cls(spec.hidden, spec.heads, spec.kv_heads, spec.dim_per_head, spec.ffn_hidden, True,
-                       spec.experts, spec.experts_per_token)
+                       spec.experts, spec.experts_per_token, experts == "parallel")
+        if experts == "parallel":
+            raise InputError(f"experts='parallel': {spec.name} is a dense network", parameters=("experts",))
         return cls(spec.model_dim, spec.heads, spec.heads, spec.head_dim, spec.mlp_hidden, False)
 
     def attention_ways(self) -> tuple[int, ...]:
@@ -91,7 +102,9 @@ class _Shape:
                      if self.heads % t == 0 and (self.kv_heads % t == 0 or t % self.kv_heads == 0))
 
     def mlp_ways(self) -> tuple[int, ...]:
-        return tuple(t for t in range(2, self.mlp_hidden + 1) if self.mlp_hidden % t == 0)
+        """Widths the MLP splits: t | f, or with whole experts a card, t | E."""
+        split = self.experts if self.expert_parallel else self.mlp_hidden
+        return tuple(t for t in range(2, split + 1) if split % t == 0)
 
 
 def split_ways(heads: int, kv_heads: int, mlp_hidden: int) -> tuple[int, ...]:
@@ -121,34 +134,51 @@ def _mlp_share(shape: _Shape, work: Workload, p: int, ways: int) -> Split:
 
 def _experts_share(shape: _Shape, work: Workload, p: int, ways: int) -> Split:
     """One card's share of a mixture-of-experts MLP (with its norm): every expert by f/t, the router whole."""
-    local_f, d, slots = shape.mlp_hidden // ways, shape.hidden, work.tokens * shape.top_k
-    experts = shape.experts * 3 * d * local_f
-    router = d * shape.experts
-    return Split(ways, (experts + router + d) * p, slots * (d + 2 * local_f) * p, 0,
-                 float(2 * slots * 3 * d * local_f + 2 * work.tokens * router), work.tokens * d * p, 1)
+    d, slots, router = shape.hidden, work.tokens * shape.top_k, shape.hidden * shape.experts
+    if shape.expert_parallel:           # E/t whole experts; every card's experts see the whole batch
+        local = shape.experts // ways
+        masks = slots * (1 + 8 + p) if ways > 1 else 0
+        expert = 3 * d * shape.mlp_hidden
+        return Split(ways, (local * expert + router + d) * p, slots * (d + 2 * shape.mlp_hidden) * p + masks, 0,
+                     float(2 * slots * expert / ways + 2 * work.tokens * router), work.tokens * d * p, 1,
+                     experts=local if ways > 1 else 0, read_bytes=_taken(local, slots, expert, router + d, p))
+    expert = 3 * d * (shape.mlp_hidden // ways)
+    return Split(ways, (shape.experts * expert + router + d) * p, slots * (d + 2 * shape.mlp_hidden // ways) * p, 0,
+                 float(2 * slots * expert + 2 * work.tokens * router), work.tokens * d * p, 1,
+                 read_bytes=_taken(shape.experts, slots, expert, router + d, p))
+
+
+def _taken(held: int, slots: int, expert: int, rest: int, p: int) -> int | None:
+    """Weight bytes a pass reads of ``held`` experts when its ``slots`` routes take at most that many of them
+    (all on this card, the worst case); None when every expert may be taken."""
+    return (min(held, slots) * expert + rest) * p if slots < held else None
 
 
 def _block_share(shape: _Shape, work: Workload, p: int, ways: int) -> Split:
     """Attention then MLP: weights, KV and FLOPs add up; the transients do not coexist, so the larger counts."""
     attention, mlp = _attention_share(shape, work, p, ways), _mlp_share(shape, work, p, ways)
+    read = None if mlp.read_bytes is None else attention.weight_bytes + mlp.read_bytes
     return Split(ways, attention.weight_bytes + mlp.weight_bytes, max(attention.workspace_bytes, mlp.workspace_bytes),
                  attention.kv_cache_bytes, attention.flops + mlp.flops,
-                 attention.allreduce_bytes + mlp.allreduce_bytes, attention.allreduces + mlp.allreduces)
+                 attention.allreduce_bytes + mlp.allreduce_bytes, attention.allreduces + mlp.allreduces,
+                 experts=mlp.experts, read_bytes=read)
 
 
 def _share_layer(name: str, share: Callable[[int], Split], ways: tuple[int, ...], activation: int) -> Layer:
     whole = share(1)
     return Layer(name, whole.weight_bytes, activation, whole.workspace_bytes, whole.kv_cache_bytes, whole.flops,
-                 (name,), (), tuple(share(t) for t in ways))
+                 (name,), (), tuple(share(t) for t in ways), whole.read_bytes)
 
 
-def _blocks(spec: DenseSpec | LlamaSpec, work: Workload, p: int, sublayers: bool) -> list[Layer]:
+def _blocks(spec: DenseSpec | LlamaSpec, work: Workload, p: int, sublayers: bool, experts: ExpertSplit
+            ) -> list[Layer]:
     """Each block as one layer, or (``sublayers``) as two: ``layers.N.attn`` and ``layers.N.mlp``, each with the
     widths its own shapes allow (the MLP splits far finer than attention's heads)."""
-    shape = _Shape.of(spec)
+    shape = _Shape.of(spec, experts)
     activation = work.tokens * shape.hidden * p
     if not sublayers:
-        ways = tuple(t for t in shape.attention_ways() if shape.mlp_hidden % t == 0)
+        mlp = set(shape.mlp_ways())
+        ways = tuple(t for t in shape.attention_ways() if t in mlp)
         return [_share_layer(block_name(i), lambda t: _block_share(shape, work, p, t), ways, activation)
                 for i in range(spec.layers)]
     layers = []
@@ -213,18 +243,21 @@ def _check_dims(spec: DenseSpec | LlamaSpec, names: tuple[str, ...]) -> None:
 def dense_table(spec: DenseSpec, work: Workload, sublayers: bool = False) -> LayerTable:
     _check_dims(spec, ("layers", "heads", "head_dim", "mlp_hidden"))
     dtype, p = dtype_bytes(work.dtype)
-    block = _blocks(spec, work, p, sublayers)
+    block = _blocks(spec, work, p, sublayers, "tensor")
     if not spec.vocab:
         return _table(spec, work, dtype, block, work.tokens * spec.model_dim * p, sublayers)
     layers = _with_embedding_and_head(block, spec, spec.model_dim, 0, work, p)
     return _table(spec, work, dtype, layers, work.tokens * TOKEN_ID_BYTES, sublayers)
 
 
-def llama_table(spec: LlamaSpec, work: Workload, sublayers: bool = False) -> LayerTable:
+def llama_table(spec: LlamaSpec, work: Workload, sublayers: bool = False, *, experts: ExpertSplit = "tensor"
+                ) -> LayerTable:
+    """``experts``: how a mixture of experts splits in a tensor group (see the module notes)."""
     _check_dims(spec, ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab"))   # shapes: LlamaSpec
     dtype, p = dtype_bytes(work.dtype)
-    layers = _with_embedding_and_head(_blocks(spec, work, p, sublayers), spec, spec.hidden, spec.hidden, work, p)
-    return _table(spec, work, dtype, layers, work.tokens * TOKEN_ID_BYTES, sublayers)
+    blocks = _blocks(spec, work, p, sublayers, experts)
+    layers = _with_embedding_and_head(blocks, spec, spec.hidden, spec.hidden, work, p)
+    return _table(spec, work, dtype, layers, work.tokens * TOKEN_ID_BYTES, sublayers, experts)
 
 
 def _with_embedding_and_head(block: list[Layer], spec: DenseSpec | LlamaSpec, d: int, norm_params: int,
@@ -238,7 +271,7 @@ def _with_embedding_and_head(block: list[Layer], spec: DenseSpec | LlamaSpec, d:
 
 
 def _table(spec: DenseSpec | LlamaSpec, work: Workload, dtype: str, layers: list[Layer], input_bytes: int,
-           sublayers: bool) -> LayerTable:
+           sublayers: bool, experts: ExpertSplit = "tensor") -> LayerTable:
     return LayerTable(name=spec.name, layers=tuple(layers), input_bytes=input_bytes, dtype=dtype,
                       batch=work.batch, seq=work.seq, phase=work.phase,
-                      spec=SpecRecord(spec, work.attention, sublayers))
+                      spec=SpecRecord(spec, work.attention, sublayers, experts=experts))

@@ -28,18 +28,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
 from cachefit.core.errors import InputError
 from cachefit.core.layers import Layer, LayerTable, Split
-from cachefit.core.spec import EMBED, HEAD, dtype_bytes
+from cachefit.core.spec import EMBED, HEAD, ExpertSplit, dtype_bytes
 from cachefit.sources.families import vocab_parallel_workspace
 
 __all__ = ["ExpertSplit", "tp_widths", "with_tp_splits"]
-
-ExpertSplit = Literal["tensor", "parallel"]
 
 _COLWISE = ("colwise", "colwise_gather_output", "packed_colwise", "local_colwise", "colwise_rep")
 _ROWWISE = ("rowwise", "rowwise_split_input", "local_rowwise", "rowwise_rep")

@@ -28,7 +28,7 @@ from pydantic import TypeAdapter, ValidationError
 from cachefit.core.errors import InputError
 from cachefit.core.files import describe_validation_error, read_text
 from cachefit.core.layers import LayerTable
-from cachefit.core.spec import DenseSpec, ModelSpec, Workload, parse_spec_fields
+from cachefit.core.spec import DenseSpec, ExpertSplit, ModelSpec, Workload, parse_spec_fields
 from cachefit.sources.families import dense_table, llama_table
 
 if sys.version_info >= (3, 11):
@@ -71,11 +71,14 @@ def parse_spec(document: dict[str, Any], source: str) -> tuple[ModelSpec, Worklo
     return spec, work, description
 
 
-def build_table(spec: ModelSpec, work: Workload, sublayers: bool = False, **overrides: Any) -> LayerTable:
+def build_table(spec: ModelSpec, work: Workload, sublayers: bool = False, *, experts: ExpertSplit = "tensor",
+                **overrides: Any) -> LayerTable:
     """The layer table of ``spec`` under ``work`` with any non-None ``overrides`` (batch, seq, ...) applied;
-    ``sublayers``: attention and MLP as separate layers."""
+    ``sublayers``: attention and MLP as separate layers; ``experts``: how a mixture of experts splits."""
     chosen = {key: value for key, value in overrides.items() if value is not None}
     work = replace(work, **chosen)
     if isinstance(spec, DenseSpec):
+        if experts != "tensor":
+            raise InputError(f"experts='parallel': {spec.name} is a dense network", parameters=("experts",))
         return dense_table(spec, work, sublayers)
-    return llama_table(spec, work, sublayers)
+    return llama_table(spec, work, sublayers, experts=experts)
