@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from cachefit.cli import cli
-from cachefit.core.layers import Layer, LayerTable
-from cachefit.output.export import device_map, torchtitan_stages, vllm_partition
+from cachefit.core.layers import Layer, LayerTable, SharedTensor
+from cachefit.output.export import device_map, pipelining_split_spec, torchtitan_stages, vllm_partition
 from cachefit.planning import make_plan
 
 # embed (100) | 4 decoder layers (50 each) | norm (1) | lm_head (100): bytes, weights only, 401 in all.
@@ -28,7 +28,8 @@ def test_exports_follow_the_partitions() -> None:
     mapping = device_map(plan)
     assert mapping["model.rotary_emb"] == 0 and mapping["model.layers.3"] == 1 and mapping["lm_head"] == 2
     assert list(mapping) == [m for layer in HF_LIKE.layers for m in layer.modules]
-    assert torchtitan_stages(plan)[1] == ["model.layers.1", "model.layers.2", "model.layers.3"]
+    assert torchtitan_stages(plan) == [["tok_embeddings", "layers.0"], ["layers.1", "layers.2", "layers.3"],
+                                       ["norm", "output"]]
     with pytest.raises(ValueError, match=r"cards \[2\] hold no decoder layer"):
         vllm_partition(plan)
     two = make_plan(HF_LIKE, [300], cards=2, memory_model="sum")  # [embed, l0, l1] = 200 | the rest = 201
@@ -76,3 +77,145 @@ def cachefit_table(folder: Path) -> LayerTable:
     from cachefit.sources import load_model
 
     return load_model(folder, batch=1, seq=16, phase="decode", dtype="float32")
+
+
+def _torchtitan_accepts(stages: list[list[str]], layers: int) -> bool:
+    """torchtitan's documented contract for ``module_fqns_per_model_part`` (pipeline_module_split's docstring,
+    torchtitan/distributed/pipeline_parallel.py, commit 02ef790): each name a top-level module of its Llama
+    (tok_embeddings, norm, output) or ``layers.N`` of its layer dict; every module in exactly one stage, in order
+    (its own example: [["tok_embeddings", "layers.0"], ["layers.1", "layers.2"], ["norm", "output"]])."""
+    expected = ["tok_embeddings", *(f"layers.{i}" for i in range(layers)), "norm", "output"]
+    return [name for stage in stages for name in stage] == expected and all(stages)
+
+
+def test_torchtitan_names_for_hugging_face_and_reference_plans() -> None:
+    from cachefit import api
+
+    titan = torchtitan_stages(make_plan(HF_LIKE, [150], memory_model="sum"))
+    assert _torchtitan_accepts(titan, 4)
+    reference = api.plan("tiny-llama", capacity="64MiB", cards=3, split="never")
+    assert _torchtitan_accepts(torchtitan_stages(reference), 4)       # cachefit.nn's head: norm and output
+    odd = LayerTable("odd", (Layer("encoder", 10, 0, 0, modules=("encoder",)),
+                             Layer("decoder", 10, 0, 0, modules=("decoder",))))
+    with pytest.raises(ValueError, match="'encoder' has no torchtitan name"):
+        torchtitan_stages(make_plan(odd, [10]))
+
+
+def test_pipelining_split_spec_builds_stages_that_match_the_whole_model(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from torch.distributed.pipelining import SplitPoint, pipeline
+
+    from cachefit import api
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.config.save_pretrained(tmp_path)
+    table = api.load_model(tmp_path, batch=1, seq=8, phase="prefill", dtype="float32")
+    plan = api.plan(table, capacity=sum(x.weight_bytes for x in table.layers), cards=3, split="never")
+    document = json.loads(api.export(plan, "pipelining"))
+    assert document["num_stages"] == 3 and list(document["split_spec"].values()) == ["beginning"] * 2
+    ids = torch.randint(0, 64, (1, 8))
+    pipe = pipeline(model, mb_args=(ids,), mb_kwargs={"use_cache": False},
+                    split_spec={name: SplitPoint.BEGINNING for name in document["split_spec"]})
+    assert pipe.num_stages == len(plan.partitions)
+    for index, part in enumerate(plan.partitions):       # each stage holds the plan's decoder layers
+        held = {".".join(name.split(".")[:3]) for name, _ in pipe.get_stage_module(index).named_parameters()}
+        assert {m for m in part.modules if m.startswith("model.layers.")} == {m for m in held if "layers" in m}
+    with torch.no_grad():
+        assert torch.equal(pipe(ids, use_cache=False)[0], model(ids, use_cache=False).logits)
+
+
+def test_pipelining_refuses_tensor_groups() -> None:
+    from cachefit import api
+
+    grouped = api.plan("tiny-llama", capacity="300KiB", split="always")
+    assert any(p.tensor_parallel > 1 for p in grouped.partitions)
+    with pytest.raises(ValueError, match="tensor groups"):
+        pipelining_split_spec(grouped)
+
+
+def test_plans_made_for_vllm_export_where_plain_ones_are_refused(tmp_path: Path) -> None:
+    # Capacity 151 (sum): the fewest cards hold [embed, l0] = 150 | [l1, l2, l3, norm] = 151 | [head] = 100, and
+    # vLLM cannot give the last stage no decoder layer. For vLLM: [embed, l0] = 150 | [l1, l2] = 100 |
+    # [l3, norm, head] = 151, still 3 cards.
+    table = tmp_path / "table.json"
+    HF_LIKE.write(table)
+    plain, planned = tmp_path / "plain.json", tmp_path / "vllm.json"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["plan", str(table), "--capacity", "151", "--memory-model", "sum", "-o",
+                               str(plain)]).exit_code == 0
+    refused = runner.invoke(cli, ["export", str(plain), "--to", "vllm"])
+    assert refused.exit_code == 2 and "plan for it with --for vllm" in refused.stderr
+    result = runner.invoke(cli, ["plan", str(table), "--capacity", "151", "--memory-model", "sum", "--for", "vllm",
+                                 "-o", str(planned), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["peer"] == "vllm" and document["cards"] == 3 and document["optimal"]
+    exported = runner.invoke(cli, ["export", str(planned), "--to", "vllm"])
+    assert exported.exit_code == 0 and exported.stdout == "VLLM_PP_LAYER_PARTITION=1,2,1\n"
+    assert "VLLM_PP_LAYER_PARTITION" in exported.stderr or "vLLM" in exported.stderr    # the peer it targets
+    too_many = runner.invoke(cli, ["plan", str(table), "--capacity", "151", "--cards", "5", "--for", "vllm"])
+    assert too_many.exit_code == 2 and "the 4 units a plan for vllm keeps apart" in too_many.stderr
+
+
+# A tied head (logits 64 B, workspace 20 B), its weight the embedding's (100 B): bytes by hand below.
+TIED = LayerTable("tied", (
+    Layer("model.embed_tokens", 100, 10, 0, modules=("model.embed_tokens",)),
+    *(Layer(f"model.layers.{i}", 50, 10, 0, modules=(f"model.layers.{i}",)) for i in range(4)),
+    Layer("model.norm", 1, 10, 0, modules=("model.norm",)),
+    Layer("lm_head", 0, 64, 20, modules=("lm_head",), shared=(SharedTensor("weight", "model.embed_tokens", 100),))),
+    input_bytes=1)
+
+
+def test_plans_for_accelerate_put_a_tied_head_on_its_embeddings_card() -> None:
+    from cachefit import api
+
+    # peak: the embedding's card also runs the head: 100 B of weights + max(1 + 10 + 0 (the embedding),
+    # 10 + 64 + 20 (the head)) = 194 B. Blocks: 50 B + 20 B transient each; the norm 1 B.
+    # Three cards: [embed + head] = 194 | two or three blocks = 120 or 170 | the rest <= 171.
+    plan = api.plan(TIED, capacity=1000, cards=3, peer="accelerate")
+    assert plan.feasible and plan.peer == "accelerate" and plan.optimal
+    assert plan.bottleneck_bytes == 194 and plan.partitions[0].footprint_bytes == 194
+    mapping = device_map(plan)
+    assert mapping["lm_head"] == mapping["model.embed_tokens"] == 0 and mapping["model.norm"] == 2
+    with pytest.raises(ValueError, match="made for accelerate"):
+        api.predict(plan, device="h100")
+
+
+def test_accelerate_runs_a_tied_model_from_a_plan_made_for_it(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    accelerate = pytest.importorskip("accelerate")
+    from cachefit import api
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    original = transformers.LlamaForCausalLM(config).eval()
+    original.save_pretrained(tmp_path / "model")
+    table = cachefit_table(tmp_path / "model")
+    plan = api.plan(table, capacity=sum(x.weight_bytes for x in table.layers), cards=3, peer="accelerate")
+    exported = device_map(plan)
+    assert exported["lm_head"] == exported["model.embed_tokens"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                        # "Tied parameters are on different devices" would warn
+        accelerate.utils.check_device_map(original, exported)
+    # The last card offloaded to disk: with the head there (a plain plan), transformers fails (KeyError
+    # 'lm_head.weight'); with the head on the embedding's card the forward matches the whole model.
+    last = max(exported.values())
+    offloaded = {module: "disk" if card == last else "cpu" for module, card in exported.items()}
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=offloaded,
+                                                               offload_folder=str(tmp_path / "offload"))
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, original(ids).logits, atol=1e-6)
+    plain = device_map(api.plan(table, capacity=sum(x.weight_bytes for x in table.layers), cards=3))
+    assert plain["lm_head"] == last != plain["model.embed_tokens"]
+    parted = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map={m: "disk" if card == last else "cpu" for m, card in plain.items()},
+        offload_folder=str(tmp_path / "offload-plain"))
+    with torch.no_grad(), pytest.raises(KeyError, match=r"lm_head\.weight"):
+        parted(ids)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cachefit
@@ -176,3 +177,85 @@ def test_plans_over_cards_of_different_sizes_match_enumeration(table: LayerTable
         fills = [Fraction(p.footprint_bytes, plan.capacity_bytes[p.card]) for p in plan.partitions]
         assert max(fills) == expected and all(fill <= 1 for fill in fills)
         assert all(size in capacities for size in plan.capacity_bytes)
+
+
+@st.composite
+def _decoder_tables(draw: st.DrawFn) -> LayerTable:
+    """Random tables of decoder blocks (``model.layers.N``) with other layers before and after them (an embedding;
+    a norm, a head), as in the models vLLM runs."""
+    table = draw(tables(max_layers=7))
+    n = len(table.layers)
+    first = draw(st.integers(0, n - 1))
+    last = draw(st.integers(first, n - 1))
+    kinds = [first <= i <= last for i in range(n)]
+    names = {x.name: (f"model.layers.{i}" if kind else f"other{i}") for i, (x, kind) in
+             enumerate(zip(table.layers, kinds))}
+    layers = tuple(replace(x, name=names[x.name], modules=(names[x.name],),
+                           shared=tuple(replace(s, owner=names[s.owner]) for s in x.shared)) for x in table.layers)
+    return replace(table, layers=layers)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_decoder_tables(), st.sampled_from(["sum", "peak", "pipeline"]), st.integers(1, 4))
+def test_plans_for_vllm_are_optimal_with_a_decoder_layer_in_every_stage(table: LayerTable, model: str,
+                                                                       cards: int) -> None:
+    from cachefit import api
+    from cachefit.core.spec import is_decoder_block
+    from cachefit.planning.peers import for_peer
+
+    decoders = sum(is_decoder_block(x.name) for x in table.layers)
+    if cards > decoders:
+        return
+    plan = api.plan(table, capacity=1 << 40, cards=cards, memory_model=model, split="never", peer="vllm")
+    assert plan.feasible and plan.peer == "vllm" and len(plan.partitions) == cards
+    assert all(any(is_decoder_block(name) for name in p.layers) for p in plan.partitions)
+    allowed = [runs for runs in reference.compositions(len(table.layers), cards)
+               if all(any(is_decoder_block(table.layers[i].name) for i in range(a, b + 1)) for a, b in runs)]
+    best = min(max(reference.footprint(table, model, a, b) for a, b in runs) for runs in allowed)
+    # Each stage's bytes are the original table's, exactly.
+    for p in plan.partitions:
+        assert p.footprint_bytes == reference.footprint(table, model, p.first, p.last)
+    assert plan.bottleneck_bytes >= best
+    if for_peer(table, "vllm", model).exact:      # no unit's workspace had to be clipped at 0
+        assert plan.optimal and plan.bottleneck_bytes == best
+
+
+def _set_footprint(table: LayerTable, model: str, held: list[int]) -> int:
+    """DESIGN.md's footprints for a card holding any set of layers (each run at its own time)."""
+    layers = table.layers
+    names = {layers[i].name for i in held}
+    shared = {(s.owner, s.tensor): s.bytes for i in held for s in layers[i].shared if s.owner not in names}
+    total = sum(layers[i].weight_bytes + layers[i].kv_cache_bytes for i in held) + sum(shared.values())
+    if model == "sum":
+        return total + sum(layers[i].activation_bytes + layers[i].workspace_bytes for i in held)
+    receive = max((x.activation_bytes for x in layers[:-1]), default=0) if model == "pipeline" else 0
+    incoming = [table.input_bytes, *(x.activation_bytes for x in layers[:-1])]
+    return total + receive + max(incoming[i] + layers[i].activation_bytes + layers[i].workspace_bytes for i in held)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tables(max_layers=6), st.sampled_from(["sum", "peak", "pipeline"]), st.integers(1, 4))
+def test_plans_for_accelerate_are_optimal_with_tied_layers_on_their_owners_card(table: LayerTable, model: str,
+                                                                               cards: int) -> None:
+    from cachefit import api
+    from cachefit.planning.peers import for_peer
+
+    units = for_peer(table, "accelerate", model)
+    if cards > len(units.members):
+        return
+    plan = api.plan(table, capacity=1 << 40, cards=cards, memory_model=model, split="never", peer="accelerate")
+    assert plan.feasible and len(plan.partitions) == cards
+    # Units of consecutive layers come back on the original layers; a tied layer out of order keeps the units'.
+    held = [list(range(p.first, p.last + 1)) if units.contiguous else
+            [i for u in range(p.first, p.last + 1) for i in units.members[u]] for p in plan.partitions]
+    assert sorted(i for card in held for i in card) == list(range(len(table.layers)))
+    for p, card in zip(plan.partitions, held):               # a user of a shared tensor sits with its owner
+        names = {table.layers[i].name for i in card}
+        assert all(s.owner in names for i in card for s in table.layers[i].shared)
+        assert p.footprint_bytes >= _set_footprint(table, model, card)
+        assert p.footprint_bytes == _set_footprint(table, model, card) or not units.exact
+    best = min(max(_set_footprint(table, model, [i for u in range(a, b + 1) for i in units.members[u]])
+                   for a, b in runs) for runs in reference.compositions(len(units.members), cards))
+    assert plan.bottleneck_bytes >= best
+    if units.exact:
+        assert plan.optimal and plan.bottleneck_bytes == best

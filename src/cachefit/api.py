@@ -22,7 +22,18 @@ from cachefit.core.records import DeviceRecord, Objective, Plan, Strategy
 from cachefit.core.units import parse_sizes
 from cachefit.output.export import Target, export_plan
 from cachefit.perf.predict import Prediction, predict_plan
-from cachefit.planning import make_baseline_plan, make_plan, make_split_plan, make_time_plan, parse_baseline
+from cachefit.planning import (
+    NOTES,
+    Peer,
+    Settings,
+    for_peer,
+    make_baseline_plan,
+    make_plan,
+    make_split_plan,
+    make_time_plan,
+    on_original_layers,
+    parse_baseline,
+)
 from cachefit.sources import load_model, rebuild_table
 
 if TYPE_CHECKING:
@@ -52,7 +63,8 @@ def profile(model: str | Path, **model_options: Any) -> LayerTable:
 def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, device: str | None = None,
          cards: int | None = None, memory_model: MemoryModel = "peak", strategy: Strategy = "balanced",
          split: SplitMode = "auto", baseline: Baseline | None = None, objective: Objective = "memory",
-         micro_batches: int = 1, devices_file: str | Path | None = None, **model_options: Any) -> Plan:
+         micro_batches: int = 1, devices_file: str | Path | None = None, peer: Peer | None = None,
+         **model_options: Any) -> Plan:
     """Plan ``model`` (a LayerTable or any MODEL the CLI takes) onto cards of ``capacity`` (bytes, a SIZE string,
     or one per card) or of a catalog ``device``'s usable on-chip capacity.
 
@@ -60,9 +72,22 @@ def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, de
     when whole layers cannot fit; ``always`` (the fewest cards over every width). ``baseline`` ("tp=8,pp=2"):
     the classic layout instead, built whether or not it fits. ``objective="time"``: the least slowest predicted
     stage (per pass of 1/``micro_batches`` of the batch) on ``device``'s figures, every card within ``capacity``
-    (default: the device's)."""
+    (default: the device's). ``peer="vllm"``: every stage holds a decoder layer, as vLLM needs (the plan is
+    optimal under that constraint)."""
     _check_plan_options(split, baseline, objective, strategy, cards, micro_batches)
     table = _table(model, model_options)
+    if peer is not None:
+        if baseline is not None:
+            raise InputError("baseline fixes the stages itself; drop peer (or the baseline)",
+                             parameters=("baseline", "peer"))
+        units = for_peer(table, peer, memory_model)
+        if cards is not None and cards > len(units.members):
+            raise InputError(f"cards ({cards}) must not exceed the {len(units.members)} units a plan for {peer} "
+                             "keeps apart (vllm: the decoder layers)", parameters=("cards", "peer"))
+        made = plan(units.table, capacity, device=device, cards=cards, memory_model=memory_model, strategy=strategy,
+                    split=split, objective=objective, micro_batches=micro_batches, devices_file=devices_file)
+        settings = Settings(made.layout, made.objective, made.strategy, made.memory_model, made.device)
+        return replace(on_original_layers(made, units, table, settings, NOTES[peer]), peer=peer)
     catalog = load_devices(devices_file)
     if objective == "time":
         return _time_plan(table, capacity, device, cards, memory_model, micro_batches, catalog)
@@ -205,6 +230,7 @@ def predict(plan_or_file: Plan | str | Path, *, device: str | None = None, micro
     """Predicted speed of a plan (and of the ``baseline`` tp=T,pp=P layout of the same model on the same cards)
     on ``device`` (default: the device the plan was made for)."""
     plan = plan_or_file if isinstance(plan_or_file, Plan) else Plan.read(plan_or_file)
+    plan.check_in_layer_order("predict")
     name = device or (plan.device.name if plan.device else None)
     if name is None:
         raise InputError("this plan names no device (it was planned with a capacity): give device, e.g. a "

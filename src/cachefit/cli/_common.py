@@ -37,12 +37,15 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     sys.exit(code)
 
 
+_FLAGS = {"peer": "for"}     # parameters whose flag is not their name
+
+
 def flag_text(error: InputError) -> str:
     """The message with the parameters it names written as flags: ``prefill_chunk`` -> ``--prefill-chunk``,
     ``objective='time'`` -> ``--objective time``."""
     text = str(error)
     for name in error.parameters:
-        flag = "--" + name.replace("_", "-")
+        flag = "--" + _FLAGS.get(name, name.replace("_", "-"))
         text = re.sub(rf"(?<![\w-]){re.escape(name)}='([^']*)'", rf"{flag} \1", text)
         text = re.sub(rf"(?<![\w-]){re.escape(name)}=(?=\w)", f"{flag} ", text)
         text = re.sub(rf"(?<![\w=-]){re.escape(name)}(?![\w-])", flag, text)

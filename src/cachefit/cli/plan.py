@@ -48,6 +48,9 @@ from cachefit.output import report
 @click.option("--micro-batch", type=click.Choice(["auto"]),
               help="auto: the largest batch (sequences per pass, up to --batch) at which a plan exists.")
 @model_options
+@click.option("--for", "peer", type=click.Choice(["vllm", "accelerate"]),
+              help="Plan for a peer's constraint (still optimal under it): vllm, every stage holds a decoder "
+                   "layer; accelerate, a tied head on its embedding's card.")
 @click.option("--devices-file", type=click.Path(dir_okay=False), help="TOML adding devices or overriding figures.")
 @click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write the plan JSON to this file.")
@@ -55,8 +58,8 @@ from cachefit.output import report
 @handle_errors
 def plan_command(model: str, device: str | None, capacity: str | None, cards: int | None, strategy: str,
                  memory_model: str, split: str, baseline: str | None, objective: str, micro_batch: str | None,
-                 devices_file: str | None, output_format: str, output: str | None, plot: str | None,
-                 **kwargs: Any) -> None:
+                 peer: str | None, devices_file: str | None, output_format: str, output: str | None,
+                 plot: str | None, **kwargs: Any) -> None:
     """Split MODEL's layers into contiguous partitions, one per card, each fitting the card's capacity.
 
     Exits 3 (and still prints the plan, with a diagnosis) when nothing fits.
@@ -71,6 +74,7 @@ def plan_command(model: str, device: str | None, capacity: str | None, cards: in
       cachefit plan seed-dense16 --device h100 --baseline tp=8,pp=2
       cachefit plan seed-dense16 --capacity 1GB --phase prefill --seq 512 --micro-batch auto
       cachefit plan llama-3-8b --device h100 --capacity 2GB --objective time   # fastest slowest stage
+      cachefit plan hf/llama-3-8b --capacity 4GB --cards 7 --for vllm -o p.json   # then: export --to vllm
     """
     if (device is None) == (capacity is None) and not (objective == "time" and device is not None):
         fail("give exactly one of --device NAME and --capacity SIZE[,SIZE...] (both only with --objective time)")
@@ -81,7 +85,7 @@ def plan_command(model: str, device: str | None, capacity: str | None, cards: in
     options: dict[str, Any] = dict(device=device, cards=cards, memory_model=cast(MemoryModel, memory_model),
                                    strategy=cast(Strategy, strategy), split=cast(api.SplitMode, split),
                                    baseline=baseline, objective=cast(api.Objective, objective),
-                                   devices_file=devices_file)
+                                   devices_file=devices_file, peer=peer)
     if micro_batch == "auto":
         table, result = _largest_micro_batch(model, capacity, options, arguments)
     else:

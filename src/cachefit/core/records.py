@@ -126,6 +126,7 @@ class Plan:
     diagnosis: tuple[str, ...] = ()
     optimal: bool = False           # the bottleneck of its objective proven least for this card count
     device: DeviceRecord | None = None
+    peer: Literal["vllm", "accelerate"] | None = None   # planned under that peer's constraint (planning/peers.py)
 
     @property
     def found(self) -> bool:
@@ -140,6 +141,8 @@ class Plan:
         document["partitions"] = [{**asdict(p), "layers": list(p.layers), "modules": list(p.modules),
                                    "cards": list(p.cards)} for p in self.partitions]
         document["diagnosis"] = list(self.diagnosis)
+        if self.peer is None:
+            document.pop("peer")        # written only when set: plans without it read as before
         return document
 
     def to_json(self) -> str:
@@ -147,6 +150,14 @@ class Plan:
 
     def write(self, path: str | Path) -> None:
         atomic_write_text(path, self.to_json())
+
+    def check_in_layer_order(self, verb: str) -> None:
+        """``shard``, ``run`` and ``predict`` take stages of consecutive layers; a plan for accelerate may run a tied
+        head on the embedding's card, out of order."""
+        if self.peer == "accelerate":
+            raise InputError(f"this plan was made for accelerate (a tied head may share the embedding's card, out of "
+                             f"layer order): it is for export to accelerate; {verb} needs a plan made without "
+                             "peer='accelerate'", parameters=("peer",))
 
     def partition_of(self, card: int) -> Partition:
         """The stage card ``card`` works on."""

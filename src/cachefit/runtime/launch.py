@@ -105,6 +105,7 @@ def check_run(plan: Plan, weights: str | Path, options: RunOptions) -> None:
     """Everything that can be refused before a process starts: the plan, the sizes, every shard."""
     if not plan.partitions:
         raise InputError("the plan is not feasible: nothing to run")
+    plan.check_in_layer_order("run")
     spec = plan_spec(plan.model)
     if plan.model.phase != "decode":
         raise InputError(f"a run generates tokens, which needs the KV cache a decode plan counts; this plan is for "

@@ -113,6 +113,7 @@ def shard_checkpoint(plan: Plan, checkpoint: str | Path, out: str | Path) -> Man
     beside ``out``, swapped in whole once every file is written (a failure leaves ``out`` as it was)."""
     if not plan.partitions:
         raise InputError("the plan is not feasible: there are no partitions to shard")
+    plan.check_in_layer_order("shard")
     info = read_checkpoint_info(checkpoint)
     spec = plan_spec(plan.model)
     if checkpoint_spec(info, checkpoint) != spec:
