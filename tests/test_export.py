@@ -219,3 +219,41 @@ def test_accelerate_runs_a_tied_model_from_a_plan_made_for_it(tmp_path: Path) ->
         offload_folder=str(tmp_path / "offload-plain"))
     with torch.no_grad(), pytest.raises(KeyError, match=r"lm_head\.weight"):
         parted(ids)
+
+
+def _vllm_pp_indices(partition: str, layers: int, rank: int, stages: int) -> tuple[int, int]:
+    """vLLM's documented reading of VLLM_PP_LAYER_PARTITION (vllm/distributed/utils.py, get_pp_indices): comma-
+    separated integers, one per pipeline rank, summing to the model's decoder layers; rank r runs layers
+    [sum(counts[:r]), sum(counts[:r + 1])). Anything else is a ValueError."""
+    counts = [int(part) for part in partition.split(",")]            # "5,5,5," and "5,5,5,a" raise ValueError
+    if len(counts) != stages or sum(counts) != layers:
+        raise ValueError(f"{partition!r} does not split {layers} layers over {stages} stages")
+    return sum(counts[:rank]), sum(counts[:rank + 1])
+
+
+def test_vllm_reading_matches_its_own_tests() -> None:
+    # The cases of vLLM's tests/distributed/test_pipeline_partition.py (test_custom_layer_partition).
+    for partition, layers, goldens in (("5,5,5,5", 20, [(0, 5), (5, 10), (10, 15), (15, 20)]),
+                                       ("4,6,6,4", 20, [(0, 4), (4, 10), (10, 16), (16, 20)]),
+                                       ("5,6,5,6", 22, [(0, 5), (5, 11), (11, 16), (16, 22)])):
+        assert [_vllm_pp_indices(partition, layers, r, len(goldens)) for r in range(len(goldens))] == goldens
+    for partition, layers in (("5,5,5,5,", 20), ("5,5,5,a", 20), ("5,5,5", 20), ("5,5,5,5", 21)):
+        with pytest.raises(ValueError):
+            _vllm_pp_indices(partition, layers, 0, 4)
+
+
+@pytest.mark.parametrize("model", ["hf/llama-3-8b", "llama-3-8b", "hf/mistral-7b"])
+@pytest.mark.parametrize("cards", [2, 5, 7])
+def test_vllm_exports_reproduce_the_plans_decoder_ranges(model: str, cards: int) -> None:
+    import re
+
+    from cachefit import api
+
+    plan = api.plan(model, capacity="40GB", cards=cards, peer="vllm", seq=256)
+    text = api.export(plan, "vllm").strip()
+    partition = text.removeprefix("VLLM_PP_LAYER_PARTITION=")
+    decoders = [sorted(int(found.group(1)) for m in p.modules if (found := re.search(r"layers\.(\d+)$", m)))
+                for p in plan.partitions]
+    total = sum(len(d) for d in decoders)
+    for rank, held in enumerate(decoders):
+        assert _vllm_pp_indices(partition, total, rank, cards) == (held[0], held[-1] + 1)
