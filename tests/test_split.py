@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachefit import api
-from cachefit.core.layers import Layer, LayerTable, Split
+from cachefit.core.layers import Layer, LayerTable, SharedTensor, Split
 from cachefit.core.memory import per_card_table
 from cachefit.core.records import Plan
 from cachefit.planning import make_baseline_plan, make_split_plan, parse_baseline
@@ -34,32 +34,53 @@ def split_tables(draw: st.DrawFn) -> LayerTable:
     return LayerTable("random", tuple(layers), table.input_bytes)
 
 
-def _share(table: LayerTable, ways: int) -> LayerTable | None:
-    """The per-card table of width ``ways``, written out independently of cachefit.core.memory; None if not allowed."""
-    layers = []
+@st.composite
+def tied_split_tables(draw: st.DrawFn) -> LayerTable:
+    """Random split tables (2-5 layers) whose last layer shares a tensor the first owns, as a tied head shares
+    the embedding; every layer splits both ways, so a vocab-parallel head's share of the tie is drawn too."""
+    table = draw(split_tables().filter(lambda t: len(t.layers) >= 2))
+    tie = draw(SIZES)
+    first, *middle, last = table.layers
+    owner_splits = tuple(Split(w, tie // w + draw(SIZES), draw(SIZES), draw(SIZES)) for w in WIDTHS)
+    owner = Layer(first.name, first.weight_bytes + tie, first.activation_bytes, first.workspace_bytes,
+                  first.kv_cache_bytes, 0.0, (), (), owner_splits)
+    user = Layer(last.name, last.weight_bytes, last.activation_bytes, last.workspace_bytes, last.kv_cache_bytes,
+                 0.0, (), (SharedTensor("tied", first.name, tie),),
+                 tuple(Split(w, draw(SIZES), draw(SIZES), draw(SIZES)) for w in WIDTHS))
+    return LayerTable("tied", (owner, *middle, user), table.input_bytes)
+
+
+def _share(table: LayerTable, ways: int) -> tuple[LayerTable, list[bool]]:
+    """The per-card table of width ``ways`` (layers without that width left whole) and which layers allow it,
+    written out independently of cachefit.core.memory. A shared tensor is held per card as its owner holds it at
+    that width: min(tensor, the owner's share) (a vocab-parallel head needs its slice of the tied embedding)."""
+    owners = {x.name: x for x in table.layers}
+    layers, allowed = [], []
     for x in table.layers:
         found = [s for s in x.splits if s.ways == ways]
-        if ways > 1 and not found:
-            return None
-        if ways > 1:
+        allowed.append(ways == 1 or bool(found))
+        if ways > 1 and found:
+            shared = []
+            for tie in x.shared:
+                held = [s.weight_bytes for s in owners[tie.owner].splits if s.ways == ways]
+                shared.append(SharedTensor(tie.tensor, tie.owner, min(tie.bytes, *held)))
             x = Layer(x.name, found[0].weight_bytes, x.activation_bytes, found[0].workspace_bytes,
-                      found[0].kv_cache_bytes)
+                      found[0].kv_cache_bytes, 0.0, (), tuple(shared))
         layers.append(x)
-    return LayerTable(table.name, tuple(layers), table.input_bytes)
+    return LayerTable(table.name, tuple(layers), table.input_bytes), allowed
 
 
 def _all_plans(table: LayerTable, model: str) -> list[tuple[int, int]]:
     """(cards, bottleneck) of every split plan: every composition, every width per stage."""
     n, found = len(table.layers), []
+    shares = {ways: _share(table, ways) for ways in (1, *WIDTHS)}
     for stages in range(1, n + 1):
         for runs in reference.compositions(n, stages):
             for widths in itertools.product((1, *WIDTHS), repeat=stages):
                 sizes = []
                 for (first, last), ways in zip(runs, widths):
-                    share = _share(LayerTable(table.name, table.layers[first:last + 1],
-                                              table.input_bytes if first == 0 else
-                                              table.layers[first - 1].activation_bytes), ways)
-                    if share is None:
+                    share, allowed = shares[ways]
+                    if not all(allowed[first:last + 1]):
                         break
                     sizes.append(_stage_footprint(table, share, model, first, last))
                 else:
@@ -68,8 +89,8 @@ def _all_plans(table: LayerTable, model: str) -> list[tuple[int, int]]:
 
 
 def _stage_footprint(table: LayerTable, share: LayerTable, model: str, first: int, last: int) -> int:
-    """reference.footprint of the stage, with the whole table's receive buffer for ``pipeline``."""
-    base = reference.footprint(share, "peak" if model == "pipeline" else model, 0, last - first)
+    """reference.footprint of the stage on its cards, with the whole table's receive buffer for ``pipeline``."""
+    base = reference.footprint(share, "peak" if model == "pipeline" else model, first, last)
     if model == "pipeline" and len(table.layers) > 1:
         base += max(x.activation_bytes for x in table.layers[:-1])
     return base
@@ -100,6 +121,16 @@ def test_split_min_max_matches_enumeration(table: LayerTable, model: str, budget
     assert [p.tensor_parallel for p in plan.partitions] and all(
         p.footprint_bytes == p.weight_bytes + p.activation_bytes + p.workspace_bytes + p.kv_cache_bytes
         for p in plan.partitions)
+
+
+@settings(max_examples=200, deadline=None)
+@given(tied_split_tables(), st.sampled_from(["sum", "peak", "pipeline"]), st.integers(1, 8))
+def test_split_plans_with_a_tied_vocab_parallel_head_match_enumeration(table: LayerTable, model: str,
+                                                                      budget: int) -> None:
+    best = min(b for c, b in _all_plans(table, model) if c <= budget)
+    plan = make_split_plan(table, 10**9, cards=budget, memory_model=model)  # type: ignore[arg-type]
+    assert plan.feasible and plan.bottleneck_bytes == best and plan.cards <= budget
+    assert plan.lower_bound_bytes <= best
 
 
 def _two_layer_table() -> LayerTable:

@@ -17,7 +17,7 @@ from typing import Any
 from cachefit.core.cost import LayerCosts, Rates, StageTime, layer_costs, stage_time
 from cachefit.core.errors import InputError
 from cachefit.core.layers import LayerTable
-from cachefit.core.memory import shared_bytes, shared_uses
+from cachefit.core.memory import per_card_table, shared_bytes, shared_uses
 from cachefit.core.records import Partition, Plan
 
 __all__ = ["Prediction", "StagePrediction", "predict_plan"]
@@ -92,9 +92,10 @@ def predict_plan(plan: Plan, table: LayerTable, rates: Rates, micro_batches: int
 def _stages(plan: Plan, table: LayerTable, rates: Rates, share: float, tokens: int) -> tuple[StagePrediction, ...]:
     costs = {ways: layer_costs(table, rates, share, tokens, ways)
              for ways in {part.tensor_parallel for part in plan.partitions}}
-    uses = shared_uses(table)
-    return tuple(_stage(part, costs[part.tensor_parallel], shared_bytes(uses, part.first, part.last))
-                 for part in plan.partitions)
+    # Shared tensors as a card of each width holds them (a vocab-parallel head: its slice of the tied embedding).
+    uses = {ways: shared_uses(per_card_table(table, ways)[0]) for ways in costs}
+    return tuple(_stage(part, costs[part.tensor_parallel],
+                        shared_bytes(uses[part.tensor_parallel], part.first, part.last)) for part in plan.partitions)
 
 
 def _stage(part: Partition, costs: LayerCosts, shared: int) -> StagePrediction:

@@ -41,11 +41,13 @@ def build_plan(table: LayerTable, settings: Settings, stages: Sequence[Stage], c
                lower_bound: int, optimal: bool, notes: Sequence[str] = ()) -> Plan:
     """The plan of ``stages`` (contiguous, covering every layer, in card order) on cards of ``capacities`` (one
     per card; a group's cards share one size): each stage's per-card footprint by kind, and whether all fit."""
-    uses = shared_uses(table)
     shares = {ways: per_card_table(table, ways)[0] for ways in {stage.ways for stage in stages}}
+    # A shared tensor is held per card as its owner holds it at the stage's width (a vocab-parallel head: its
+    # slice of the tied embedding), as the partitioners count it.
+    uses = {ways: shared_uses(share) for ways, share in shares.items()}
     partitions, card = [], 0
     for stage in stages:
-        parts = breakdown(shares[stage.ways], settings.memory_model, stage.first, stage.last, uses)
+        parts = breakdown(shares[stage.ways], settings.memory_model, stage.first, stage.last, uses[stage.ways])
         layers = table.layers[stage.first:stage.last + 1]
         partitions.append(Partition(card, stage.first, stage.last, tuple(x.name for x in layers), parts.weight_bytes,
                                     parts.activation_bytes, parts.workspace_bytes, parts.kv_cache_bytes,
