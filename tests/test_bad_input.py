@@ -163,6 +163,10 @@ PROFILE = [
     (("profile", "tiny-llama", "--phase", "train"), "train"),
     (("profile", "tiny-llama", "-o", "{files}/nodir/t.json"), "does not exist"),
     (("profile", "{files}/table.json", "--batch", "2"), "has fixed sizes"),
+    (("profile", "hf/llama-3-8b", "--verify"), "would need about"),
+    (("profile", "hf/gpt2", "--verify", "--verify-limit", "lots"), "--verify-limit must be a size"),
+    (("profile", "tiny-llama", "--verify"), "verify builds a Hugging Face model for real"),
+    (("profile", "hf/gpt2", "--verify", "-o", "{files}/t.json"), "--verify prints a comparison"),
 ]
 OTHER = [
     (("predict", "{files}/nothing.json"), "cannot read plan"),

@@ -186,3 +186,33 @@ def test_expert_parallel_plans_round_trip(tmp_path: Path) -> None:
     plan = api.plan(again, capacity=block.weight_bytes + block.workspace_bytes + block.kv_cache_bytes + 4096,
                     split="always")
     assert plan.feasible and max(p.tensor_parallel for p in plan.partitions) == 4
+
+
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_verify_measures_a_real_forward_beside_the_estimate(tmp_path: Path, phase: str) -> None:
+    from cachefit import api
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_llama_config(False)))
+    checked = api.verify(tmp_path, batch=2, seq=32, phase=phase, dtype="float32")
+    names = [check.name for check in checked.checks]
+    assert names == [x.name for x in load_model(tmp_path, batch=2, seq=32, phase=phase, dtype="float32").layers]
+    assert all(c.weights_match and c.kv_cache_match for c in checked.checks)     # exact, as on meta
+    # Llama's estimate is never below what its real forward holds (meta runs attention decomposed: above it).
+    assert checked.trusted and all(c.ratio >= 1.0 for c in checked.checks)
+    blocks = [c for c in checked.checks if c.name.startswith("model.layers.")]
+    assert all(c.measured_bytes > 0 for c in blocks)
+
+
+def test_verify_exits_1_when_an_estimate_is_under_the_real_forward(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from cachefit import api
+    from cachefit.cli import cli
+    from cachefit.core.records import LayerCheck, Verification
+
+    under = Verification("m", "decode", (LayerCheck("a", 10, 10, True, True), LayerCheck("b", 5, 9, True, True)))
+    monkeypatch.setattr(api, "verify", lambda *args, **kwargs: under)
+    result = CliRunner().invoke(cli, ["profile", "hf/gpt2", "--verify"])
+    assert result.exit_code == 1 and "below the real forward at b" in result.stderr
+    assert "0.56x" in result.stdout

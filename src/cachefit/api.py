@@ -4,6 +4,7 @@ is a thin layer over it. Each function refuses a combination it would otherwise 
     profile(model, **model options) -> LayerTable       plan(model, capacity | device, ...) -> Plan
     predict(plan, device=...) -> (Prediction, baseline)  export(plan, target) -> str
     shard(plan, checkpoint, out) -> Manifest             run(plan_file, weights, RunOptions) -> RunResult
+    verify(model, **workload) -> Verification            (a Hugging Face profile against a real forward)
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from cachefit.core.errors import InputError
 from cachefit.core.hardware import Device, get_device, load_devices
 from cachefit.core.layers import LayerTable
 from cachefit.core.memory import MemoryModel
-from cachefit.core.records import DeviceRecord, Objective, Plan, Strategy
-from cachefit.core.units import parse_sizes
+from cachefit.core.records import DeviceRecord, Objective, Plan, Strategy, Verification
+from cachefit.core.units import parse_size, parse_sizes
 from cachefit.output.export import Target, export_plan
 from cachefit.perf.predict import Prediction, predict_plan
 from cachefit.planning import (
@@ -34,14 +35,14 @@ from cachefit.planning import (
     on_original_layers,
     parse_baseline,
 )
-from cachefit.sources import load_model, rebuild_table
+from cachefit.sources import load_model, rebuild_table, verify_model
 
 if TYPE_CHECKING:
     from cachefit.runtime.launch import RunOptions, RunResult
     from cachefit.runtime.shard import Manifest
 
 __all__ = ["SPLITS", "Objective", "SplitMode", "devices", "export", "largest_micro_batch", "load_model",
-           "parse_baseline", "plan", "predict", "profile", "run", "shard", "torchrun_command"]
+           "parse_baseline", "plan", "predict", "profile", "run", "shard", "torchrun_command", "verify"]
 
 Capacity = int | str | Sequence[int | str]
 SplitMode = Literal["auto", "never", "always"]
@@ -113,6 +114,16 @@ def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, de
                                            *grouped.diagnosis))
     return replace(grouped, diagnosis=(*whole.diagnosis, "with tensor groups (layers split across cards):",
                                        *grouped.diagnosis))
+
+
+def verify(model: str | Path, verify_limit: int | str = "4GiB", **workload: Any) -> Verification:
+    """MODEL's profile (a Hugging Face config) checked against a real forward on this host: per layer, the
+    estimated activation + workspace beside the measured one (``workload``: batch, seq, phase, dtype)."""
+    try:
+        limit = parse_size(verify_limit, "verify_limit")
+    except InputError as error:
+        raise InputError(str(error), parameters=("verify_limit",)) from error
+    return verify_model(model, limit, **workload)
 
 
 def _table(model: LayerTable | str | Path, model_options: dict[str, Any]) -> LayerTable:

@@ -10,9 +10,10 @@
 
 from __future__ import annotations
 
-__all__ = ["EXIT_BUG", "EXIT_INFEASIBLE", "EXIT_OK", "EXIT_USAGE", "InputError", "RunError"]
+__all__ = ["EXIT_BUG", "EXIT_FAILED", "EXIT_INFEASIBLE", "EXIT_OK", "EXIT_USAGE", "InputError", "RunError"]
 
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_INFEASIBLE = 0, 1, 2, 3
+EXIT_FAILED = EXIT_BUG      # a failed run or check (a rank died, --check or --verify found a difference)
 
 
 class InputError(ValueError):
@@ -28,4 +29,4 @@ class InputError(ValueError):
 class RunError(RuntimeError):
     """A run that failed: which rank, and how."""
 
-    exit_code = EXIT_BUG
+    exit_code = EXIT_FAILED

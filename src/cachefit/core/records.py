@@ -31,8 +31,8 @@ from cachefit.core.layers import LayerTable
 from cachefit.core.memory import MemoryModel
 from cachefit.core.spec import Phase, SpecRecord
 
-__all__ = ["LAYOUTS", "OBJECTIVES", "SCHEMA", "STRATEGIES", "CardSummary", "DeviceRecord", "Layout", "ModelInfo",
-           "Objective", "Partition", "Plan", "RunSummary", "Strategy"]
+__all__ = ["LAYOUTS", "OBJECTIVES", "SCHEMA", "STRATEGIES", "CardSummary", "DeviceRecord", "LayerCheck", "Layout",
+           "ModelInfo", "Objective", "Partition", "Plan", "RunSummary", "Strategy", "Verification"]
 
 SCHEMA = "cachefit.plan/v2"
 _V1 = "cachefit.plan/v1"
@@ -292,3 +292,38 @@ class RunSummary:
                               "residency": None if card.residency is None else dict(card.residency)}
                              for card in self.cards]
         return document
+
+
+@dataclass(frozen=True, slots=True)
+class LayerCheck:
+    """One layer's estimate (the profile on meta) against a real forward on this host: its activation plus
+    workspace, and whether its weights and KV cache matched to the byte."""
+
+    name: str
+    estimate_bytes: int
+    measured_bytes: int
+    weights_match: bool
+    kv_cache_match: bool
+
+    @property
+    def ratio(self) -> float:
+        """Estimate over measurement (>= 1: never under); inf when nothing was measured."""
+        return self.estimate_bytes / self.measured_bytes if self.measured_bytes else float("inf")
+
+    @property
+    def under(self) -> bool:
+        return self.estimate_bytes < self.measured_bytes or not (self.weights_match and self.kv_cache_match)
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """A profile checked against a real forward of the same model and workload on this host."""
+
+    model: str
+    phase: str
+    checks: tuple[LayerCheck, ...]
+
+    @property
+    def trusted(self) -> bool:
+        """No estimate below its measurement (and weights and KV cache exact): plans of it can be trusted."""
+        return not any(check.under for check in self.checks)

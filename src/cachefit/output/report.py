@@ -14,7 +14,7 @@ from cachefit.core.files import atomic_output
 from cachefit.core.hardware import KIND_NAMES, Device
 from cachefit.core.layers import LayerTable
 from cachefit.core.memory import breakdown, interval_cost
-from cachefit.core.records import CardSummary, Plan, RunSummary
+from cachefit.core.records import CardSummary, Plan, RunSummary, Verification
 from cachefit.core.units import format_size
 
 __all__ = ["console", "devices_table", "layer_table", "plan_summary", "plan_table", "plot_plan", "print_run_summary"]
@@ -119,6 +119,20 @@ def _figure(device: Device, key: str, unit: str = "", scale: float = 1.0) -> str
         return "-"
     value = format_size(figure.value) if not unit else f"{figure.value / scale:g} {unit}"
     return f"{value} ({figure.kind})"
+
+
+def verification_table(verification: Verification) -> Table:
+    """Per layer: the estimate (meta) beside a real forward's measurement, and their ratio."""
+    table = Table(title=f"{verification.model}, {verification.phase}: activation + workspace, estimated on meta "
+                        "against a real forward on this host")
+    for column in ("layer", "estimate", "measured", "ratio", "weights, KV cache"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for check in verification.checks:
+        exact = "exact" if check.weights_match and check.kv_cache_match else "DIFFER"
+        ratio = f"{check.ratio:.2f}x" if check.measured_bytes else "-"
+        table.add_row(check.name, format_size(check.estimate_bytes), format_size(check.measured_bytes),
+                      f"[red]{ratio}[/red]" if check.under else ratio, exact)
+    return table
 
 
 def plot_plan(plan: Plan, table: LayerTable, path: str | Path) -> None:

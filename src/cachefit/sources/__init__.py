@@ -17,12 +17,12 @@ from typing import Any, Literal
 
 from cachefit.core.errors import InputError
 from cachefit.core.layers import LayerTable
-from cachefit.core.records import ModelInfo
+from cachefit.core.records import ModelInfo, Verification
 from cachefit.core.spec import ExpertSplit, ModelSpec, Workload
 from cachefit.sources.spec import build_table, parse_spec_text, read_spec
 
-__all__ = ["WORKLOAD_OPTIONS", "Preset", "TorchOptions", "hf_preset_names", "load_model", "presets",
-           "rebuild_table", "spec_of"]
+__all__ = ["WORKLOAD_OPTIONS", "Granularity", "Preset", "TorchOptions", "hf_preset_names", "load_model", "presets",
+           "rebuild_table", "spec_of", "verify_model"]
 
 WORKLOAD_OPTIONS = ("batch", "seq", "phase", "dtype", "attention")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -120,6 +120,29 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     raise InputError(f"model {text!r} is not a file, nor a preset; presets: {', '.join(presets())}, "
                      f"{', '.join(hf_preset_names())} (or a layer table .json/.csv, a model spec .toml, a Hugging "
                      "Face config.json, or package.module:factory)")
+
+
+def verify_model(model: str | Path, limit_bytes: int, **workload: Any) -> Verification:
+    """A Hugging Face MODEL's profile checked against a real forward on this host (sources/verify.py)."""
+    unknown = set(workload) - set(WORKLOAD_OPTIONS)
+    if unknown:
+        raise InputError(f"unknown model option(s) {', '.join(sorted(unknown))}; known: {', '.join(WORKLOAD_OPTIONS)}")
+    chosen = {key: value for key, value in workload.items() if value is not None}
+    text, path = str(model), Path(model)
+    if text in hf_preset_names():
+        from cachefit.sources.hf import hf_presets
+        source: dict[str, Any] | Path = hf_presets()[text]
+    elif (path.is_dir() and (path / "config.json").exists()) or _is_hf_config(path):
+        source, text = path, path.stem if path.is_file() else path.name
+    else:
+        raise InputError(f"verify builds a Hugging Face model for real (a config.json, a folder holding one, or "
+                         f"hf/NAME); {text!r} is not one (presets and specs: profile with measure)",
+                         parameters=("verify",))
+    try:
+        from cachefit.sources.verify import verify_hf
+    except ImportError as error:
+        raise InputError(f"verify needs torch and transformers: pip install 'cachefit[hf]' ({error})") from error
+    return verify_hf(source, text, replace(HF_WORKLOAD, **chosen), limit_bytes)
 
 
 def rebuild_table(model: ModelInfo) -> LayerTable:

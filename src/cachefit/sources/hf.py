@@ -3,7 +3,8 @@
 No network: the config is a file (or a bundled preset, ``data/hf/*.json``), never a hub id. The model is built
 with ``AutoModelForCausalLM.from_config`` under ``torch.device("meta")`` and profiled by torch_profile: prefill
 runs the prompt (logits for the last position only, as generation does); decode runs one token against a
-pre-allocated ``StaticCache`` of ``seq`` tokens.
+pre-allocated ``StaticCache`` of ``seq`` tokens. ``device="cpu"`` builds the same model for real (random weights,
+seeded) and runs it with this host's kernels: what ``profile --verify`` measures against the estimate.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ def read_hf_config(path: Path) -> dict[str, Any]:
 
 
 def hf_table(config: dict[str, Any], name: str, work: Workload, granularity: Granularity = "block",
-             experts: ExpertSplit = "tensor") -> LayerTable:
-    model, hf_config = _build(config, work.dtype)
-    args, kwargs = _inputs(model, hf_config, work)
+             experts: ExpertSplit = "tensor", device: str = "meta") -> LayerTable:
+    model, hf_config = _build(config, work.dtype, device)
+    args, kwargs = _inputs(model, hf_config, work, device)
     blocks = find_blocks(model)
     # The KV cache each decoder layer holds, read off the pre-allocated cache itself: sliding-window layers
     # (Mistral, Phi-3) keep only their window, which a formula from the config would miss.
@@ -72,7 +73,7 @@ def _cache_bytes(cache: Any) -> list[int]:
     return [sum(t.numel() * t.element_size() for t in (layer.keys, layer.values)) for layer in cache.layers]
 
 
-def _build(config: dict[str, Any], dtype: str) -> tuple[nn.Module, Any]:
+def _build(config: dict[str, Any], dtype: str, device: str = "meta") -> tuple[nn.Module, Any]:
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as error:
@@ -90,7 +91,8 @@ def _build(config: dict[str, Any], dtype: str) -> tuple[nn.Module, Any]:
         raise InputError(f"transformers rejects this {model_type} config: {' '.join(lines[:2])}") from error
     _check_dimensions(hf_config, model_type)
     try:
-        with torch.device("meta"):
+        torch.manual_seed(0)                 # a real build (device "cpu"): the same random weights every time
+        with torch.device(device):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[dtype_bytes(dtype)[0]])
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
         raise InputError(f"transformers cannot build a {model_type} model from this config: "
@@ -119,11 +121,12 @@ def _check_dimensions(hf_config: Any, model_type: str) -> None:
                          f"num_key_value_heads ({kv_heads})")
 
 
-def _inputs(model: nn.Module, hf_config: Any, work: Workload) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _inputs(model: nn.Module, hf_config: Any, work: Workload, device: str = "meta"
+            ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if work.phase == "prefill":
         from transformers import DynamicCache
 
-        ids = torch.zeros(work.batch, work.seq, dtype=torch.long, device="meta")
+        ids = torch.zeros(work.batch, work.seq, dtype=torch.long, device=device)
         # With an empty cache transformers neither looks for packed sequences nor reads a padding mask, both of
         # which call .item() (impossible on meta). The keys and values the prompt leaves in the cache are what a
         # prefill before decoding holds; they show as each layer's workspace (the prefill table has no KV column).
@@ -136,9 +139,9 @@ def _inputs(model: nn.Module, hf_config: Any, work: Workload) -> tuple[tuple[Any
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     cache.early_initialization(work.batch, heads, head_dim, TORCH_DTYPES[dtype_bytes(work.dtype)[0]],
-                               torch.device("meta"))
-    ids = torch.zeros(work.batch, 1, dtype=torch.long, device="meta")
-    position = torch.tensor([work.seq - 1], device="meta")
+                               torch.device(device))
+    ids = torch.zeros(work.batch, 1, dtype=torch.long, device=device)
+    position = torch.tensor([work.seq - 1], device=device)
     return (ids,), {_cache_argument(model): cache, "cache_position": position, "use_cache": True,
                     "logits_to_keep": 1}
 

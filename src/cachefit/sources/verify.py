@@ -1,0 +1,47 @@
+"""``profile --verify``: a Hugging Face profile (made on meta) checked against the same model built for real on this
+host, random weights, the same workload, the default kernels, measured by the same live-tensor tracker
+(``torch_profile``, a dispatch mode that sees every tensor an op makes and when its storage is freed).
+
+What the real forward measures is the truth a plan rests on: where an estimate is below it, a plan of the profile
+can overfill a card. The real build needs the model's weights in this host's memory, so it is refused (with the
+estimate) above a limit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cachefit.core.errors import InputError
+from cachefit.core.layers import LayerTable
+from cachefit.core.records import LayerCheck, Verification
+from cachefit.core.spec import Workload
+from cachefit.core.units import format_size
+from cachefit.sources.hf import hf_table, read_hf_config
+
+__all__ = ["verify_hf"]
+
+
+def verify_hf(config: dict[str, Any] | Path, name: str, work: Workload, limit_bytes: int) -> Verification:
+    """Each layer's activation + workspace on meta against a real forward on CPU; refused above ``limit_bytes``
+    of estimated memory (weights, KV cache and the largest transient)."""
+    document = read_hf_config(config) if isinstance(config, Path) else config
+    estimate = hf_table(document, name, work)
+    need = _host_bytes(estimate)
+    if need > limit_bytes:
+        raise InputError(f"{name}: a real forward would need about {format_size(need)} of this host's memory "
+                         f"(weights, KV cache and the largest transient, estimated), over the limit of "
+                         f"{format_size(limit_bytes)}: raise verify_limit, or verify smaller dimensions, batch "
+                         "or sequence", parameters=("verify_limit",))
+    measured = hf_table(document, name, work, device="cpu")
+    if [x.name for x in measured.layers] != [x.name for x in estimate.layers]:
+        raise AssertionError("the real build's layers differ from the meta build's")     # same code: a bug
+    checks = tuple(LayerCheck(e.name, e.activation_bytes + e.workspace_bytes, m.activation_bytes + m.workspace_bytes,
+                              e.weight_bytes == m.weight_bytes, e.kv_cache_bytes == m.kv_cache_bytes)
+                   for e, m in zip(estimate.layers, measured.layers))
+    return Verification(name, work.phase, checks)
+
+
+def _host_bytes(table: LayerTable) -> int:
+    transient = max(x.activation_bytes + x.workspace_bytes for x in table.layers)
+    return sum(x.weight_bytes + x.kv_cache_bytes for x in table.layers) + table.input_bytes + transient
