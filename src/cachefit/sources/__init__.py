@@ -51,7 +51,8 @@ class TorchOptions:
     experts: ExpertSplit = "tensor"     # a mixture of experts in tensor groups: experts split, or placed whole
 
 
-HF_WORKLOAD = Workload(batch=1, seq=4096, phase="decode", dtype="bfloat16")
+# Hugging Face models run SDPA, whose fused kernels (CPU and GPU) are what a real forward uses: flash by default.
+HF_WORKLOAD = Workload(batch=1, seq=4096, phase="decode", dtype="bfloat16", attention="flash")
 
 
 def hf_preset_names() -> list[str]:

@@ -58,7 +58,8 @@ def hf_table(config: dict[str, Any], name: str, work: Workload, granularity: Gra
     index = {id(block): position for position, block in enumerate(blocks[1])} if blocks else {}
     table = profile_module(model, args, kwargs, name=name, batch=work.batch, seq=work.seq, phase=work.phase,
                            dtype=dtype_bytes(work.dtype)[0], granularity=granularity,
-                           kv_cache_bytes=lambda module: held[index[id(module)]] if id(module) in index else 0)
+                           kv_cache_bytes=lambda module: held[index[id(module)]] if id(module) in index else 0,
+                           fused=work.attention == "flash")
     # Tensor groups from the model's own tensor-parallel plan (blocks are the unit it is written for).
     if granularity != "block":
         if experts != "tensor":
@@ -94,7 +95,7 @@ def _build(config: dict[str, Any], dtype: str, device: str = "meta") -> tuple[nn
         torch.manual_seed(0)                 # a real build (device "cpu"): the same random weights every time
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[dtype_bytes(dtype)[0]])
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, AssertionError) as error:
         raise InputError(f"transformers cannot build a {model_type} model from this config: "
                          f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
     return model.eval(), hf_config
@@ -136,14 +137,30 @@ def _inputs(model: nn.Module, hf_config: Any, work: Workload, device: str = "met
 
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     cache = StaticCache(config=hf_config, max_cache_len=work.seq)
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    heads = _kv_heads(model, text)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     cache.early_initialization(work.batch, heads, head_dim, TORCH_DTYPES[dtype_bytes(work.dtype)[0]],
                                torch.device(device))
+    # The step decodes token seq-1 after seq-1 cached ones. Models that ask the cache how far it is filled (OPT)
+    # get that number: a static cache on meta would answer with a tensor, whose .item() meta cannot give.
+    cache.get_seq_length = lambda layer_idx=0: work.seq - 1    # type: ignore[method-assign]
     ids = torch.zeros(work.batch, 1, dtype=torch.long, device=device)
     position = torch.tensor([work.seq - 1], device=device)
     return (ids,), {_cache_argument(model): cache, "cache_position": position, "use_cache": True,
                     "logits_to_keep": 1}
+
+
+def _kv_heads(model: nn.Module, text: Any) -> int:
+    """Key/value heads per layer, as the attention modules themselves group them (a config may carry a
+    ``num_key_value_heads`` its architecture ignores); Falcon's multi-query attention has one (its config keeps
+    num_kv_heads at the query heads unless the new decoder architecture is used)."""
+    groups = next((m.num_key_value_groups for m in model.modules() if hasattr(m, "num_key_value_groups")), None)
+    if isinstance(groups, int) and groups >= 1:
+        return int(text.num_attention_heads // groups)
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", False):
+        return 1
+    kv = getattr(text, "num_kv_heads", None) if getattr(text, "new_decoder_architecture", False) else None
+    return int(kv or text.num_attention_heads)
 
 
 def _cache_argument(model: nn.Module) -> str:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cachefit.core.errors import InputError
 from cachefit.core.layers import Layer, LayerTable, Phase, SharedTensor
+from cachefit.sources.fused_attention import fused_attention
 
 __all__ = ["Granularity", "find_blocks", "profile_module"]
 
@@ -166,11 +168,12 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
 def profile_module(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None, *,
                    name: str, batch: int | None = None, seq: int | None = None, phase: Phase | None = None,
                    dtype: str | None = None, granularity: Granularity = "block",
-                   kv_cache_bytes: Callable[[nn.Module], int] | None = None) -> LayerTable:
+                   kv_cache_bytes: Callable[[nn.Module], int] | None = None, fused: bool = False) -> LayerTable:
     """Run ``model(*args, **kwargs)`` once (on meta tensors, normally) and measure each layer.
 
     ``kv_cache_bytes(module)``: the keys and values a module holds in decode; by default ``batch * seq`` tokens of
-    its ``k_proj`` and ``v_proj`` outputs.
+    its ``k_proj`` and ``v_proj`` outputs. ``fused``: SDPA on meta counted as the fused kernel runs it
+    (sources/fused_attention.py), not as its decomposition.
     """
     if granularity not in ("block", "leaf"):
         raise InputError(f"granularity must be 'block' or 'leaf', got {granularity!r}")
@@ -180,8 +183,13 @@ def profile_module(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping
     tracker.units = units
     handles = _hook(units, tracker)
     counter = FlopCounterMode(display=False)
+
+    def add_flops(value: float) -> None:
+        if tracker.active is not None:
+            units[tracker.active].flops += value
+
     try:
-        with torch.no_grad(), tracker, counter:
+        with torch.no_grad(), tracker, counter, fused_attention(add_flops) if fused else nullcontext():
             model(*args, **(kwargs or {}))
     finally:
         for handle in handles:
@@ -289,6 +297,7 @@ def _layer(group: list[_Unit], first: int, flow: list[tuple[int, int, int]], flo
     return Layer(name=named.name, weight_bytes=sum(unit.weight_bytes for unit in group),
                  activation_bytes=activation, workspace_bytes=max(0, held - incoming - activation),
                  kv_cache_bytes=sum(kv_cache_bytes(m) for u in group for m in u.module_objects) if decode else 0,
-                 flops=sum(flops.get(module, 0.0) for unit in group for module in unit.modules),
+                 flops=sum(flops.get(module, 0.0) for unit in group for module in unit.modules)
+                 + sum(unit.flops for unit in group),
                  modules=tuple(module for unit in group for module in unit.modules),
                  shared=tuple(s for unit in group for s in unit.shared if s.owner not in inside))
