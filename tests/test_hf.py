@@ -234,6 +234,8 @@ _MATRIX = [
     ("mixtral", {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2}),
     ("gpt_neox", {}), ("falcon", {"multi_query": True, "new_decoder_architecture": False}),
     ("opt", {"ffn_dim": 96, "word_embed_proj_dim": 64, "max_position_embeddings": 256}),
+    ("gpt2", {"pad_token_id": 0, "n_positions": 256}),            # a pad id: a .item() check on meta before
+    ("bert", {"is_decoder": True}),                               # an encoder's blocks, as a causal LM head
 ]
 
 
@@ -253,3 +255,13 @@ def test_profiles_match_a_real_forward_on_every_common_decoder(tmp_path: Path, a
     assert all(1.0 <= c.ratio <= 1.25 for c in checked.checks if c.measured_bytes), [
         (c.name, c.estimate_bytes, c.measured_bytes) for c in checked.checks]
 
+
+
+def test_the_element_type_comes_from_the_config_unless_given(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({**tiny_llama_config(False), "dtype": "float32"}))
+    assert load_model(tmp_path, seq=16).dtype == "float32"
+    assert load_model(tmp_path, seq=16, dtype="bfloat16").dtype == "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps({**tiny_llama_config(False), "torch_dtype": "float16"}))
+    assert load_model(tmp_path, seq=16).dtype == "float16"                  # the name before transformers 5
+    (tmp_path / "config.json").write_text(json.dumps(tiny_llama_config(False)))
+    assert load_model(tmp_path, seq=16).dtype == "bfloat16"                 # none stored: bfloat16

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from cachefit.core.errors import InputError
 from cachefit.core.layers import LayerTable
 from cachefit.core.records import ModelInfo, Verification
-from cachefit.core.spec import ExpertSplit, ModelSpec, Workload
+from cachefit.core.spec import DTYPE_BYTES, ExpertSplit, ModelSpec, Workload
 from cachefit.sources.spec import build_table, parse_spec_text, read_spec
 
 __all__ = ["WORKLOAD_OPTIONS", "Granularity", "Preset", "TorchOptions", "hf_preset_names", "load_model", "presets",
@@ -96,10 +96,11 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     if options.experts != "tensor" and not (is_hf or closed_form):
         raise InputError("experts='parallel' is for mixture-of-experts models (such as mixtral-8x7b or "
                          "hf/mixtral-8x7b); this model is not one", parameters=("experts",))
-    if (path.is_dir() and (path / "config.json").exists()) or _is_hf_config(path):
-        table: LayerTable = _torch().profile_hf(path, path.stem if path.is_file() else path.name,
-                                                replace(HF_WORKLOAD, **chosen), _torch_granularity(options),
-                                                options.experts)
+    hf = _hf_source(text, path)
+    if hf is not None:
+        document, name = hf
+        table: LayerTable = _torch().profile_hf(document, name, _hf_workload(document, chosen),
+                                                _torch_granularity(options), options.experts)
         return table
     if suffix in (".json", ".csv"):
         return _load_table_file(path, input_bytes, chosen)
@@ -108,11 +109,6 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     if suffix == ".toml" or text in presets():
         spec, work = spec_of(text)
         return _spec_table(spec, work, chosen, options)
-    if text in hf_preset_names():
-        from cachefit.sources.hf import hf_presets
-        table = _torch().profile_hf(hf_presets()[text], text, replace(HF_WORKLOAD, **chosen),
-                                    _torch_granularity(options), options.experts)
-        return table
     if _FACTORY.match(text):
         _refuse_options({k: v for k, v in chosen.items() if k != "phase"}, f"factory {text}")
         table = _torch().profile_factory(text, options.input_shape, options.input_dtype, chosen.get("phase"),
@@ -129,21 +125,38 @@ def verify_model(model: str | Path, limit_bytes: int, **workload: Any) -> Verifi
     if unknown:
         raise InputError(f"unknown model option(s) {', '.join(sorted(unknown))}; known: {', '.join(WORKLOAD_OPTIONS)}")
     chosen = {key: value for key, value in workload.items() if value is not None}
-    text, path = str(model), Path(model)
-    if text in hf_preset_names():
-        from cachefit.sources.hf import hf_presets
-        source: dict[str, Any] | Path = hf_presets()[text]
-    elif (path.is_dir() and (path / "config.json").exists()) or _is_hf_config(path):
-        source, text = path, path.stem if path.is_file() else path.name
-    else:
+    hf = _hf_source(str(model), Path(model))
+    if hf is None:
         raise InputError(f"verify builds a Hugging Face model for real (a config.json, a folder holding one, or "
-                         f"hf/NAME); {text!r} is not one (presets and specs: profile with measure)",
+                         f"hf/NAME); {str(model)!r} is not one (presets and specs: profile with measure)",
                          parameters=("verify",))
     try:
         from cachefit.sources.verify import verify_hf
     except ImportError as error:
         raise InputError(f"verify needs torch and transformers: pip install 'cachefit[hf]' ({error})") from error
-    return verify_hf(source, text, replace(HF_WORKLOAD, **chosen), limit_bytes)
+    document, name = hf
+    return verify_hf(document, name, _hf_workload(document, chosen), limit_bytes)
+
+
+def _hf_source(text: str, path: Path) -> tuple[dict[str, Any], str] | None:
+    """A Hugging Face config (a bundled ``hf/NAME``, a config.json, a folder holding one) and its name; None when
+    ``text`` names none."""
+    if text in hf_preset_names():
+        from cachefit.sources.hf import hf_presets
+        return hf_presets()[text], text
+    if (path.is_dir() and (path / "config.json").exists()) or _is_hf_config(path):
+        from cachefit.sources.hf import read_hf_config
+        return read_hf_config(path), path.stem if path.is_file() else path.name
+    return None
+
+
+def _hf_workload(document: dict[str, Any], chosen: dict[str, Any]) -> Workload:
+    """The workload of a Hugging Face model: the options given, the config's own element type (``dtype``, or
+    ``torch_dtype`` before transformers 5) unless one is given, else bfloat16."""
+    stored = document.get("dtype") or document.get("torch_dtype")
+    if "dtype" not in chosen and isinstance(stored, str) and stored in DTYPE_BYTES:
+        chosen = {**chosen, "dtype": stored}
+    return replace(HF_WORKLOAD, **chosen)
 
 
 def rebuild_table(model: ModelInfo) -> LayerTable:

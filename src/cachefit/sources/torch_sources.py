@@ -19,7 +19,7 @@ from cachefit.core.layers import Layer, LayerTable, Split
 from cachefit.core.spec import EMBED, HEAD, ModelSpec, SpecRecord, Workload, block_index, dtype_bytes
 from cachefit.nn.model import TORCH_DTYPES
 from cachefit.sources.families import split_ways, vocab_parallel_workspace
-from cachefit.sources.hf import hf_table, read_hf_config
+from cachefit.sources.hf import hf_table
 from cachefit.sources.hf_splits import ExpertSplit
 from cachefit.sources.torch_profile import Granularity, profile_module
 
@@ -167,7 +167,6 @@ def _inputs(target: str, inputs: Any, shape: tuple[int, ...] | None, dtype: str
     return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
 
 
-def profile_hf(config: dict[str, Any] | Path, name: str, work: Workload, granularity: Granularity,
+def profile_hf(config: dict[str, Any], name: str, work: Workload, granularity: Granularity,
                experts: ExpertSplit = "tensor") -> LayerTable:
-    document = read_hf_config(config) if isinstance(config, Path) else config
-    return hf_table(document, name, work, granularity, experts)
+    return hf_table(config, name, work, granularity, experts)
