@@ -4,6 +4,7 @@ against torch.profiler on a real CPU forward, factories, granularity, and no wei
 from __future__ import annotations
 
 import resource
+import warnings
 
 import pytest
 
@@ -122,3 +123,29 @@ def test_a_prefill_chunk_is_counted_on_top_of_decode() -> None:
     assert block.activation_bytes == 2 * 8 * 64 * 4                 # 8 prompt tokens x 2 sequences x d=64, fp32
     with pytest.raises(ValueError, match="prefill_chunk needs phase='decode'"):
         measure_spec(SPECS[0], Workload(batch=2, seq=32, phase="prefill"), prefill_chunk=4)
+
+
+def test_every_parameter_and_buffer_is_counted_once_wherever_it_sits() -> None:
+    # 32 x 16 embedding + 3 blocks of 16 x 16 + 16 + the unused 16 x 2 + 2, the root's 16-scale and 16-buffer, the
+    # 16 x 8 output + 8: float32.
+    from cachefit.sources import load_model
+
+    table = load_model("toy_models:dict_blocks")
+    total = (32 * 16 + 3 * (16 * 16 + 16) + (16 * 2 + 2) + 16 + 16 + (16 * 8 + 8)) * 4
+    assert sum(x.weight_bytes for x in table.layers) == total
+    assert [x.name for x in table.layers][1:4] == ["layers.0", "layers.1", "layers.2"]     # the dict's blocks
+    modules = [m for x in table.layers for m in x.modules]
+    assert "unused" in modules and modules.count("unused") == 1      # placed with a neighbour, and named
+    assert {"scale", "freqs"} <= set(modules)                        # the root's own tensors, by name
+    accelerate = pytest.importorskip("accelerate")
+    from cachefit import api
+    from cachefit.output.export import device_map
+    from toy_models import DictBlocks
+
+    # accelerate maps modules only (the root's own tensors need the whole model on one device, key ""): without
+    # them, the map of a plan of this layout covers every tensor once.
+    plain = load_model("toy_models:dict_blocks_without_root_tensors")
+    plan = api.plan(plain, capacity=sum(x.weight_bytes for x in plain.layers), cards=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        accelerate.utils.check_device_map(DictBlocks(root=False), device_map(plan))

@@ -39,3 +39,33 @@ def two_stream() -> nn.Module:
 
 def two_stream_with_inputs() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return TwoStream(), (torch.zeros(2, 5, 16),)
+
+
+class DictBlocks(nn.Module):
+    """torchtitan's layout: blocks in a ModuleDict the parent iterates (never called itself), beside a registered
+    module the forward never uses and the root's own parameter and buffer."""
+
+    def __init__(self, width: int = 16, depth: int = 3, root: bool = True) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(32, width)
+        self.layers = nn.ModuleDict({str(i): nn.Linear(width, width) for i in range(depth)})
+        self.unused = nn.Linear(width, 2)
+        self.scale = nn.Parameter(torch.ones(width)) if root else None
+        self.register_buffer("freqs", torch.ones(width) if root else None)
+        self.output = nn.Linear(width, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.tok_embeddings(ids)
+        if self.scale is not None and self.freqs is not None:
+            hidden = hidden * self.scale + self.freqs
+        for layer in self.layers.values():
+            hidden = layer(hidden)
+        return self.output(hidden)
+
+
+def dict_blocks() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    return DictBlocks(), (torch.zeros(2, 5, dtype=torch.long),)
+
+
+def dict_blocks_without_root_tensors() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    return DictBlocks(root=False), (torch.zeros(2, 5, dtype=torch.long),)

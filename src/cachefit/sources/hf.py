@@ -55,7 +55,7 @@ def hf_table(config: dict[str, Any], name: str, work: Workload, granularity: Gra
     # The KV cache each decoder layer holds, read off the pre-allocated cache itself: sliding-window layers
     # (Mistral, Phi-3) keep only their window, which a formula from the config would miss.
     held = _cache_bytes(kwargs.get(_cache_argument(model))) if work.phase == "decode" else []
-    index = {id(block): position for position, block in enumerate(blocks[1])} if blocks else {}
+    index = {id(block): position for position, (_, block) in enumerate(blocks[1])} if blocks else {}
     table = profile_module(model, args, kwargs, name=name, batch=work.batch, seq=work.seq, phase=work.phase,
                            dtype=dtype_bytes(work.dtype)[0], granularity=granularity,
                            kv_cache_bytes=lambda module: held[index[id(module)]] if id(module) in index else 0,

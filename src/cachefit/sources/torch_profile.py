@@ -1,8 +1,9 @@
 """Profile a real ``torch.nn.Module`` into a layer table, on the meta device: no weight memory is allocated.
 
-- Layers: the repeated blocks (the largest ModuleList of one class) and the modules beside them on the path from
-  the root (embeddings, final norm, head), in execution order; parameter-less ones join a neighbour. With
-  ``granularity="leaf"`` every executed leaf module is a layer.
+- Layers: the repeated blocks (the largest ModuleList or ModuleDict of one class) and the modules beside them on
+  the path from the root (embeddings, final norm, head), in execution order; parameter-less ones join a neighbour.
+  With ``granularity="leaf"`` every executed leaf module is a layer. Modules that never ran and the root's own
+  tensors join a layer (their weights count).
 - Weights: each parameter or buffer once, by identity, with its first user; later users list it as shared.
 - Activations: at each boundary, every tensor made before it and used after it (hidden state, residual, rotary
   tables...), from a dispatch mode that sees every op's outputs and module hooks that see every layer's inputs.
@@ -51,14 +52,17 @@ class _Unit:
     shared: list[SharedTensor] = field(default_factory=list)
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The repeated blocks: the ModuleList of one class (two or more) holding the most parameters."""
-    best: tuple[int, str, nn.ModuleList] | None = None
+def find_blocks(model: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]] | None:
+    """The repeated blocks: the ModuleList or ModuleDict (torchtitan keeps its layers in one, iterated by the
+    parent) of one class, two or more, holding the most parameters; its path and its (key, block) pairs."""
+    best: tuple[int, str, list[tuple[str, nn.Module]]] | None = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1:
-            size = sum(p.numel() for p in module.parameters())
-            if best is None or size > best[0]:
-                best = (size, name, module)
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            blocks = list(module.named_children())
+            if len(blocks) >= 2 and len({type(m) for _, m in blocks}) == 1:
+                size = sum(p.numel() for p in module.parameters())
+                if best is None or size > best[0]:
+                    best = (size, name, blocks)
     return None if best is None else (best[1], best[2])
 
 
@@ -71,7 +75,7 @@ def _units(model: nn.Module, granularity: Granularity) -> list[_Unit]:
     if found is None:
         return [_Unit(name, [name], [module]) for name, module in model.named_children()]
     path, blocks = found
-    units = [_Unit(f"{path}.{index}", [f"{path}.{index}"], [block]) for index, block in enumerate(blocks)]
+    units = [_Unit(f"{path}.{key}", [f"{path}.{key}"], [block]) for key, block in blocks]
     ancestors = [""] + [".".join(path.split(".")[:depth]) for depth in range(1, path.count(".") + 1)]
     on_path = set(ancestors) | {path}
     for ancestor in ancestors:
@@ -197,6 +201,7 @@ def profile_module(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping
     ran = sorted((unit for unit in units if unit.order < 1 << 60), key=lambda unit: unit.order)
     if not ran:
         raise InputError(f"{name}: no layer of the module ran in its forward")
+    _place_idle(model, units, ran)
     rank = {units.index(unit): position for position, unit in enumerate(ran)}
     flow = tracker.flow(rank)
     flops = {key.split(".", 1)[1]: float(sum(ops.values())) for key, ops in counter.get_flop_counts().items()
@@ -208,6 +213,35 @@ def profile_module(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping
               for first, group in _groups(ran)]
     return LayerTable(name=name, layers=tuple(layers), input_bytes=_boundary(flow, -1), dtype=dtype,
                       batch=batch, seq=seq, phase=phase)
+
+
+def _place_idle(model: nn.Module, units: list[_Unit], ran: list[_Unit]) -> None:
+    """Weights nothing called by itself still count: a module that never ran joins the layer registered before
+    it that ran (else the first that ran), by name, so exports name it too; the root's own parameters and
+    buffers join the first layer that ran, by their names."""
+    for position, unit in enumerate(units):
+        if unit.order < 1 << 60:
+            continue
+        host = next((u for u in reversed(units[:position]) if u.order < 1 << 60), ran[0])
+        host.modules.extend(unit.modules)
+        host.module_objects.extend(unit.module_objects)
+    inside = {id(t) for u in units for m in u.module_objects for t in [*m.parameters(), *m.buffers()]}
+    loose = {id(t): (n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in inside}
+    if loose:
+        ran[0].module_objects.append(_Holder([t for _, t in loose.values()]))
+        ran[0].modules.extend(n for n, _ in loose.values())     # by name, as a device_map must list them
+
+
+class _Holder(nn.Module):
+    """The root's own tensors, held for weight counting only (never called)."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        super().__init__()
+        for index, tensor in enumerate(tensors):
+            if isinstance(tensor, nn.Parameter):
+                self.register_parameter(f"p{index}", tensor)
+            else:
+                self.register_buffer(f"b{index}", tensor, persistent=False)
 
 
 def _hook(units: list[_Unit], tracker: _Tracker) -> list[Any]:
