@@ -3,8 +3,10 @@ against torch.profiler on a real CPU forward, factories, granularity, and no wei
 
 from __future__ import annotations
 
+import json
 import resource
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +151,27 @@ def test_every_parameter_and_buffer_is_counted_once_wherever_it_sits() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         accelerate.utils.check_device_map(DictBlocks(root=False), device_map(plan))
+
+
+@pytest.mark.parametrize("factory", ["llama_with_a_mask", "llama_without_cache"])
+def test_factories_of_transformers_models_with_masks_or_without_a_cache(tmp_path: Path, factory: str) -> None:
+    # The tiny Llama the factories build, profiled from its config instead (a prefill of 16 tokens, batch 2,
+    # float32): transformers' yes/no checks of masks and positions answered as for an unpadded, unpacked batch,
+    # the factory's profile holds the same weights, layer by layer, and no less activation and workspace.
+    pytest.importorskip("transformers")
+    from cachefit.sources import load_model
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}))
+    from_config = load_model(tmp_path, batch=2, seq=16, phase="prefill", dtype="float32")
+    table = load_model(f"toy_models:{factory}")
+    assert [x.name for x in table.layers] == [x.name for x in from_config.layers]
+    assert [x.weight_bytes for x in table.layers] == [x.weight_bytes for x in from_config.layers]
+    blocks = [(x.activation_bytes, x.workspace_bytes) for x in table.layers[1:3]]
+    expected = [(x.activation_bytes, x.workspace_bytes) for x in from_config.layers[1:3]]
+    if factory == "llama_with_a_mask":          # the same forward: a cache filled by the prompt, as profiled
+        assert blocks == expected
+    else:                                       # no cache: each block holds no K and V of 16 tokens, batch 2,
+        kv = 2 * 2 * 2 * 16 * 16 * 4            # 2 KV heads of 16, float32 = 8,192 B less
+        assert blocks == [(a, w - kv) for a, w in expected]

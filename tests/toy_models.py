@@ -69,3 +69,21 @@ def dict_blocks() -> tuple[nn.Module, tuple[torch.Tensor]]:
 
 def dict_blocks_without_root_tensors() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return DictBlocks(root=False), (torch.zeros(2, 5, dtype=torch.long),)
+
+
+def _tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def llama_with_a_mask() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A transformers model with its padding mask (transformers asks whether it is all ones: a .item())."""
+    return _tiny_llama(), {"input_ids": torch.zeros(2, 16, dtype=torch.long),
+                           "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+
+
+def llama_without_cache() -> tuple[nn.Module, dict[str, object]]:
+    """use_cache=False (transformers asks whether the positions are packed sequences: a .item())."""
+    return _tiny_llama(), {"input_ids": torch.zeros(2, 16, dtype=torch.long), "use_cache": False}

@@ -155,12 +155,25 @@ def _on_meta(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
     function admits bfloat16 only (CUDA's rule, torch/_meta_registrations.py), while the CPU kernel takes float32
     and float16 too (transformers' MoE experts call it for every dtype); the real kernel allocates its output
     only, (tokens, out features) for a 2-D input against 3-D expert weights, so that is what is made here."""
+    if func is torch.ops.aten._local_scalar_dense.default and args and args[0].device.type == "meta":
+        return _scalar_on_meta(args[0])
     if func is torch.ops.aten._grouped_mm.default and len(args) >= 2:
         a, b = args[0], args[1]
         if a.device.type == "meta" and a.dtype != torch.bfloat16 and b.dim() == 3 and a.dim() in (2, 3):
             shape = (a.size(0), b.size(-1)) if a.dim() == 2 else (a.size(0), a.size(1), b.size(-1))
             return torch.empty(shape, dtype=kwargs.get("out_dtype") or a.dtype, device="meta")
     return func(*args, **kwargs)
+
+
+def _scalar_on_meta(tensor: torch.Tensor) -> bool:
+    """A value a forward reads off its inputs (``Tensor.item()``), which meta tensors do not hold. transformers asks
+    yes/no questions of its masks and positions (is the padding mask all ones? are the sequences unpacked?):
+    they are answered yes, as for the unpadded, unpacked batch a profile describes. Any other value is refused."""
+    if tensor.dtype == torch.bool:
+        return True
+    raise InputError("the model's forward reads a number off its inputs (Tensor.item()), which profiling on the "
+                     "meta device cannot give; pass inputs that make it unnecessary (a Hugging Face model: give "
+                     "position_ids, or profile its config.json)")
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:

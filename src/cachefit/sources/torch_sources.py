@@ -127,7 +127,7 @@ def profile_factory(target: str, input_shape: tuple[int, ...] | None, input_dtyp
     dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters()), None)
     return profile_module(model.eval(), args, kwargs, name=target, batch=batch, seq=seq,
                           phase=phase if phase in ("prefill", "decode") else None,  # type: ignore[arg-type]
-                          dtype=dtype, granularity=granularity)
+                          dtype=dtype, granularity=granularity, fused=True)   # SDPA as the fused kernel runs it
 
 
 def _call_factory(target: str) -> tuple[Any, Any]:
