@@ -265,3 +265,17 @@ def test_the_element_type_comes_from_the_config_unless_given(tmp_path: Path) -> 
     assert load_model(tmp_path, seq=16).dtype == "float16"                  # the name before transformers 5
     (tmp_path / "config.json").write_text(json.dumps(tiny_llama_config(False)))
     assert load_model(tmp_path, seq=16).dtype == "bfloat16"                 # none stored: bfloat16
+
+
+def test_eager_attention_is_the_models_own_code_measured_as_it_runs(tmp_path: Path) -> None:
+    # eager holds the b x h x q x s scores (decode: 2 x 4 x 1 x 64 x 4 B = 2,048 B a layer, among its other
+    # tensors) where the fused kernel holds none; both match a real forward of the same code.
+    from cachefit import api
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_llama_config(False)))
+    eager = api.verify(tmp_path, batch=2, seq=64, dtype="float32", attention="eager")
+    fused = api.verify(tmp_path, batch=2, seq=64, dtype="float32", attention="flash")
+    assert eager.trusted and all(c.ratio == 1.0 for c in eager.checks if c.measured_bytes)
+    blocks = [(e.estimate_bytes, f.estimate_bytes) for e, f in zip(eager.checks, fused.checks)
+              if e.name.startswith("model.layers.")]
+    assert all(e >= f + 2 * 4 * 1 * 64 * 4 for e, f in blocks)

@@ -94,8 +94,10 @@ def model_options(function: F) -> F:
         click.option("--seq", type=click.IntRange(min=1), help="Sequence (context) length in tokens."),
         click.option("--phase", type=click.Choice(["prefill", "decode"]), help="Prompt pass or one-token steps."),
         click.option("--dtype", help="float32, float16, bfloat16, float8_e4m3fn, int8 (aliases fp16, bf16...)."),
-        click.option("--attention", type=click.Choice(["naive", "flash"]),
-                     help="naive keeps the score matrix as workspace; flash only a 128-key tile."),
+        click.option("--attention", type=click.Choice(["naive", "flash", "eager"]),
+                     help="naive keeps the score matrix as workspace (Hugging Face models: meta's SDPA "
+                          "decomposition); flash only a 128-key tile (Hugging Face: the fused kernel, their "
+                          "default); eager: a Hugging Face model's own attention code."),
         click.option("--input-bytes", type=click.IntRange(min=0),
                      help="For CSV layer tables: bytes of the activation entering layer 0."),
         click.option("--measure", is_flag=True,

@@ -27,7 +27,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "f
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp8": "float8_e4m3fn"}
 TOKEN_ID_BYTES = 8   # token ids enter the embedding as int64
 Phase = Literal["prefill", "decode"]
-Attention = Literal["naive", "flash"]
+Attention = Literal["naive", "flash", "eager"]   # eager: a Hugging Face model's own attention code
 ExpertSplit = Literal["tensor", "parallel"]     # a mixture of experts in a tensor group: split, or whole experts
 # Bounded so that a typo (layers = 99999999999999999999) is refused, not planned for hours.
 _Positive = Annotated[int, Field(ge=1, le=2**31, strict=True)]
@@ -89,8 +89,8 @@ class Workload:
                 raise InputError(f"{name} must be a positive integer, got {value!r}", parameters=(name,))
         if self.phase not in ("prefill", "decode"):
             raise InputError(f"phase must be 'prefill' or 'decode', got {self.phase!r}", parameters=("phase",))
-        if self.attention not in ("naive", "flash"):
-            raise InputError(f"attention must be 'naive' or 'flash', got {self.attention!r}",
+        if self.attention not in ("naive", "flash", "eager"):
+            raise InputError(f"attention must be 'naive', 'flash' or 'eager', got {self.attention!r}",
                              parameters=("attention",))
         dtype_bytes(self.dtype)
 

@@ -58,7 +58,7 @@ FLASH_KEY_BLOCK = 128
 
 
 def _attention_transient(work: Workload, heads: int, p: int) -> int:
-    keys = work.seq if work.attention == "naive" else min(work.seq, FLASH_KEY_BLOCK)
+    keys = min(work.seq, FLASH_KEY_BLOCK) if work.attention == "flash" else work.seq   # eager: scores held too
     return work.batch * heads * work.new_tokens * keys * p
 
 

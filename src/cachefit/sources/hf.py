@@ -49,7 +49,7 @@ def read_hf_config(path: Path) -> dict[str, Any]:
 
 def hf_table(config: dict[str, Any], name: str, work: Workload, granularity: Granularity = "block",
              experts: ExpertSplit = "tensor", device: str = "meta") -> LayerTable:
-    model, hf_config = _build(config, work.dtype, device)
+    model, hf_config = _build(config, work.dtype, device, eager=work.attention == "eager")
     args, kwargs = _inputs(model, hf_config, work, device)
     blocks = find_blocks(model)
     # The KV cache each decoder layer holds, read off the pre-allocated cache itself: sliding-window layers
@@ -74,7 +74,10 @@ def _cache_bytes(cache: Any) -> list[int]:
     return [sum(t.numel() * t.element_size() for t in (layer.keys, layer.values)) for layer in cache.layers]
 
 
-def _build(config: dict[str, Any], dtype: str, device: str = "meta") -> tuple[nn.Module, Any]:
+def _build(config: dict[str, Any], dtype: str, device: str = "meta", eager: bool = False
+           ) -> tuple[nn.Module, Any]:
+    """The model on ``device``; ``eager``: its own attention code (transformers' ``attn_implementation``), else
+    transformers' default (SDPA where the architecture has it)."""
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as error:
@@ -94,7 +97,8 @@ def _build(config: dict[str, Any], dtype: str, device: str = "meta") -> tuple[nn
     try:
         torch.manual_seed(0)                 # a real build (device "cpu"): the same random weights every time
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[dtype_bytes(dtype)[0]])
+            chosen = {"attn_implementation": "eager"} if eager else {}
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=TORCH_DTYPES[dtype_bytes(dtype)[0]], **chosen)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, AssertionError) as error:
         raise InputError(f"transformers cannot build a {model_type} model from this config: "
                          f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error

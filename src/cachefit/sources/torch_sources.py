@@ -33,7 +33,7 @@ def measure_spec(spec: ModelSpec, work: Workload, granularity: Granularity = "bl
     ``prefill_chunk`` (decode only): also measure a pass of that many prompt tokens per sequence at the end of the
     context, and keep each layer's larger activations and workspace, so a run may send prompts in such chunks.
     """
-    if work.attention != "naive":
+    if work.attention == "flash":
         raise InputError("measure profiles the reference module, whose attention is naive; drop attention",
                          parameters=("measure", "attention"))
     if prefill_chunk is not None and (work.phase != "decode" or not 1 <= prefill_chunk <= work.seq):
