@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -52,10 +53,8 @@ def test_device_map_is_accepted_by_transformers_and_accelerate(tmp_path: Path) -
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     accelerate = pytest.importorskip("accelerate")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    original = transformers.LlamaForCausalLM(config)
+    original = _tiny_llama(tied=False)
+    config = original.config
     original.save_pretrained(tmp_path)
     table = cachefit_table(tmp_path)
     plan = make_plan(table, [sum(x.weight_bytes for x in table.layers) // 2], cards=3)
@@ -71,6 +70,16 @@ def test_device_map_is_accepted_by_transformers_and_accelerate(tmp_path: Path) -
         assert torch.equal(loaded.state_dict()[name], tensor), name
     dispatched = accelerate.dispatch_model(transformers.LlamaForCausalLM(config), device_map=on_cpu)
     assert dispatched(torch.zeros(1, 3, dtype=torch.long)).logits.shape == (1, 3, 64)
+
+
+def _tiny_llama(tied: bool) -> Any:
+    """A transformers Llama of 4 layers (hidden 32, 4 heads, 2 KV heads, vocab 64), seeded, in eval mode."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
 
 
 def cachefit_table(folder: Path) -> LayerTable:
@@ -103,15 +112,11 @@ def test_torchtitan_names_for_hugging_face_and_reference_plans() -> None:
 
 def test_pipelining_split_spec_builds_stages_that_match_the_whole_model(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     from torch.distributed.pipelining import SplitPoint, pipeline
 
     from cachefit import api
 
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = _tiny_llama(tied=True)
     model.config.save_pretrained(tmp_path)
     table = api.load_model(tmp_path, batch=1, seq=8, phase="prefill", dtype="float32")
     plan = api.plan(table, capacity=sum(x.weight_bytes for x in table.layers), cards=3, split="never")
@@ -191,10 +196,7 @@ def test_accelerate_runs_a_tied_model_from_a_plan_made_for_it(tmp_path: Path) ->
     accelerate = pytest.importorskip("accelerate")
     from cachefit import api
 
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    original = transformers.LlamaForCausalLM(config).eval()
+    original = _tiny_llama(tied=True)
     original.save_pretrained(tmp_path / "model")
     table = cachefit_table(tmp_path / "model")
     plan = api.plan(table, capacity=sum(x.weight_bytes for x in table.layers), cards=3, peer="accelerate")

@@ -139,15 +139,14 @@ def reproduce(entry: Published, dtype: str) -> Reproduced:
 
 def _fewest_cards(entry: Published, options: dict[str, Any], experts: ExpertSplit, feasible_only: bool = True
                   ) -> tuple[str, Plan] | None:
-    """The feasible plan with fewer cards over the granularities (or, not ``feasible_only``, the refused one)."""
-    best: tuple[str, Plan] | None = None
-    for granularity in _GRANULARITIES:
-        torch_options = TorchOptions(granularity=granularity, experts=experts)
-        plan = api.plan(entry.model, device=entry.device, torch_options=torch_options, **options)
-        if (best is None and not feasible_only) or (plan.feasible and (
-                best is None or not best[1].feasible or plan.cards < best[1].cards)):
-            best = (granularity, plan)
-    return best
+    """The feasible plan with the fewest cards over the granularities (block on a tie); with ``feasible_only``
+    False and none feasible, the block-granularity plan, refused, with its diagnosis."""
+    plans = [(g, api.plan(entry.model, device=entry.device, torch_options=TorchOptions(granularity=g, experts=experts),
+                          **options)) for g in _GRANULARITIES]
+    feasible = [found for found in plans if found[1].feasible]
+    if feasible:
+        return min(feasible, key=lambda found: found[1].cards)        # min keeps the first (block) on a tie
+    return None if feasible_only else plans[0]
 
 
 def reproduce_all(entries: list[Published], progress: Callable[[str], None] = lambda _: None) -> list[Reproduced]:

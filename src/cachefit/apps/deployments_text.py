@@ -99,7 +99,7 @@ def _chip_notes(rows: list[Reproduced]) -> list[str]:
         if held < r.weight_bytes:
             notes.append(f"{p.name}, {r.dtype}: {p.chips} chips hold {format_size(held)}, less than the "
                          f"{format_size(r.weight_bytes)} of {r.dtype} weights: the deployment cannot store them at "
-                         f"this precision ({held / (r.weight_bytes / _bytes_per_weight(r)):.2f} bytes a weight at "
+                         f"this precision ({held / (r.weight_bytes / dtype_bytes(r.dtype)[1]):.2f} bytes a weight at "
                          "most), so it stores at least part of them in fewer bits.")
         elif r.plan.cards == p.chips:
             notes.append(f"{p.name}, {r.dtype}: the same {_count(p.chips, 'chip')}.")
@@ -108,10 +108,6 @@ def _chip_notes(rows: list[Reproduced]) -> list[str]:
                          f"({format_size(r.weight_bytes)} of weights, {format_size(_kv(r))} of KV cache at "
                          f"{p.seq:,} tokens).")
     return notes
-
-
-def _bytes_per_weight(r: Reproduced) -> int:
-    return dtype_bytes(r.dtype)[1]
 
 
 def _experts_note(rows: list[Reproduced]) -> str:

@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from cachefit.core.errors import InputError
 from cachefit.core.hardware import Device, Figure
-from cachefit.core.layers import LayerTable, Split
+from cachefit.core.layers import LayerTable
 from cachefit.core.spec import TOKEN_ID_BYTES
 
 __all__ = ["LayerCosts", "Rates", "StageTime", "allgather_seconds", "allreduce_seconds", "layer_costs",
@@ -164,18 +164,13 @@ def layer_costs(table: LayerTable, rates: Rates, share: float = 1.0, tokens: int
             terms = (0.0, 0.0, 0.0)
         else:                   # weights and KV rows read; the input read and the output written, whole
             terms = (split.flops * share * tokens / rates.flops,
-                     _read(split) + split.kv_cache_bytes * share + 2 * size,
+                     split.bytes_read + split.kv_cache_bytes * share + 2 * size,
                      split.allreduces * allreduce_seconds(size, ways, rates)
                      + split.allgathers * allgather_seconds(size, ways, rates))
         for column, value in zip((compute, moved, allreduce), terms):
             column.append(value)
     cut = [send_seconds(table, index, share, tokens, rates) for index in range(len(table.layers))]
     return LayerCosts(ways, np.array(compute), np.array(moved), np.array(allreduce), np.array(cut), rates)
-
-
-def _read(split: Split) -> int:
-    """Weight bytes a pass reads: what the card holds, or fewer (the experts its tokens take)."""
-    return split.read_bytes if split.read_bytes is not None else split.weight_bytes
 
 
 def send_seconds(table: LayerTable, last: int, share: float, tokens: int, rates: Rates) -> float:

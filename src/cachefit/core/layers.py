@@ -68,6 +68,11 @@ class Split:
     experts: Annotated[int, Field(ge=0)] = 0        # whole experts a card holds (expert parallel); 0: not so
     read_bytes: Bytes | None = None     # weight bytes a pass reads when fewer than held (experts not taken)
 
+    @property
+    def bytes_read(self) -> int:
+        """Weight bytes one pass reads: ``read_bytes`` where set, else every byte held."""
+        return self.read_bytes if self.read_bytes is not None else self.weight_bytes
+
 
 @dataclass(frozen=True, slots=True)
 class Layer:

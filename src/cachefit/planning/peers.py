@@ -149,9 +149,7 @@ def _merged(layers: list[Layer], ins: list[int], into: int, out: int, shares: li
     else:
         peak = max(i + x.activation_bytes + s.workspace_bytes for i, x, s in zip(ins, layers, parts))
         workspace = peak + extra - into - out
-    reads = [s.read_bytes for s in parts]
-    read = None if all(r is None for r in reads) else sum(r if r is not None else s.weight_bytes
-                                                          for r, s in zip(reads, parts))
+    read = None if all(s.read_bytes is None for s in parts) else sum(s.bytes_read for s in parts)
     return Split(parts[0].ways, sum(s.weight_bytes for s in parts), max(workspace, 0),
                  sum(s.kv_cache_bytes for s in parts), sum(s.flops for s in parts),
                  sum(s.allreduce_bytes for s in parts), sum(s.allreduces for s in parts),

@@ -91,12 +91,10 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     if (options.measure or options.prefill_chunk) and not (suffix == ".toml" or text in presets()):
         raise InputError("measure and prefill_chunk apply to presets and .toml specs (torch models and Hugging "
                          "Face configs are always measured)", parameters=("measure", "prefill_chunk"))
-    closed_form = suffix == ".toml" or text in presets()
-    is_hf = (path.is_dir() and (path / "config.json").exists()) or _is_hf_config(path) or text in hf_preset_names()
-    if options.experts != "tensor" and not (is_hf or closed_form):
+    hf = _hf_source(text, path)
+    if options.experts != "tensor" and hf is None and not (suffix == ".toml" or text in presets()):
         raise InputError("experts='parallel' is for mixture-of-experts models (such as mixtral-8x7b or "
                          "hf/mixtral-8x7b); this model is not one", parameters=("experts",))
-    hf = _hf_source(text, path)
     if hf is not None:
         document, name = hf
         table: LayerTable = _torch().profile_hf(document, name, _hf_workload(document, chosen),

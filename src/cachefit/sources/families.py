@@ -92,8 +92,6 @@ class _Shape:
                                  parameters=("experts",))
             return cls(spec.hidden, spec.heads, spec.kv_heads, spec.dim_per_head, spec.ffn_hidden, True,
                        spec.experts, spec.experts_per_token, experts == "parallel")
-        if experts == "parallel":
-            raise InputError(f"experts='parallel': {spec.name} is a dense network", parameters=("experts",))
         return cls(spec.model_dim, spec.heads, spec.heads, spec.head_dim, spec.mlp_hidden, False)
 
     def attention_ways(self) -> tuple[int, ...]:

@@ -102,11 +102,6 @@ def _build(config: dict[str, Any], dtype: str, device: str = "meta", eager: bool
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, AssertionError) as error:
         raise InputError(f"transformers cannot build a {model_type} model from this config: "
                          f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
-    for module in model.modules():
-        # A warning helper that asks ``pad_token_id in input_ids`` (a .item() meta cannot give; GPT-2 with a pad
-        # id, BERT); it only warns, and the profile passes no padding.
-        if hasattr(module, "warn_if_padding_and_no_attention_mask"):
-            module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
     return model.eval(), hf_config
 
 

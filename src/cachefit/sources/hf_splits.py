@@ -101,7 +101,12 @@ class _Routes:
         return cls(_rules(ep_plan, prefix), int(count), int(getattr(text, "num_experts_per_tok", 1) or 1))
 
     def style(self, name: str) -> str | None:
-        return next((style for pattern, style in self.rules if pattern.match(name)), None)
+        return _style_of(self.rules, name)
+
+
+def _style_of(rules: list[tuple[re.Pattern[str], str]], name: str) -> str | None:
+    """The style of the most specific rule matching a parameter's name (None: not in the plan)."""
+    return next((style for pattern, style in rules if pattern.match(name)), None)
 
 
 def _rules(plan: dict[str, str], prefix: str) -> list[tuple[re.Pattern[str], str]]:
@@ -155,7 +160,7 @@ class _Context:
 
     def _style(self, name: str) -> str | None:
         expert = self.routes.style(name) if self.routes is not None else None
-        return expert or next((style for pattern, style in self.rules if pattern.match(name)), None)
+        return expert or _style_of(self.rules, name)
 
     def _masks(self) -> int:
         """AllReduceEP's routing masks: per token and route a bool (off this card), an int64 local expert id and a

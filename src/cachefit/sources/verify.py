@@ -9,7 +9,6 @@ estimate) above a limit.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from cachefit.core.errors import InputError
@@ -17,15 +16,14 @@ from cachefit.core.layers import LayerTable
 from cachefit.core.records import LayerCheck, Verification
 from cachefit.core.spec import Workload
 from cachefit.core.units import format_size
-from cachefit.sources.hf import hf_table, read_hf_config
+from cachefit.sources.hf import hf_table
 
 __all__ = ["verify_hf"]
 
 
-def verify_hf(config: dict[str, Any] | Path, name: str, work: Workload, limit_bytes: int) -> Verification:
+def verify_hf(document: dict[str, Any], name: str, work: Workload, limit_bytes: int) -> Verification:
     """Each layer's activation + workspace on meta against a real forward on CPU; refused above ``limit_bytes``
     of estimated memory (weights, KV cache and the largest transient)."""
-    document = read_hf_config(config) if isinstance(config, Path) else config
     estimate = hf_table(document, name, work)
     need = _host_bytes(estimate)
     if need > limit_bytes:
