@@ -165,7 +165,7 @@ PROFILE = [
     (("profile", "{files}/table.json", "--batch", "2"), "has fixed sizes"),
     (("profile", "hf/llama-3-8b", "--verify"), "would need about"),
     (("profile", "hf/gpt2", "--verify", "--verify-limit", "lots"), "--verify-limit must be a size"),
-    (("profile", "tiny-llama", "--verify"), "verify builds a Hugging Face model for real"),
+    (("profile", "tiny-llama", "--verify"), "verify builds a model for real"),
     (("profile", "hf/gpt2", "--verify", "-o", "{files}/t.json"), "--verify prints a comparison"),
 ]
 OTHER = [

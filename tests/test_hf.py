@@ -279,3 +279,16 @@ def test_eager_attention_is_the_models_own_code_measured_as_it_runs(tmp_path: Pa
     blocks = [(e.estimate_bytes, f.estimate_bytes) for e, f in zip(eager.checks, fused.checks)
               if e.name.startswith("model.layers.")]
     assert all(e >= f + 2 * 4 * 1 * 64 * 4 for e, f in blocks)
+
+
+def test_an_encoder_asked_to_decode_is_refused_in_one_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cachefit.cli import cli
+
+    config = {"model_type": "bert", **_SMALL}            # no is_decoder: bidirectional attention, no KV cache
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["profile", str(tmp_path), "--seq", "32"])
+    assert result.exit_code == 2 and "is an encoder" in result.stderr and "--phase prefill" in result.stderr
+    assert "Traceback" not in result.output
+    assert load_model(tmp_path, seq=32, phase="prefill").layers                     # prefill is what it does

@@ -175,3 +175,48 @@ def test_factories_of_transformers_models_with_masks_or_without_a_cache(tmp_path
     else:                                       # no cache: each block holds no K and V of 16 tokens, batch 2,
         kv = 2 * 2 * 2 * 16 * 16 * 4            # 2 KV heads of 16, float32 = 8,192 B less
         assert blocks == [(a, w - kv) for a, w in expected]
+
+
+@pytest.mark.parametrize(("factory", "tokens", "channels"), [("gpt2_decoding", 32, 64),
+                                                             ("mistral_decoding", 8, 32)])
+def test_a_factorys_kv_cache_is_what_its_layers_write(factory: str, tokens: int, channels: int) -> None:
+    # Keys and values of batch 2 in float32: GPT-2 (fused QKV) all 32 cached tokens of 4 heads x 16; Mistral its
+    # sliding window of 8 tokens of 2 KV heads x 16. The cache's fill counter (one int64) is not KV.
+    pytest.importorskip("transformers")
+    from cachefit.sources import load_model
+
+    table = load_model(f"toy_models:{factory}", phase="decode")
+    blocks = ("transformer.h.0", "transformer.h.1") if factory == "gpt2_decoding" else (
+        "model.layers.0", "model.layers.1")
+    assert {x.name: x.kv_cache_bytes for x in table.layers if x.kv_cache_bytes} == dict.fromkeys(
+        blocks, 2 * 2 * tokens * channels * 4)
+
+
+def test_leaf_granularity_keeps_the_kv_cache_and_attention_with_the_leaf_before_attention() -> None:
+    # hf/llama-3-8b at context 4096, bf16: 8 KV heads x 128 x 2 (K and V) x 2 B x 4096 = 16 MiB a layer, held by
+    # v_proj, the last leaf to run before attention (which runs in no leaf of its own); its FLOPs go with it.
+    pytest.importorskip("transformers")
+    from cachefit.sources import load_model
+
+    leaf = load_model("hf/llama-3-8b", seq=4096, torch_options=TorchOptions(granularity="leaf"))
+    block = load_model("hf/llama-3-8b", seq=4096)
+    held = {x.name: x.kv_cache_bytes for x in leaf.layers if x.kv_cache_bytes}
+    assert held == {f"model.layers.{i}.self_attn.v_proj": 8 * 128 * 2 * 2 * 4096 for i in range(32)}
+    assert sum(held.values()) == sum(x.kv_cache_bytes for x in block.layers)
+    v_proj = next(x for x in leaf.layers if x.name == "model.layers.0.self_attn.v_proj")
+    assert v_proj.workspace_bytes > 0 and v_proj.flops > 2 * 4096 * 1024     # SDPA reads 4,096 keys
+
+
+def test_a_cnn_profiled_on_meta_matches_its_real_forward() -> None:
+    # A small ResNet (3 basic blocks of 16 channels, batch 2 of 3x32x32, float32): each block holds its input and
+    # output maps (2 x 16 x 32 x 32 x 4 B = 128 KiB each) and one more in flight. The meta batch norm also makes
+    # its saved mean and inverse deviation (2 x 16 x 4 B), which CPU's inference kernel leaves empty: over by 128 B.
+    from cachefit import api
+
+    checked = api.verify("toy_models:small_resnet")
+    assert [c.name for c in checked.checks] == ["stem", "blocks.0", "blocks.1", "blocks.2", "fc"]
+    assert all(c.weights_match and c.kv_cache_match for c in checked.checks)
+    assert all(1.0 <= c.ratio <= 1.25 for c in checked.checks), checked.checks
+    assert checked.checks[1].measured_bytes == 3 * 2 * 16 * 32 * 32 * 4
+    with pytest.raises(ValueError, match="make it return \\(module, inputs\\)"):
+        api.verify("toy_models:two_stream")

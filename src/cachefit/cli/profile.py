@@ -22,8 +22,9 @@ from cachefit.sources import TorchOptions
               show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write the table (JSON; CSV if *.csv).")
 @click.option("--verify", is_flag=True,
-              help="Hugging Face models: build the model for real here (random weights) and measure each layer's "
-                   "activation + workspace against the estimate; exit 1 when an estimate is below it.")
+              help="Hugging Face configs and factories that return their inputs: build the model for real here "
+                   "(random weights) and measure each layer's activation + workspace against the estimate; exit 1 "
+                   "when an estimate is below it.")
 @click.option("--verify-limit", default="4GiB", show_default=True,
               help="Refuse --verify when the real build would need more of this host's memory.")
 @handle_errors
@@ -45,6 +46,7 @@ def profile_command(model: str, output_format: str, output: str | None, verify: 
       cachefit profile mypkg.models:build --input-shape 1,128 --input-dtype int64 --granularity leaf
       cachefit profile tiny-llama --measure
       cachefit profile hf/gpt2 --seq 256 --verify          # the estimate against a real forward here
+      cachefit profile mypkg.models:build --verify         # a factory returning (module, inputs)
     """
     if verify:
         _verify(model, verify_limit, output_format, output, kwargs)

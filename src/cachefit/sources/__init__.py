@@ -118,20 +118,25 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
 
 
 def verify_model(model: str | Path, limit_bytes: int, **workload: Any) -> Verification:
-    """A Hugging Face MODEL's profile checked against a real forward on this host (sources/verify.py)."""
+    """A Hugging Face MODEL's or a factory's profile checked against a real forward on this host
+    (sources/verify.py)."""
     unknown = set(workload) - set(WORKLOAD_OPTIONS)
     if unknown:
         raise InputError(f"unknown model option(s) {', '.join(sorted(unknown))}; known: {', '.join(WORKLOAD_OPTIONS)}")
     chosen = {key: value for key, value in workload.items() if value is not None}
-    hf = _hf_source(str(model), Path(model))
-    if hf is None:
-        raise InputError(f"verify builds a Hugging Face model for real (a config.json, a folder holding one, or "
-                         f"hf/NAME); {str(model)!r} is not one (presets and specs: profile with measure)",
-                         parameters=("verify",))
+    text = str(model)
+    hf = _hf_source(text, Path(model))
+    if hf is None and not _FACTORY.match(text):
+        raise InputError(f"verify builds a model for real (a Hugging Face config.json, a folder holding one, "
+                         f"hf/NAME, or package.module:factory); {text!r} is not one (presets and specs: profile "
+                         "with measure)", parameters=("verify",))
     try:
-        from cachefit.sources.verify import verify_hf
+        from cachefit.sources.verify import verify_factory, verify_hf
     except ImportError as error:
         raise InputError(f"verify needs torch and transformers: pip install 'cachefit[hf]' ({error})") from error
+    if hf is None:
+        _refuse_options({k: v for k, v in chosen.items() if k != "phase"}, f"factory {text}")
+        return verify_factory(text, chosen.get("phase"), limit_bytes)
     document, name = hf
     return verify_hf(document, name, _hf_workload(document, chosen), limit_bytes)
 

@@ -24,7 +24,7 @@ from cachefit.core.layers import LayerTable
 from cachefit.core.spec import Workload, dtype_bytes
 from cachefit.nn.model import TORCH_DTYPES
 from cachefit.sources.hf_splits import ExpertSplit, with_tp_splits
-from cachefit.sources.torch_profile import Granularity, find_blocks, profile_module
+from cachefit.sources.torch_profile import Granularity, profile_module
 
 __all__ = ["hf_presets", "hf_table", "read_hf_config"]
 
@@ -50,16 +50,17 @@ def read_hf_config(path: Path) -> dict[str, Any]:
 def hf_table(config: dict[str, Any], name: str, work: Workload, granularity: Granularity = "block",
              experts: ExpertSplit = "tensor", device: str = "meta") -> LayerTable:
     model, hf_config = _build(config, work.dtype, device, eager=work.attention == "eager")
+    if work.phase == "decode" and _bidirectional(model):
+        raise _cannot_decode(name, hf_config.model_type)
     args, kwargs = _inputs(model, hf_config, work, device)
-    blocks = find_blocks(model)
-    # The KV cache each decoder layer holds, read off the pre-allocated cache itself: sliding-window layers
-    # (Mistral, Phi-3) keep only their window, which a formula from the config would miss.
-    held = _cache_bytes(kwargs.get(_cache_argument(model))) if work.phase == "decode" else []
-    index = {id(block): position for position, (_, block) in enumerate(blocks[1])} if blocks else {}
+    # The KV cache each decoder layer holds is the part of the pre-allocated cache it writes: sliding-window layers
+    # (Mistral, Phi-3) keep only their window, which a formula from the config would miss. No fallback: a model
+    # that writes none (an encoder) cannot decode.
     table = profile_module(model, args, kwargs, name=name, batch=work.batch, seq=work.seq, phase=work.phase,
                            dtype=dtype_bytes(work.dtype)[0], granularity=granularity,
-                           kv_cache_bytes=lambda module: held[index[id(module)]] if id(module) in index else 0,
-                           fused=work.attention == "flash")
+                           kv_cache_bytes=lambda module: 0, fused=work.attention == "flash")
+    if work.phase == "decode" and not any(layer.kv_cache_bytes for layer in table.layers):
+        raise _cannot_decode(name, hf_config.model_type)
     # Tensor groups from the model's own tensor-parallel plan (blocks are the unit it is written for).
     if granularity != "block":
         if experts != "tensor":
@@ -69,9 +70,17 @@ def hf_table(config: dict[str, Any], name: str, work: Workload, granularity: Gra
     return with_tp_splits(table, model, hf_config, experts)
 
 
-def _cache_bytes(cache: Any) -> list[int]:
-    """Bytes of keys and values per layer of an initialised transformers cache."""
-    return [sum(t.numel() * t.element_size() for t in (layer.keys, layer.values)) for layer in cache.layers]
+def _bidirectional(model: nn.Module) -> bool:
+    """An encoder: transformers marks each attention module ``is_causal``, and none of them is."""
+    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and not any(flags)
+
+
+def _cannot_decode(name: str, model_type: str) -> InputError:
+    return InputError(f"{name}: this {model_type} model is an encoder (its attention sees the whole input, and it "
+                      "keeps no KV cache), so it cannot decode token by token: profile phase prefill, or set "
+                      "is_decoder true in its config if the architecture has a decoder form (BERT does)",
+                      parameters=("phase",))
 
 
 def _build(config: dict[str, Any], dtype: str, device: str = "meta", eager: bool = False

@@ -2,19 +2,24 @@
 
 - Layers: the repeated blocks (the largest ModuleList or ModuleDict of one class) and the modules beside them on
   the path from the root (embeddings, final norm, head), in execution order; parameter-less ones join a neighbour.
-  With ``granularity="leaf"`` every executed leaf module is a layer. Modules that never ran and the root's own
-  tensors join a layer (their weights count).
+  With ``granularity="leaf"`` every executed leaf module is a layer, and what runs between leaves (attention
+  itself, in most models) counts with the leaf that ran last. Modules that never ran and the root's own tensors
+  join a layer (their weights count).
 - Weights: each parameter or buffer once, by identity, with its first user; later users list it as shared.
 - Activations: at each boundary, every tensor made before it and used after it (hidden state, residual, rotary
   tables...), from a dispatch mode that sees every op's outputs and module hooks that see every layer's inputs.
 - Workspace: the peak of the bytes a layer allocated and still held, minus its outputs (so input + output +
   workspace bounds what the layer held at its peak), with frees seen through storage weak references.
-- KV cache (decode): modules with ``k_proj`` and ``v_proj`` hold keys and values of ``seq`` tokens.
+- KV cache (decode): the state from before the forward that a layer writes in place (a pre-allocated cache:
+  transformers' StaticCache, cachefit.nn's KVCache, a model's own), read off the tensors themselves, so fused QKV
+  projections and sliding windows are what they hold. A forward that writes no such state (a module given no
+  cache) falls back to ``seq`` tokens of its ``k_proj`` and ``v_proj`` outputs.
 - FLOPs: torch's FlopCounterMode, per layer.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -49,6 +54,7 @@ class _Unit:
     output_bytes: int = 0
     flops: float = 0.0
     weight_bytes: int = 0
+    state_bytes: int = 0                 # state from before the forward it wrote in place (a KV cache)
     shared: list[SharedTensor] = field(default_factory=list)
 
 
@@ -89,14 +95,23 @@ def _units(model: nn.Module, granularity: Granularity) -> list[_Unit]:
 class _Tracker(TorchDispatchMode):
     """Every storage an op creates: its size, the layer that made it, the last layer that reads it, its death."""
 
-    def __init__(self, ignored: set[int]) -> None:
+    def __init__(self, ignored: set[int], between_to_last: bool = False) -> None:
         super().__init__()
         self.ignored = ignored                      # parameters and buffers
+        self.between_to_last = between_to_last      # ops outside every layer count with the one that ran last
         self.storages: dict[int, list[Any]] = {}    # cdata -> [weakref, bytes, producer, last consumer, maker]
         self.units: list[_Unit] = []
         self.active: int | None = None
         self.finished = -1                          # the last layer that ran to its end (-1: before any)
         self.history: list[tuple[int, int, int]] = []   # (producer, last consumer, bytes) of freed storages
+        self.written: set[int] = set()              # storages from before the forward some layer wrote
+
+    @property
+    def charged(self) -> int | None:
+        """The layer an op's allocations count with."""
+        if self.active is None and self.between_to_last and self.finished >= 0:
+            return self.finished
+        return self.active
 
     def see(self, tensor: torch.Tensor, consumer: int | None = None) -> None:
         storage = tensor.untyped_storage()
@@ -106,11 +121,12 @@ class _Tracker(TorchDispatchMode):
             return
         record = self.storages.get(key)
         if record is None:
-            producer = self.active if self.active is not None else self.finished
-            record = [reference, storage.nbytes(), producer, -1, self.active]
+            charged = self.charged
+            producer = charged if charged is not None else self.finished
+            record = [reference, storage.nbytes(), producer, -1, charged]
             self.storages[key] = record
-            if self.active is not None:
-                unit = self.units[self.active]
+            if charged is not None:
+                unit = self.units[charged]
                 unit.created_live += record[1]
                 unit.peak_created = max(unit.peak_created, unit.created_live)
         if consumer is not None:
@@ -120,7 +136,7 @@ class _Tracker(TorchDispatchMode):
         for key in [key for key, record in self.storages.items() if record[0].expired()]:
             record = self.storages.pop(key)
             self.history.append((record[2], record[3], record[1]))
-            if record[4] is not None and record[4] == self.active:
+            if record[4] is not None and record[4] == self.charged:
                 self.units[record[4]].created_live -= record[1]
 
     def existing(self, tensor: torch.Tensor) -> None:
@@ -130,10 +146,23 @@ class _Tracker(TorchDispatchMode):
         if reference.cdata not in self.ignored and reference.cdata not in self.storages:
             self.storages[reference.cdata] = [reference, tensor.untyped_storage().nbytes(), -2, -1, None]
 
+    def wrote(self, tensor: torch.Tensor) -> None:
+        """An op wrote ``tensor`` in place: state from before the forward, written first by the charged layer,
+        is state that layer keeps (a KV cache). A scalar (transformers' StaticCache counts its fill length in one)
+        is bookkeeping, not keys or values."""
+        key = StorageWeakRef(tensor.untyped_storage()).cdata
+        record, charged = self.storages.get(key), self.charged
+        if (record is not None and record[2] == -2 and charged is not None and key not in self.written
+                and tensor.dim() > 0):
+            self.written.add(key)
+            self.units[charged].state_bytes += record[1]
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         for leaf in tree_leaves((args, kwargs)):
             if isinstance(leaf, torch.Tensor):
                 self.existing(leaf)
+        for leaf in _written(func, args, kwargs or {}):
+            self.wrote(leaf)
         result = _on_meta(func, args, kwargs or {})
         self.collect()
         for leaf in tree_leaves(result):
@@ -148,6 +177,20 @@ class _Tracker(TorchDispatchMode):
         # crosses every boundary up to that layer, as a model input does; state no layer takes stays out.
         return [(rank.get(producer, -1), rank.get(consumer, -1), size)
                 for producer, consumer, size in self.history + alive if producer != -2 or consumer >= 0]
+
+
+def _written(func: Any, args: Any, kwargs: dict[str, Any]) -> Iterator[torch.Tensor]:
+    """The tensors an op writes in place: the arguments its schema marks as written (``Tensor(a!)``)."""
+    for position, name in _write_arguments(func):
+        yield from _tensors(args[position] if position < len(args) else kwargs.get(name))
+
+
+@functools.cache
+def _write_arguments(func: Any) -> tuple[tuple[int, str], ...]:
+    """(position, name) of the arguments ``func``'s schema marks written; read once per op (every op asks)."""
+    schema = getattr(func, "_schema", None)
+    return tuple((position, argument.name) for position, argument in enumerate(schema.arguments if schema else ())
+                 if argument.alias_info is not None and argument.alias_info.is_write)
 
 
 def _on_meta(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
@@ -188,22 +231,24 @@ def profile_module(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping
                    kv_cache_bytes: Callable[[nn.Module], int] | None = None, fused: bool = False) -> LayerTable:
     """Run ``model(*args, **kwargs)`` once (on meta tensors, normally) and measure each layer.
 
-    ``kv_cache_bytes(module)``: the keys and values a module holds in decode; by default ``batch * seq`` tokens of
-    its ``k_proj`` and ``v_proj`` outputs. ``fused``: SDPA on meta counted as the fused kernel runs it
-    (sources/fused_attention.py), not as its decomposition.
+    In decode a layer's KV cache is the state from before the forward it writes in place; where the forward writes
+    none, ``kv_cache_bytes(module)`` (by default ``batch * seq`` tokens of its ``k_proj`` and ``v_proj`` outputs).
+    ``fused``: SDPA on meta counted as the fused kernel runs it (sources/fused_attention.py), not as its
+    decomposition.
     """
     if granularity not in ("block", "leaf"):
         raise InputError(f"granularity must be 'block' or 'leaf', got {granularity!r}")
     units = _units(model, granularity)
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    tracker = _Tracker({StorageWeakRef(t.untyped_storage()).cdata for t in tensors.values()})
+    tracker = _Tracker({StorageWeakRef(t.untyped_storage()).cdata for t in tensors.values()},
+                       between_to_last=granularity == "leaf")
     tracker.units = units
     handles = _hook(units, tracker)
     counter = FlopCounterMode(display=False)
 
     def add_flops(value: float) -> None:
-        if tracker.active is not None:
-            units[tracker.active].flops += value
+        if tracker.charged is not None:
+            units[tracker.charged].flops += value
 
     try:
         with torch.no_grad(), tracker, counter, fused_attention(add_flops) if fused else nullcontext():
@@ -221,7 +266,13 @@ def profile_module(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping
              if "." in key}
     _assign_weights(model, ran)
     tokens = (batch or 1) * (seq or 0)
-    kv_size = kv_cache_bytes or (lambda module: tokens * _kv_from_projections(module))
+    fallback = kv_cache_bytes or (lambda module: tokens * _kv_from_projections(module))
+    if tracker.written:
+        def kv_size(unit: _Unit) -> int:
+            return unit.state_bytes
+    else:
+        def kv_size(unit: _Unit) -> int:
+            return sum(fallback(module) for module in unit.module_objects)
     layers = [_layer(group, first, flow, flops, phase == "decode", kv_size, last=first + len(group) == len(ran))
               for first, group in _groups(ran)]
     return LayerTable(name=name, layers=tuple(layers), input_bytes=_boundary(flow, -1), dtype=dtype,
@@ -334,7 +385,7 @@ def _groups(ran: list[_Unit]) -> Iterator[tuple[int, list[_Unit]]]:
 
 
 def _layer(group: list[_Unit], first: int, flow: list[tuple[int, int, int]], flops: dict[str, float],
-           decode: bool, kv_cache_bytes: Callable[[nn.Module], int], last: bool) -> Layer:
+           decode: bool, kv_cache_bytes: Callable[[_Unit], int], last: bool) -> Layer:
     """One layer from units ranked first..first+len-1: input + activation + workspace bound its peak."""
     incoming = _boundary(flow, first - 1)
     activation = group[-1].output_bytes if last else _boundary(flow, first + len(group) - 1)
@@ -343,7 +394,7 @@ def _layer(group: list[_Unit], first: int, flow: list[tuple[int, int, int]], flo
     inside = {unit.name for unit in group}
     return Layer(name=named.name, weight_bytes=sum(unit.weight_bytes for unit in group),
                  activation_bytes=activation, workspace_bytes=max(0, held - incoming - activation),
-                 kv_cache_bytes=sum(kv_cache_bytes(m) for u in group for m in u.module_objects) if decode else 0,
+                 kv_cache_bytes=sum(kv_cache_bytes(unit) for unit in group) if decode else 0,
                  flops=sum(flops.get(module, 0.0) for unit in group for module in unit.modules)
                  + sum(unit.flops for unit in group),
                  modules=tuple(module for unit in group for module in unit.modules),

@@ -112,15 +112,16 @@ def _measure_pass(spec: ModelSpec, work: Workload, granularity: Granularity, tok
 
 
 def profile_factory(target: str, input_shape: tuple[int, ...] | None, input_dtype: str, phase: str | None,
-                    granularity: Granularity = "block") -> LayerTable:
+                    granularity: Granularity = "block", device: str = "meta") -> LayerTable:
     """``pkg.module:factory`` returns a module, or (module, inputs) with inputs a tuple of args or a dict of
     kwargs. It is called under ``torch.device("meta")``, so its weights take no memory. This imports and runs the
-    user's module: its code, its errors."""
-    model, inputs = _call_factory(target)
+    user's module: its code, its errors. ``device="cpu"``: built and run for real (seeded random weights), as
+    ``profile --verify`` measures it."""
+    model, inputs = _call_factory(target, device)
     if not isinstance(model, nn.Module):
         raise InputError(f"{target} must return a torch.nn.Module (or a module and its inputs), got "
                          f"{type(model).__name__}")
-    args, kwargs = _inputs(target, inputs, input_shape, input_dtype)
+    args, kwargs = _inputs(target, inputs, input_shape, input_dtype, device)
     first = next(iter(args), None)
     batch = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else None
     seq = int(first.shape[1]) if isinstance(first, torch.Tensor) and first.dim() > 1 else None
@@ -130,8 +131,8 @@ def profile_factory(target: str, input_shape: tuple[int, ...] | None, input_dtyp
                           dtype=dtype, granularity=granularity, fused=True)   # SDPA as the fused kernel runs it
 
 
-def _call_factory(target: str) -> tuple[Any, Any]:
-    """Import ``pkg.module`` and call ``factory()`` on meta; whatever goes wrong in the user's code (an import or
+def _call_factory(target: str, device: str = "meta") -> tuple[Any, Any]:
+    """Import ``pkg.module`` and call ``factory()`` on ``device``; whatever goes wrong in the user's code (an import or
     syntax error, a missing argument, a raise, even sys.exit) is one line naming the target."""
     module_name, _, attribute = target.partition(":")
     sys.path.insert(0, str(Path.cwd()))
@@ -144,14 +145,15 @@ def _call_factory(target: str) -> tuple[Any, Any]:
     if not callable(factory):
         raise InputError(f"{target} is not callable (a factory returning a torch.nn.Module)")
     try:
-        with torch.device("meta"):
+        torch.manual_seed(0)                 # a real build: the same random weights every time
+        with torch.device(device):
             made = factory()
     except (Exception, SystemExit) as error:
         raise InputError(f"{target}() raised {type(error).__name__}: {error}") from error
     return made if isinstance(made, tuple) and len(made) == 2 else (made, None)
 
 
-def _inputs(target: str, inputs: Any, shape: tuple[int, ...] | None, dtype: str
+def _inputs(target: str, inputs: Any, shape: tuple[int, ...] | None, dtype: str, device: str = "meta"
             ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if inputs is None:
         if shape is None:
@@ -161,7 +163,7 @@ def _inputs(target: str, inputs: Any, shape: tuple[int, ...] | None, dtype: str
         if not isinstance(torch_dtype, torch.dtype):
             raise InputError(f"input_dtype must be a torch dtype such as int64 or float16, got {dtype!r}",
                              parameters=("input_dtype",))
-        return (torch.zeros(shape, dtype=torch_dtype, device="meta"),), {}
+        return (torch.zeros(shape, dtype=torch_dtype, device=device),), {}
     if isinstance(inputs, dict):
         return (), inputs
     return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
