@@ -29,7 +29,7 @@ from cachefit.core.memory import interval_cost
 from cachefit.core.spec import Workload
 from cachefit.core.units import format_size, parse_size
 from cachefit.planning import make_plan
-from cachefit.sources.hf import _build, hf_presets, hf_table
+from cachefit.sources.hf import build_hf_model, hf_presets, hf_table
 from cachefit.sources.torch_profile import find_blocks
 
 # Capacities from where the embedding just fits a card up to a few times that.
@@ -80,7 +80,7 @@ def compare(repeats: int) -> tuple[Table, Table]:
         config = hf_presets()[name]
         context = config.get("n_positions") or config.get("max_position_embeddings") or WORK.seq
         work = replace(WORK, seq=min(WORK.seq, context))            # GPT-2 reads at most 1024 tokens
-        model, _ = _build(config, work.dtype)
+        model, _ = build_hf_model(config, work.dtype)
         table = hf_table(config, name, work)
         total = sum(layer.weight_bytes for layer in table.layers)
         for text in capacities:
@@ -101,8 +101,8 @@ def speed(repeats: int) -> Table:
     work = Workload(batch=1, seq=4096, phase="decode", dtype="bfloat16")
     config = hf_presets()["hf/llama-3-70b"]
     ours = min(_timed(lambda: hf_table(config, "hf/llama-3-70b", work)) for _ in range(repeats))
-    model, _ = _build(config, work.dtype)
-    build = min(_timed(lambda: _build(config, work.dtype)) for _ in range(repeats))
+    model, _ = build_hf_model(config, work.dtype)
+    build = min(_timed(lambda: build_hf_model(config, work.dtype)) for _ in range(repeats))
     sizes = min(_timed(lambda: compute_module_sizes(model)) for _ in range(repeats))
     view = Table(title="profiling Llama-3-70B (batch 1, seq 4096, decode, bf16), best of repeats")
     for header in ("what", "seconds", "counts"):

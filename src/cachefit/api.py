@@ -266,12 +266,15 @@ def export(plan_or_file: Plan | str | Path, target: Target) -> str:
     return export_plan(plan, target)
 
 
-def shard(plan_or_file: Plan | str | Path, checkpoint: str | Path, out: str | Path) -> Manifest:
-    """One safetensors file per card of the plan, holding only that card's tensors, and the manifest."""
+def shard(plan_or_file: Plan | str | Path, checkpoint: str | Path, out: str | Path,
+          progress: Callable[[int, int], None] | None = None) -> Manifest:
+    """One safetensors file per card of the plan, holding only that card's tensors, and the manifest.
+    ``checkpoint``: a cachefit checkpoint (init-weights) or a Hugging Face folder the plan was made from;
+    ``progress(done, total)``: tensors read so far (Hugging Face folders)."""
     from cachefit.runtime.shard import shard_checkpoint
 
     plan = plan_or_file if isinstance(plan_or_file, Plan) else Plan.read(plan_or_file)
-    return shard_checkpoint(plan, checkpoint, out)
+    return shard_checkpoint(plan, checkpoint, out, progress)
 
 
 def run(plan_file: str | Path, weights: str | Path, options: RunOptions | None = None,

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load, load_file
+from safetensors.torch import load_file
 
 from cachefit.core.errors import InputError, RunError
 from cachefit.core.records import Plan, RunSummary
-from cachefit.runtime.shard import Manifest, read_card, verify_card
+from cachefit.runtime.hf_checkpoint import check_runnable
+from cachefit.runtime.shard import Manifest, read_hf_config_copy, verify_card
 from cachefit.runtime.summary import summarise
 from cachefit.runtime.weights import plan_spec
 
@@ -106,19 +107,15 @@ def check_run(plan: Plan, weights: str | Path, options: RunOptions) -> None:
     if not plan.partitions:
         raise InputError("the plan is not feasible: nothing to run")
     plan.check_in_layer_order("run")
-    spec = plan_spec(plan.model)
+    manifest = Manifest.read(Path(weights))
     if plan.model.phase != "decode":
         raise InputError(f"a run generates tokens, which needs the KV cache a decode plan counts; this plan is for "
                          f"{plan.model.phase}: re-plan with phase='decode'", parameters=("phase",))
-    measured = plan.model.spec is not None and plan.model.spec.measured
-    if plan.memory_model != "pipeline" or not measured:
-        raise InputError(f"a run holds what a 'pipeline' plan of the measured reference module counts (its "
-                         f"receive buffers, its real transients); this plan is '{plan.memory_model}'"
-                         f"{'' if measured else ' of closed-form sizes'}: re-plan {plan.model.name} with measure "
-                         "and memory_model='pipeline'", parameters=("measure", "memory_model"))
-    vocab = getattr(spec, "vocab", 0)
-    if not vocab:
-        raise InputError(f"{plan.model.name} has no vocabulary (embedding and head): a run generates tokens")
+    if manifest.source == "hf":
+        _check_hf_run(plan)
+        check_runnable(read_hf_config_copy(weights, manifest))
+    else:
+        _check_reference_run(plan)
     batch, seq = int(plan.model.batch or 1), int(plan.model.seq or 0)
     if options.prompt_len + options.new_tokens > seq + 1:
         raise InputError(f"prompt ({options.prompt_len}) + new tokens ({options.new_tokens}) exceed the {seq} tokens "
@@ -130,9 +127,27 @@ def check_run(plan: Plan, weights: str | Path, options: RunOptions) -> None:
     if options.nnodes < 1 or plan.cards % options.nnodes:
         raise InputError(f"nnodes ({options.nnodes}) must divide the plan's {plan.cards} cards",
                          parameters=("nnodes",))
-    Manifest.read(Path(weights))
     for card in range(plan.cards):
         verify_card(weights, card, plan)
+
+
+def _check_reference_run(plan: Plan) -> None:
+    measured = plan.model.spec is not None and plan.model.spec.measured
+    if plan.memory_model != "pipeline" or not measured:
+        raise InputError(f"a run holds what a 'pipeline' plan of the measured reference module counts (its "
+                         f"receive buffers, its real transients); this plan is '{plan.memory_model}'"
+                         f"{'' if measured else ' of closed-form sizes'}: re-plan {plan.model.name} with measure "
+                         "and memory_model='pipeline'", parameters=("measure", "memory_model"))
+    if not getattr(plan_spec(plan.model), "vocab", 0):
+        raise InputError(f"{plan.model.name} has no vocabulary (embedding and head): a run generates tokens")
+
+
+def _check_hf_run(plan: Plan) -> None:
+    """A Hugging Face profile is measured (on meta, as its kernels run); a run holds what 'pipeline' counts."""
+    if plan.memory_model != "pipeline":
+        raise InputError(f"a run holds what a 'pipeline' plan counts (its receive buffers); this plan is "
+                         f"'{plan.memory_model}': re-plan {plan.model.name} with memory_model='pipeline'",
+                         parameters=("memory_model",))
 
 
 def run_plan(plan_file: str, weights: str, options: RunOptions,
@@ -152,6 +167,8 @@ def run_plan(plan_file: str, weights: str, options: RunOptions,
     summary = summarise(ranks, int(plan.model.batch or 1), options.prompt_len, options.new_tokens)
     result = RunResult(ranks, outputs["tokens"], outputs["logits"], log=log, summary=summary)
     if options.check:
+        from cachefit.runtime.check import reference_check
+
         result.checked = reference_check(plan, weights, options, result)
     return result
 
@@ -302,61 +319,3 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
             time.sleep(0.05)
     for process in processes:
         process.wait()
-
-
-def full_state(plan: Plan, weights: str | Path) -> dict[str, torch.Tensor]:
-    """The whole model's tensors from the cards' shards (a tensor group's shares put back together)."""
-    from cachefit.nn.model import ModelConfig, tensor_unshare
-
-    config = ModelConfig.of(plan_spec(plan.model))
-    state: dict[str, torch.Tensor] = {}
-    for part in plan.partitions:        # each shard verified against its manifest as it is read, as a rank does
-        shares = [load(read_card(weights, card, plan)[1]) for card in part.cards]
-        state.update({name: tensor_unshare(name, [share[name] for share in shares], config) for name in shares[0]})
-    return state
-
-
-def reference_check(plan: Plan, weights: str | Path, options: RunOptions, result: RunResult) -> dict[str, Any]:
-    """The unpartitioned model, in this process, on the same prompts and micro-batch shapes: identical tokens,
-    logits within tolerance, or an error."""
-    from cachefit.nn import build_model
-    from cachefit.nn.model import TORCH_DTYPES
-    from cachefit.runtime.worker import prompts
-
-    spec, dtype = plan_spec(plan.model), TORCH_DTYPES[str(plan.model.dtype)]
-    model = build_model(spec, dtype=dtype, seed=None)
-    model.load_state_dict(full_state(plan, weights))
-    batch, seq = int(plan.model.batch or 1), int(plan.model.seq or 0)
-    size = batch // options.micro_batches
-    prompt = prompts(spec.vocab, batch, options.prompt_len, options.seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(options.threads)
-    try:
-        tokens, logits = _generate(model, prompt, size, seq, options.new_tokens, dtype)
-    finally:
-        torch.set_num_threads(threads)
-    same = bool(torch.equal(tokens, result.tokens))
-    difference = float((logits.float() - result.logits).abs().max())
-    if not same or difference > 1e-3:
-        raise RunError(f"--check failed: tokens {'match' if same else 'differ'}, largest logit difference "
-                           f"{difference:.3g} against the unpartitioned model")
-    return {"tokens_identical": same, "max_logit_difference": difference}
-
-
-@torch.no_grad()
-def _generate(model: Any, prompt: torch.Tensor, size: int, seq: int, steps: int, dtype: torch.dtype
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    from cachefit.nn import KVCache
-
-    config = model.config
-    tokens, logits = [], []
-    for start in range(0, prompt.shape[0], size):
-        caches = [KVCache(size, config.kv_heads, seq, config.head_dim, dtype) for _ in range(config.layers)]
-        out = model(prompt[start:start + size], caches, 0)
-        chosen = [out.argmax(dim=-1)]
-        for step in range(1, steps):
-            out = model(chosen[-1].unsqueeze(1), caches, prompt.shape[1] + step - 1)
-            chosen.append(out.argmax(dim=-1))
-        tokens.append(torch.stack(chosen, dim=1))
-        logits.append(out)
-    return torch.cat(tokens), torch.cat(logits)

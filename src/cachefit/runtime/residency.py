@@ -18,8 +18,9 @@ __all__ = ["cuda_runtime", "flatten_weights", "pin_weights_in_l2"]
 
 def flatten_weights(module: nn.Module) -> torch.Tensor:
     """Move every parameter and buffer of ``module`` into one contiguous buffer (views keep their shapes), so a
-    single access-policy window covers them all. Returns the buffer (bytes). All tensors must share a device."""
-    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.numel()]
+    single access-policy window covers them all. Returns the buffer (bytes). All tensors must share a device;
+    tensors left on meta (a Hugging Face stage's modules that other cards hold) are not this card's."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.numel() and t.device.type != "meta"]
     if not tensors:
         return torch.empty(0, dtype=torch.uint8)
     alignment = 256                                # keeps each view aligned as CUDA allocations are

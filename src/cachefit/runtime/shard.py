@@ -10,9 +10,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
@@ -24,6 +25,17 @@ from cachefit.core.files import atomic_write_text, describe_validation_error, re
 from cachefit.core.records import Plan
 from cachefit.core.spec import ModelSpec
 from cachefit.nn.model import ModelConfig, tensor_share
+from cachefit.runtime.hf_checkpoint import (
+    CONFIG,
+    config_sha256,
+    is_hf_checkpoint,
+    matching_config,
+    model_tensors,
+    read_stage_tensors,
+    stage_tensor_names,
+    stored_names,
+    stored_tensors,
+)
 from cachefit.runtime.weights import checkpoint_spec, expected_shapes, plan_spec, read_checkpoint_info, tensor_sources
 
 __all__ = [
@@ -33,6 +45,7 @@ __all__ = [
     "SharedWeight",
     "plan_fingerprint",
     "read_card",
+    "read_hf_config_copy",
     "shard_checkpoint",
     "verify_card",
 ]
@@ -72,6 +85,8 @@ class Manifest:
     dtype: str
     cards: tuple[CardShard, ...]
     shared: tuple[SharedWeight, ...] = ()
+    source: Literal["cachefit", "hf"] = "cachefit"     # hf: a Hugging Face folder; its config.json is copied here
+    config_sha256: str = ""                           # hf: the copied config.json's sha256
 
     def __post_init__(self) -> None:
         numbers = [card.card for card in self.cards]
@@ -108,12 +123,17 @@ def file_sha256(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def shard_checkpoint(plan: Plan, checkpoint: str | Path, out: str | Path) -> Manifest:
+def shard_checkpoint(plan: Plan, checkpoint: str | Path, out: str | Path,
+                     progress: Callable[[int, int], None] | None = None) -> Manifest:
     """Write ``out/card-K.safetensors`` for every card of ``plan`` and ``out/manifest.json``: into a new folder
-    beside ``out``, swapped in whole once every file is written (a failure leaves ``out`` as it was)."""
+    beside ``out``, swapped in whole once every file is written (a failure leaves ``out`` as it was).
+    ``checkpoint``: a cachefit checkpoint file, or a Hugging Face folder (runtime/hf_checkpoint.py);
+    ``progress(tensors done, tensors in all)`` is called as a Hugging Face folder's tensors are read."""
     if not plan.partitions:
         raise InputError("the plan is not feasible: there are no partitions to shard")
     plan.check_in_layer_order("shard")
+    if is_hf_checkpoint(Path(checkpoint)):
+        return _shard_hf(plan, Path(checkpoint), Path(out), progress)
     info = read_checkpoint_info(checkpoint)
     spec = plan_spec(plan.model)
     if checkpoint_spec(info, checkpoint) != spec:
@@ -163,6 +183,59 @@ def _write_cards(plan: Plan, spec: ModelSpec, checkpoint: Path, folder: Path
     return tuple(cards), shared
 
 
+def _shard_hf(plan: Plan, checkpoint: Path, out: Path, progress: Callable[[int, int], None] | None) -> Manifest:
+    grouped = [p for p in plan.partitions if p.tensor_parallel > 1]
+    if grouped:
+        raise InputError(f"stage {grouped[0].first}-{grouped[0].last} is a tensor group of {grouped[0].tensor_parallel}"
+                         " cards: cachefit runs Hugging Face models with whole layers per card so far; plan with "
+                         "split 'never'", parameters=("split",))
+    document = matching_config(plan, checkpoint)
+    dtype = str(plan.model.dtype)
+    files = stored_tensors(checkpoint)
+    shapes, groups = model_tensors(document, dtype)
+    sources = stored_names(groups, set(files), checkpoint)
+    per_card = [stage_tensor_names(part, list(shapes)) for part in plan.partitions]
+    total, done = sum(len(names) for names in per_card), [0]
+
+    def step(name: str) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
+    folder = _check_out_folder(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        cards: list[CardShard] = []
+        users: dict[str, list[tuple[str, int]]] = {}
+        for part, names in zip(plan.partitions, per_card):
+            tensors = _own_storage(read_stage_tensors(files, sources, names, shapes, dtype, checkpoint, step))
+            path = staging / f"card-{part.card}.safetensors"
+            _save(tensors, path, {"card": str(part.card)})
+            del tensors
+            cards.append(CardShard(part.card, path.name, file_sha256(path), path.stat().st_size, tuple(names)))
+            for name in names:
+                users.setdefault(sources[name], []).append((name, part.card))
+        shutil.copyfile(checkpoint / CONFIG, staging / CONFIG)
+        shared = tuple(SharedWeight(tensor, tuple(n for n, _ in uses), tuple(c for _, c in uses))
+                       for tensor, uses in users.items() if len({card for _, card in uses}) > 1)
+        manifest = Manifest(plan_fingerprint(plan), plan.model.fingerprint, config_sha256(staging), dtype,
+                            tuple(cards), shared, source="hf", config_sha256=config_sha256(staging))
+        manifest.write(staging)
+        _swap_in(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def read_hf_config_copy(folder: str | Path, manifest: Manifest) -> dict[str, Any]:
+    """The config.json ``cachefit shard`` copied beside a Hugging Face model's cards, as its manifest hashed it."""
+    path = Path(folder) / CONFIG
+    if not path.is_file() or path.is_symlink() or config_sha256(Path(folder)) != manifest.config_sha256:
+        raise InputError(f"{path} is missing or does not match its manifest: re-run cachefit shard")
+    document: dict[str, Any] = json.loads(path.read_text())
+    return document
+
+
 _SHARD_FILE = re.compile(r"^card-\d+\.safetensors$")
 
 
@@ -174,7 +247,8 @@ def _check_out_folder(folder: Path) -> Path:
     if folder.exists() and not folder.is_dir():
         raise InputError(f"cannot write shards to {folder}: it exists and is not a folder")
     if folder.is_dir():
-        others = [p.name for p in folder.iterdir() if p.name != MANIFEST and not _SHARD_FILE.match(p.name)]
+        others = [p.name for p in folder.iterdir()
+                  if p.name not in (MANIFEST, CONFIG) and not _SHARD_FILE.match(p.name)]
         if others:
             raise InputError(f"{folder} holds other files than shards ({', '.join(sorted(others)[:3])}): give a "
                              "new or empty folder")

@@ -38,6 +38,7 @@ class Stage(nn.Module):
         self.to(dtype)
         self.first = part.first == 0
         self.last = self.head is not None
+        self.vocab, self.hidden, self.device = spec.vocab, config.hidden, device
 
     def set_collectives(self, reduce: Callable[[torch.Tensor], torch.Tensor],
                         gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -61,6 +62,16 @@ class Stage(nn.Module):
         config = self.config
         return {index: KVCache(batch, config.kv_heads, length, config.head_dim, dtype, device)
                 for index in self.layers}
+
+    def micro_caches(self, batch: int, micro: int, seq: int, dtype: torch.dtype) -> list[dict[str, KVCache]]:
+        """Each micro-batch's rows of the caches (views of one allocation, made now)."""
+        caches, size = self.make_caches(batch, seq, dtype, self.device), batch // micro
+        return [{index: cache.rows(m * size, (m + 1) * size) for index, cache in caches.items()}
+                for m in range(micro)]
+
+    @staticmethod
+    def cache_tensors(micro_caches: list[dict[str, KVCache]]) -> list[torch.Tensor]:
+        return [t for caches in micro_caches for cache in caches.values() for t in (cache.keys, cache.values)]
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, caches: dict[str, KVCache] | None, position: int) -> torch.Tensor:

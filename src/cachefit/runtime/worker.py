@@ -35,7 +35,7 @@ from cachefit.nn.model import TORCH_DTYPES
 from cachefit.runtime.launch import INIT_VARIABLE, PROGRESS_VARIABLE
 from cachefit.runtime.measure import PeakTracker, tensor_bytes
 from cachefit.runtime.residency import flatten_weights, pin_weights_in_l2
-from cachefit.runtime.shard import read_card
+from cachefit.runtime.shard import Manifest, read_card, read_hf_config_copy
 from cachefit.runtime.stage import Stage
 from cachefit.runtime.weights import plan_spec
 
@@ -199,8 +199,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, progress: Progress) ->
         dist.init_process_group(backend, timeout=wait)
     progress.mark(b"r")
     place = _place(plan, rank)
-    spec, dtype = plan_spec(plan.model), TORCH_DTYPES[str(plan.model.dtype)]
-    stage = Stage(spec, place.part, device, dtype, rank - place.part.card).eval()
+    dtype = TORCH_DTYPES[str(plan.model.dtype)]
+    stage = _stage(plan, place, args.weights, device, dtype)
     stage.load_shard(shard, f"card {rank}'s shard")
     # On CUDA: the stage's weights in one buffer, kept in L2 by a persisting access-policy window when they fit.
     residency = pin_weights_in_l2(flatten_weights(stage) if cuda else torch.empty(0))
@@ -213,19 +213,18 @@ def _run(args: argparse.Namespace, rank: int, world: int, progress: Progress) ->
     # prompt tokens per sequence too (its larger activations and workspace, causal mask included): prompts go
     # through the pipeline in passes the plan counted, so no pass holds more.
     chunk = (plan.model.spec.prefill_chunk if plan.model.spec else None) or 1
-    caches = stage.make_caches(batch, seq, dtype, device)
-    rows = [{index: cache.rows(m * size, (m + 1) * size) for index, cache in caches.items()} for m in range(micro)]
-    hidden = stage.config.hidden
+    rows = stage.micro_caches(batch, micro, seq, dtype)
+    hidden = stage.hidden
     # One receive buffer serves every micro-batch: each message is consumed before the next one is received.
     # The first stage receives only tokens (from the last, or its leader's broadcast); the others hidden states.
     inbox = ({"token": torch.empty(size, dtype=torch.long, device=device)} if stage.first
              else {"hidden": torch.empty(size * chunk * hidden, dtype=dtype, device=device)})
     transient = _transient_peak(stage, rows[0], size, chunk, seq, hidden, dtype, device)
     reduce.seconds = 0.0
-    memory = {"weights": tensor_bytes(list(stage.state_dict().values())), "kv_cache": tensor_bytes(
-        [t for cache in caches.values() for t in (cache.keys, cache.values)]), "buffers": tensor_bytes(inbox),
-        "transient_peak": transient}
-    outcome = _pipeline(args, place, stage, rows, inbox, prompts(spec.vocab, batch, args.prompt_len,
+    memory = {"weights": tensor_bytes([t for t in stage.state_dict().values() if t.device.type != "meta"]),
+              "kv_cache": tensor_bytes(stage.cache_tensors(rows)), "buffers": tensor_bytes(inbox),
+              "transient_peak": transient}
+    outcome = _pipeline(args, place, stage, rows, inbox, prompts(stage.vocab, batch, args.prompt_len,
                                                                  args.seed).to(device), size, chunk, Clock(progress))
     emits = stage.last and place.leader
     report = {"rank": rank, "card": rank, "first": place.part.first, "last": place.part.last,
@@ -239,6 +238,17 @@ def _run(args: argparse.Namespace, rank: int, world: int, progress: Progress) ->
                   str(Path(args.out, "outputs.safetensors")))
 
 
+def _stage(plan: Plan, place: Place, weights: str, device: str, dtype: torch.dtype) -> Any:
+    """This card's stage: of a Hugging Face model (its shards' manifest says so) or of the reference model."""
+    manifest = Manifest.read(Path(weights))
+    if manifest.source == "hf":
+        from cachefit.runtime.hf_stage import HFStage
+
+        document = read_hf_config_copy(weights, manifest)
+        return HFStage(document, plan, place.part, device, str(plan.model.dtype)).eval()
+    return Stage(plan_spec(plan.model), place.part, device, dtype, place.rank - place.part.card).eval()
+
+
 def _pin(local_rank: int, local_world: int, threads: int) -> None:
     """One rank per core when the host has a core per rank's threads: the OS then does not move ranks around
     (nor stack two on one core while another idles). Oversubscribed hosts are left to the scheduler."""
@@ -247,7 +257,7 @@ def _pin(local_rank: int, local_world: int, threads: int) -> None:
         os.sched_setaffinity(0, set(cores[local_rank * threads:(local_rank + 1) * threads]))
 
 
-def _transient_peak(stage: Stage, rows: dict[str, Any], size: int, chunk: int, seq: int, hidden: int,
+def _transient_peak(stage: Any, rows: Any, size: int, chunk: int, seq: int, hidden: int,
                     dtype: torch.dtype, device: str) -> int:
     """Peak bytes the largest pass allocates on this card: a chunk at the end of the context (a local pass; the
     positions it writes lie beyond the run's, or are rewritten by it)."""
@@ -264,11 +274,11 @@ def _passes(prompt_len: int, steps: int, chunk: int) -> list[tuple[int, int]]:
     return prefill + [(prompt_len + step - 1, 1) for step in range(1, steps)]
 
 
-def _pipeline(args: argparse.Namespace, place: Place, stage: Stage, rows: list[dict[str, Any]],
+def _pipeline(args: argparse.Namespace, place: Place, stage: Any, rows: list[Any],
               inbox: dict[str, torch.Tensor], prompt: torch.Tensor, size: int, chunk: int,
               clock: Clock) -> dict[str, Any]:
     pending, device = [], prompt.device
-    micro, steps, hidden = len(rows), args.new_tokens, stage.config.hidden
+    micro, steps, hidden = len(rows), args.new_tokens, stage.hidden
     passes = _passes(args.prompt_len, steps, chunk)
     prefill_passes = len(passes) - (steps - 1)
     tokens = torch.zeros(micro * size, steps, dtype=torch.long, device=device)

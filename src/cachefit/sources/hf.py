@@ -26,7 +26,7 @@ from cachefit.nn.model import TORCH_DTYPES
 from cachefit.sources.hf_splits import ExpertSplit, with_tp_splits
 from cachefit.sources.torch_profile import Granularity, profile_module
 
-__all__ = ["hf_presets", "hf_table", "read_hf_config"]
+__all__ = ["build_hf_model", "cache_argument", "hf_presets", "hf_table", "kv_heads", "read_hf_config"]
 
 
 
@@ -49,7 +49,7 @@ def read_hf_config(path: Path) -> dict[str, Any]:
 
 def hf_table(config: dict[str, Any], name: str, work: Workload, granularity: Granularity = "block",
              experts: ExpertSplit = "tensor", device: str = "meta") -> LayerTable:
-    model, hf_config = _build(config, work.dtype, device, eager=work.attention == "eager")
+    model, hf_config = build_hf_model(config, work.dtype, device, eager=work.attention == "eager")
     if work.phase == "decode" and _bidirectional(model):
         raise _cannot_decode(name, hf_config.model_type)
     args, kwargs = _inputs(model, hf_config, work, device)
@@ -83,7 +83,7 @@ def _cannot_decode(name: str, model_type: str) -> InputError:
                       parameters=("phase",))
 
 
-def _build(config: dict[str, Any], dtype: str, device: str = "meta", eager: bool = False
+def build_hf_model(config: dict[str, Any], dtype: str, device: str = "meta", eager: bool = False
            ) -> tuple[nn.Module, Any]:
     """The model on ``device``; ``eager``: its own attention code (transformers' ``attn_implementation``), else
     transformers' default (SDPA where the architecture has it)."""
@@ -144,13 +144,13 @@ def _inputs(model: nn.Module, hf_config: Any, work: Workload, device: str = "met
         # With an empty cache transformers neither looks for packed sequences nor reads a padding mask, both of
         # which call .item() (impossible on meta). The keys and values the prompt leaves in the cache are what a
         # prefill before decoding holds; they show as each layer's workspace (the prefill table has no KV column).
-        return (ids,), {_cache_argument(model): DynamicCache(config=hf_config), "use_cache": True,
+        return (ids,), {cache_argument(model): DynamicCache(config=hf_config), "use_cache": True,
                         "logits_to_keep": 1}
     from transformers import StaticCache
 
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     cache = StaticCache(config=hf_config, max_cache_len=work.seq)
-    heads = _kv_heads(model, text)
+    heads = kv_heads(model, text)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     cache.early_initialization(work.batch, heads, head_dim, TORCH_DTYPES[dtype_bytes(work.dtype)[0]],
                                torch.device(device))
@@ -159,11 +159,11 @@ def _inputs(model: nn.Module, hf_config: Any, work: Workload, device: str = "met
     cache.get_seq_length = lambda layer_idx=0: work.seq - 1    # type: ignore[method-assign]
     ids = torch.zeros(work.batch, 1, dtype=torch.long, device=device)
     position = torch.tensor([work.seq - 1], device=device)
-    return (ids,), {_cache_argument(model): cache, "cache_position": position, "use_cache": True,
+    return (ids,), {cache_argument(model): cache, "cache_position": position, "use_cache": True,
                     "logits_to_keep": 1}
 
 
-def _kv_heads(model: nn.Module, text: Any) -> int:
+def kv_heads(model: nn.Module, text: Any) -> int:
     """Key/value heads per layer, as the attention modules themselves group them (a config may carry a
     ``num_key_value_heads`` its architecture ignores); Falcon's multi-query attention has one (its config keeps
     num_kv_heads at the query heads unless the new decoder architecture is used)."""
@@ -176,6 +176,6 @@ def _kv_heads(model: nn.Module, text: Any) -> int:
     return int(kv or text.num_attention_heads)
 
 
-def _cache_argument(model: nn.Module) -> str:
+def cache_argument(model: nn.Module) -> str:
     """transformers 5.x is renaming ``past_key_values`` to ``cache``, model by model: use the one it declares."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

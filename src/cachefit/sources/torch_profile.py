@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cachefit.core.errors import InputError
 from cachefit.core.layers import Layer, LayerTable, Phase, SharedTensor
 from cachefit.sources.fused_attention import fused_attention
+from cachefit.sources.meta_ops import run_on_meta, written_tensors
 
 __all__ = ["Granularity", "find_blocks", "profile_module"]
 
@@ -161,9 +161,9 @@ class _Tracker(TorchDispatchMode):
         for leaf in tree_leaves((args, kwargs)):
             if isinstance(leaf, torch.Tensor):
                 self.existing(leaf)
-        for leaf in _written(func, args, kwargs or {}):
+        for leaf in written_tensors(func, args, kwargs or {}):
             self.wrote(leaf)
-        result = _on_meta(func, args, kwargs or {})
+        result = run_on_meta(func, args, kwargs or {})
         self.collect()
         for leaf in tree_leaves(result):
             if isinstance(leaf, torch.Tensor):
@@ -177,46 +177,6 @@ class _Tracker(TorchDispatchMode):
         # crosses every boundary up to that layer, as a model input does; state no layer takes stays out.
         return [(rank.get(producer, -1), rank.get(consumer, -1), size)
                 for producer, consumer, size in self.history + alive if producer != -2 or consumer >= 0]
-
-
-def _written(func: Any, args: Any, kwargs: dict[str, Any]) -> Iterator[torch.Tensor]:
-    """The tensors an op writes in place: the arguments its schema marks as written (``Tensor(a!)``)."""
-    for position, name in _write_arguments(func):
-        yield from _tensors(args[position] if position < len(args) else kwargs.get(name))
-
-
-@functools.cache
-def _write_arguments(func: Any) -> tuple[tuple[int, str], ...]:
-    """(position, name) of the arguments ``func``'s schema marks written; read once per op (every op asks)."""
-    schema = getattr(func, "_schema", None)
-    return tuple((position, argument.name) for position, argument in enumerate(schema.arguments if schema else ())
-                 if argument.alias_info is not None and argument.alias_info.is_write)
-
-
-def _on_meta(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-    """``func`` run, except where its meta function refuses what the real kernels take: ``_grouped_mm``'s meta
-    function admits bfloat16 only (CUDA's rule, torch/_meta_registrations.py), while the CPU kernel takes float32
-    and float16 too (transformers' MoE experts call it for every dtype); the real kernel allocates its output
-    only, (tokens, out features) for a 2-D input against 3-D expert weights, so that is what is made here."""
-    if func is torch.ops.aten._local_scalar_dense.default and args and args[0].device.type == "meta":
-        return _scalar_on_meta(args[0])
-    if func is torch.ops.aten._grouped_mm.default and len(args) >= 2:
-        a, b = args[0], args[1]
-        if a.device.type == "meta" and a.dtype != torch.bfloat16 and b.dim() == 3 and a.dim() in (2, 3):
-            shape = (a.size(0), b.size(-1)) if a.dim() == 2 else (a.size(0), a.size(1), b.size(-1))
-            return torch.empty(shape, dtype=kwargs.get("out_dtype") or a.dtype, device="meta")
-    return func(*args, **kwargs)
-
-
-def _scalar_on_meta(tensor: torch.Tensor) -> bool:
-    """A value a forward reads off its inputs (``Tensor.item()``), which meta tensors do not hold. transformers asks
-    yes/no questions of its masks and positions (is the padding mask all ones? are the sequences unpacked?):
-    they are answered yes, as for the unpadded, unpacked batch a profile describes. Any other value is refused."""
-    if tensor.dtype == torch.bool:
-        return True
-    raise InputError("the model's forward reads a number off its inputs (Tensor.item()), which profiling on the "
-                     "meta device cannot give; pass inputs that make it unnecessary (a Hugging Face model: give "
-                     "position_ids, or profile its config.json)")
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:

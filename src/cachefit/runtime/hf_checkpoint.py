@@ -1,0 +1,147 @@
+"""Hugging Face checkpoint folders (``save_pretrained``: config.json with model.safetensors, or shards listed by
+model.safetensors.index.json), cut into one safetensors file per card of a plan made from the same config.
+
+The plan must have been made from this very config: the folder is profiled again with the plan's workload and the
+table's fingerprint compared with the plan's. Tensors are read one at a time from the stored files (safetensors
+maps them; the whole checkpoint is never in memory), each card's file is written when its tensors are read, and
+a tied weight stored once (GPT-2's head is its embedding) is written to every card whose layers use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from cachefit.core.errors import InputError
+from cachefit.core.records import Partition, Plan
+
+__all__ = ["CONFIG", "RUNNABLE", "check_runnable", "config_sha256", "is_hf_checkpoint", "matching_config",
+           "model_tensors", "read_stage_tensors", "stage_tensor_names", "stored_names", "stored_tensors"]
+
+CONFIG = "config.json"
+# Architectures whose stages are checked token for token against transformers' generate (tests/test_hf_run.py).
+RUNNABLE = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "phi3", "gemma2", "gpt2", "opt", "gpt_neox")
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def is_hf_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG).is_file()
+
+
+def stored_tensors(folder: Path) -> dict[str, Path]:
+    """{tensor name: the safetensors file in ``folder`` that holds it}."""
+    if (folder / INDEX).is_file():
+        from cachefit.core.files import read_json_object
+
+        weight_map = read_json_object(folder / INDEX, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(f"{folder / INDEX}: weight_map must map tensor names to file names")
+        files = {name: folder / file for name, file in weight_map.items()}
+        for file in set(files.values()):
+            if file.parent != folder or not file.is_file():
+                raise InputError(f"{folder / INDEX} names {file.name}, which is not a file in {folder}")
+        return files
+    if (folder / SINGLE).is_file():
+        try:
+            with safe_open(str(folder / SINGLE), framework="pt") as handle:
+                return dict.fromkeys(handle.keys(), folder / SINGLE)
+        except (OSError, SafetensorError) as error:
+            raise InputError(f"cannot read {folder / SINGLE}: {error}") from error
+    raise InputError(f"{folder} has neither {SINGLE} nor {INDEX}: save the model with save_pretrained "
+                     "(safetensors; cachefit never loads pickled .bin weights)")
+
+
+def matching_config(plan: Plan, folder: Path) -> dict[str, Any]:
+    """The folder's config document, once its profile under the plan's workload is the table the plan was made
+    for; otherwise one line saying how to make a plan that is."""
+    from cachefit.sources import load_model
+    from cachefit.sources.hf import read_hf_config
+
+    document = read_hf_config(folder)
+    check_runnable(document)
+    model = plan.model
+    table = load_model(folder, batch=model.batch, seq=model.seq, phase=model.phase, dtype=model.dtype)
+    table = replace(table, name=model.name)          # a folder renamed or copied holds the same model
+    if table.fingerprint != model.fingerprint:
+        raise InputError(f"the plan was made for another model than {folder} (its table {model.fingerprint[:19]}..., "
+                         f"this config's {table.fingerprint[:19]}... at batch {model.batch}, seq {model.seq}, "
+                         f"{model.phase}, {model.dtype}): plan again from {folder}")
+    return document
+
+
+def stage_tensor_names(part: Partition, names: list[str]) -> list[str]:
+    """The state-dict names that belong to the stage's modules (a module's own tensors and its children's)."""
+    prefixes = part.modules or part.layers
+    return [name for name in names if any(name == p or name.startswith(p + ".") for p in prefixes)]
+
+
+def config_sha256(folder: Path) -> str:
+    return "sha256:" + hashlib.sha256((folder / CONFIG).read_bytes()).hexdigest()
+
+
+def read_stage_tensors(files: dict[str, Path], sources: dict[str, str], names: list[str],
+                       shapes: dict[str, tuple[int, ...]], dtype: str, folder: Path,
+                       progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One stage's tensors, read one by one (each checked against the model's shape and the plan's dtype)."""
+    tensors: dict[str, Any] = {}
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+        for name in names:
+            stored = sources[name]
+            file = files[stored]
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(str(file), framework="pt"))
+            tensor = handles[file].get_tensor(stored)
+            if tuple(tensor.shape) != shapes[name]:
+                raise InputError(f"{folder}: {stored} has shape {tuple(tensor.shape)}, the config's model needs "
+                                 f"{shapes[name]}")
+            if str(tensor.dtype).removeprefix("torch.") != dtype:
+                raise InputError(f"{folder}: {stored} is stored in {str(tensor.dtype).removeprefix('torch.')} but "
+                                 f"the plan counted {dtype}: plan with dtype "
+                                 f"{str(tensor.dtype).removeprefix('torch.')}", parameters=("dtype",))
+            tensors[name] = tensor
+            if progress is not None:
+                progress(name)
+    return tensors
+
+
+def model_tensors(document: dict[str, Any], dtype: str) -> tuple[dict[str, tuple[int, ...]], list[list[str]]]:
+    """{state-dict name: shape} of the config's model (built on meta), and its names grouped by tensor (tied
+    weights have several)."""
+    from cachefit.sources.hf import build_hf_model
+
+    model, _ = build_hf_model(document, dtype, "meta")
+    groups: dict[int, list[str]] = {}
+    shapes = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+        shapes[name] = tuple(tensor.shape)
+    return shapes, list(groups.values())
+
+
+def stored_names(groups: list[list[str]], stored: set[str], folder: Path) -> dict[str, str]:
+    """{state-dict name: name stored in the checkpoint}: a tied weight, stored once, serves all its names."""
+    sources = {}
+    for aliases in groups:
+        kept = [name for name in aliases if name in stored]
+        if not kept:
+            raise InputError(f"{folder} lacks {aliases[0]}: it does not hold this config's model, or stores it in "
+                             "a layout transformers converts while loading (Mixtral's per-expert tensors, say), "
+                             "which cachefit does not convert yet: re-save the loaded model's state_dict() with "
+                             "safetensors beside its config.json")
+        sources.update(dict.fromkeys(aliases, kept[0]))
+    return sources
+
+
+def check_runnable(document: dict[str, Any]) -> None:
+    kind = document.get("model_type")
+    if kind not in RUNNABLE:
+        raise InputError(f"cachefit runs Hugging Face models of types {', '.join(RUNNABLE)}; {kind!r} is not one "
+                         "yet (plan, profile and export work for any type)")

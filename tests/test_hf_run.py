@@ -1,0 +1,162 @@
+"""Hugging Face checkpoints sharded per plan and run one process per card: tokens identical to transformers' own
+generate. Checkpoints are transformers' own models at small dimensions (random weights, save_pretrained)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from click.testing import CliRunner  # noqa: E402
+from safetensors.torch import load, load_file, save  # noqa: E402
+
+import cachefit  # noqa: E402
+from cachefit.cli import cli  # noqa: E402
+from cachefit.runtime import shard_checkpoint  # noqa: E402
+from cachefit.runtime.hf_checkpoint import RUNNABLE  # noqa: E402
+from cachefit.runtime.hf_stage import HFStage  # noqa: E402
+from cachefit.runtime.launch import RunOptions, run_plan  # noqa: E402
+
+SMALL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+         "num_attention_heads": 4, "num_key_value_heads": 2}
+FIELDS: dict[str, dict[str, Any]] = {
+    "llama": {}, "qwen2": {}, "qwen3": {"head_dim": 16}, "mistral": {"sliding_window": 8},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2}, "phi3": {"pad_token_id": None},
+    "gemma2": {"head_dim": 16, "sliding_window": 8},
+    "gpt2": {"n_positions": 128, "bos_token_id": 0, "eos_token_id": 0},
+    "opt": {"ffn_dim": 96, "word_embed_proj_dim": 64, "max_position_embeddings": 128},
+    "gpt_neox": {}, "falcon": {},
+}
+
+
+def checkpoint(folder: Path, kind: str, max_shard_size: str | None = None, as_held: bool = False) -> Path:
+    """transformers' model of ``kind`` with seeded random weights, saved as a model folder; ``as_held``: its
+    tensors as the model holds them (save_pretrained stores Mixtral's experts one by one, converted on load)."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(kind, **SMALL, **FIELDS[kind])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    if as_held:
+        save_file({name: t.contiguous() for name, t in model.state_dict().items() if name != "lm_head.weight"
+                   or not config.tie_word_embeddings}, str(folder / "model.safetensors"))
+    return folder
+
+
+def planned(folder: Path, cards: int) -> cachefit.Plan:
+    # Batch 2, 64 tokens of KV cache, float32 (the config's dtype), min-max over ``cards``.
+    table = cachefit.load_model(folder, batch=2, seq=64)
+    plan = cachefit.plan(table, capacity="1GiB", cards=cards, memory_model="pipeline")
+    assert plan.feasible and plan.cards == cards
+    return plan
+
+
+def test_the_runnable_architectures_are_those_checked_here() -> None:
+    assert set(RUNNABLE) == set(FIELDS) - {"falcon"}
+
+
+@pytest.mark.parametrize("kind", RUNNABLE)
+def test_stages_of_every_runnable_architecture_decode_as_generate_does(tmp_path: Path, kind: str) -> None:
+    # In one process: the model cut into one stage per layer (embedding, each block, norm and head each on its
+    # own card: stages without blocks too), the stages chained, greedy decoding from an 8-token prompt.
+    from transformers import AutoModelForCausalLM
+
+    folder = checkpoint(tmp_path / kind, kind)
+    plan = planned(folder, 7)
+    document = json.loads((folder / "config.json").read_text())
+    full = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    full.generation_config.eos_token_id = None      # the stages decode through end-of-text, as a run does
+    state = full.state_dict()
+    stages = []
+    for part in plan.partitions:
+        stage = HFStage(document, plan, part).eval()
+        mine = [n for n, t in stage.causal.state_dict(keep_vars=True).items() if t.device.type != "meta"]
+        stage.load_shard(save({n: state[n].clone().contiguous() for n in mine}), "test")
+        stages.append((stage, stage.micro_caches(2, 1, 64, torch.float32)[0]))
+    prompt = torch.randint(128, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def step(x: torch.Tensor, position: int) -> torch.Tensor:
+        for stage, cache in stages:
+            x = stage(x, cache, position)
+        return x
+
+    logits = step(prompt, 0)
+    tokens = [logits.argmax(-1)]
+    for index in range(1, 12):                  # past Mistral's and Gemma-2's 8-token windows
+        logits = step(tokens[-1].unsqueeze(1), 8 + index - 1)
+        tokens.append(logits.argmax(-1))
+    reference = full.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    assert torch.equal(torch.stack(tokens, 1), reference.sequences[:, 8:])
+    assert float((reference.logits[-1] - logits).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize(("kind", "cards"), [("gpt2", 2), ("mixtral", 3), ("mistral", 2)])
+def test_a_sharded_folder_runs_on_gloo_as_generate(tmp_path: Path, kind: str, cards: int) -> None:
+    # GPT-2 ties its head to its embedding (stored once, written to both end cards), Mixtral routes to 2 of 4
+    # experts, Mistral keeps an 8-token window of the 6 + 8 tokens decoded.
+    folder = checkpoint(tmp_path / kind, kind, as_held=kind == "mixtral")
+    plan = planned(folder, cards)
+    plan_file = tmp_path / "plan.json"
+    plan.write(plan_file)
+    manifest = shard_checkpoint(plan, folder, tmp_path / "shards")
+    assert manifest.source == "hf" and len(manifest.cards) == cards
+    if kind == "gpt2":
+        assert [(s.tensor, s.cards) for s in manifest.shared] == [("transformer.wte.weight", (0, cards - 1))]
+    result = run_plan(str(plan_file), str(tmp_path / "shards"),
+                      RunOptions(prompt_len=6, new_tokens=8, micro_batches=2, check=True, timeout=30))
+    assert result.checked is not None and result.checked["tokens_identical"]
+    assert result.checked["reference"] == "transformers generate"
+    for rank in result.ranks:                   # the plan never under-counts what a card holds
+        assert 0 < sum(rank["memory"].values()) <= rank["planned_bytes"], rank
+
+
+def test_a_folder_of_several_safetensors_files_shards_as_one_file_does(tmp_path: Path) -> None:
+    single = checkpoint(tmp_path / "one", "llama")
+    several = checkpoint(tmp_path / "several", "llama", max_shard_size="100KB")
+    assert (several / "model.safetensors.index.json").exists() and not (several / "model.safetensors").exists()
+    plan = planned(single, 2)
+    one = shard_checkpoint(plan, single, tmp_path / "from-one")
+    shard_checkpoint(plan, several, tmp_path / "from-several")
+    for card in one.cards:
+        a = load_file(str(tmp_path / "from-one" / card.file))
+        b = load((tmp_path / "from-several" / card.file).read_bytes())
+        assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_plan_of_another_model_is_refused_in_one_line(tmp_path: Path) -> None:
+    plan = planned(checkpoint(tmp_path / "llama", "llama"), 2)
+    plan.write(tmp_path / "plan.json")
+    other = checkpoint(tmp_path / "qwen2", "qwen2")
+    result = CliRunner().invoke(cli, ["shard", str(tmp_path / "plan.json"), str(other), "--out",
+                                      str(tmp_path / "shards")])
+    assert result.exit_code == 2 and "the plan was made for another model" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "shards").exists()
+
+
+def test_an_architecture_not_run_yet_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    config = {**SMALL}
+    config.pop("intermediate_size")
+    folder = tmp_path / "falcon"
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("falcon", **config)).save_pretrained(folder)
+    plan = planned(folder, 2)
+    with pytest.raises(ValueError, match="'falcon' is not one yet"):
+        shard_checkpoint(plan, folder, tmp_path / "shards")
+    assert not (tmp_path / "shards").exists()
+
+
+def test_a_layout_transformers_converts_on_load_is_refused_in_one_line(tmp_path: Path) -> None:
+    folder = checkpoint(tmp_path / "mixtral", "mixtral")          # experts stored one by one
+    plan = planned(folder, 2)
+    with pytest.raises(ValueError, match="a layout transformers converts while loading"):
+        shard_checkpoint(plan, folder, tmp_path / "shards")
