@@ -51,9 +51,12 @@ def checkpoint(folder: Path, kind: str, max_shard_size: str | None = None, as_he
     return folder
 
 
-def planned(folder: Path, cards: int) -> cachefit.Plan:
-    # Batch 2, 64 tokens of KV cache, float32 (the config's dtype), min-max over ``cards``.
-    table = cachefit.load_model(folder, batch=2, seq=64)
+def planned(folder: Path, cards: int, chunk: int | None = None) -> cachefit.Plan:
+    # Batch 2, 64 tokens of KV cache, float32 (the config's dtype), min-max over ``cards``; ``chunk``: prompts
+    # go in passes of that many tokens per sequence, counted too.
+    from cachefit.sources import TorchOptions
+
+    table = cachefit.load_model(folder, batch=2, seq=64, torch_options=TorchOptions(prefill_chunk=chunk))
     plan = cachefit.plan(table, capacity="1GiB", cards=cards, memory_model="pipeline")
     assert plan.feasible and plan.cards == cards
     return plan
@@ -99,12 +102,12 @@ def test_stages_of_every_runnable_architecture_decode_as_generate_does(tmp_path:
     assert float((reference.logits[-1] - logits).abs().max()) < 1e-4
 
 
-@pytest.mark.parametrize(("kind", "cards"), [("gpt2", 2), ("mixtral", 3), ("mistral", 2)])
+@pytest.mark.parametrize(("kind", "cards"), [("gpt2", 2), ("mixtral", 3)])
 def test_a_sharded_folder_runs_on_gloo_as_generate(tmp_path: Path, kind: str, cards: int) -> None:
     # GPT-2 ties its head to its embedding (stored once, written to both end cards), Mixtral routes to 2 of 4
-    # experts, Mistral keeps an 8-token window of the 6 + 8 tokens decoded.
+    # experts.
     folder = checkpoint(tmp_path / kind, kind, as_held=kind == "mixtral")
-    plan = planned(folder, cards)
+    plan = planned(folder, cards, chunk=3 if kind == "mixtral" else None)       # Mixtral: prompts in 2 passes
     plan_file = tmp_path / "plan.json"
     plan.write(plan_file)
     manifest = shard_checkpoint(plan, folder, tmp_path / "shards")
@@ -115,6 +118,7 @@ def test_a_sharded_folder_runs_on_gloo_as_generate(tmp_path: Path, kind: str, ca
                       RunOptions(prompt_len=6, new_tokens=8, micro_batches=2, check=True, timeout=30))
     assert result.checked is not None and result.checked["tokens_identical"]
     assert result.checked["reference"] == "transformers generate"
+    assert result.ranks[-1]["prefill_chunk"] == (3 if kind == "mixtral" else 1)
     for rank in result.ranks:                   # the plan never under-counts what a card holds
         assert 0 < sum(rank["memory"].values()) <= rank["planned_bytes"], rank
 
@@ -160,3 +164,54 @@ def test_a_layout_transformers_converts_on_load_is_refused_in_one_line(tmp_path:
     plan = planned(folder, 2)
     with pytest.raises(ValueError, match="a layout transformers converts while loading"):
         shard_checkpoint(plan, folder, tmp_path / "shards")
+
+
+def test_cli_shards_and_runs_a_sliding_window_model_and_reports_every_sequence(tmp_path: Path) -> None:
+    # Mistral keeps an 8-token window of the 6 + 8 tokens each sequence holds by the end.
+    from cachefit.runtime.worker import prompts
+
+    folder = checkpoint(tmp_path / "mistral", "mistral")
+    runner = CliRunner()
+    plan_file, shards, report = tmp_path / "plan.json", tmp_path / "shards", tmp_path / "run.json"
+    made = runner.invoke(cli, ["plan", str(folder), "--batch", "2", "--seq", "64", "--memory-model", "pipeline",
+                               "--cards", "2", "--capacity", "1GiB", "-o", str(plan_file)])
+    assert made.exit_code == 0, made.output
+    cut = runner.invoke(cli, ["shard", str(plan_file), str(folder), "--out", str(shards)])
+    assert cut.exit_code == 0 and "card 1: card-1.safetensors" in cut.stdout, cut.output
+    ran = runner.invoke(cli, ["run", str(plan_file), "--weights", str(shards), "--prompt-len", "6", "--new-tokens",
+                              "8", "--check", "--report", str(report)])
+    assert ran.exit_code == 0 and "tokens identical" in ran.stdout, ran.output
+    document = json.loads(report.read_text())
+    assert document["check"]["tokens_identical"]
+    assert [s["prompt"] for s in document["sequences"]] == prompts(128, 2, 6, 0).tolist()
+    assert all(len(s["generated"]) == 8 for s in document["sequences"])
+    assert all(card["measured_bytes"] <= card["planned_bytes"] for card in document["cards"])
+
+
+def test_two_torchrun_agents_on_this_host_make_the_tokens_of_one_node(tmp_path: Path) -> None:
+    # The command --print-torchrun gives, started twice (--node-rank 0 and 1) with its rendezvous on 127.0.0.1:
+    # two nodes of one card each, as on two hosts.
+    import os
+    import subprocess
+
+    folder = checkpoint(tmp_path / "llama", "llama")
+    plan_file, shards = tmp_path / "plan.json", tmp_path / "shards"
+    planned(folder, 2).write(plan_file)
+    shard_checkpoint(cachefit.Plan.read(plan_file), folder, shards)
+    options = RunOptions(prompt_len=6, new_tokens=4, micro_batches=2, timeout=30)
+    one_node = run_plan(str(plan_file), str(shards), options)
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [str(out) if part == "OUT_DIR" else part for part in cachefit.torchrun_command(
+        plan_file, shards, RunOptions(prompt_len=6, new_tokens=4, micro_batches=2, timeout=30, nnodes=2))]
+    at = command.index("--nnodes")
+    environment = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    agents = [subprocess.Popen([*command[:at], "--node-rank", str(node), *command[at:]], env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for node in (0, 1)]
+    try:
+        logs = [agent.communicate(timeout=180)[0].decode(errors="replace") for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    assert [agent.returncode for agent in agents] == [0, 0], logs
+    assert torch.equal(load_file(str(out / "outputs.safetensors"))["tokens"], one_node.tokens)

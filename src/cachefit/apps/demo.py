@@ -82,7 +82,7 @@ def _run_section(folder: Path) -> None:
     summary = result.summary
     assert summary is not None
     report.print_run_summary(out, summary, result.checked)
-    document = run_report(str(plan_file), options, result.checked, summary)
+    document = run_report(str(plan_file), options, result.checked, summary, result.prompt, result.tokens)
     atomic_write_text(folder / "run.json", json.dumps(document, indent=1) + "\n")
     out.print(f"plot: {folder / 'plan.png'}; run report: {folder / 'run.json'}")
 

@@ -67,6 +67,6 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
     assert summary is not None
     report_.print_run_summary(out, summary, result.checked)
     if report:
-        document = run_report(plan_file, options, result.checked, summary)
+        document = run_report(plan_file, options, result.checked, summary, result.prompt, result.tokens)
         atomic_write_text(report, json.dumps(document, indent=1) + "\n")
         err.print(f"wrote {report}")

@@ -108,6 +108,8 @@ class LayerTable:
     seq: Annotated[int, Field(ge=1)] | None = None
     phase: Phase | None = None
     spec: SpecRecord | None = field(default=None, compare=False)   # the model it was made from, if known
+    prefill_chunk: Annotated[int, Field(ge=2)] | None = None   # decode tables that also counted a pass of this many
+                                                               # prompt tokens per sequence (Hugging Face profiles)
 
     def __post_init__(self) -> None:
         _check_table(self)
@@ -128,6 +130,8 @@ class LayerTable:
         }
         if self.spec is not None:
             document["spec"] = self.spec.to_dict()
+        if self.prefill_chunk is not None:          # written only when set: older tables keep their fingerprints
+            document["prefill_chunk"] = self.prefill_chunk
         return document
 
     def to_json(self) -> str:

@@ -84,11 +84,18 @@ class ModelInfo:
     seq: int | None = None
     phase: Phase | None = None
     spec: SpecRecord | None = None
+    prefill_chunk: int | None = None     # a Hugging Face decode profile that also counted a pass of this many
+                                         # prompt tokens per sequence (a spec's is in its record)
 
     @classmethod
     def of(cls, table: LayerTable) -> ModelInfo:
         return cls(table.name, table.fingerprint, len(table.layers), table.dtype, table.batch, table.seq,
-                   table.phase, table.spec)
+                   table.phase, table.spec, table.prefill_chunk)
+
+    @property
+    def chunk(self) -> int:
+        """Prompt tokens per sequence a pass may carry (1: one token a pass)."""
+        return self.prefill_chunk or (self.spec.prefill_chunk if self.spec else None) or 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +145,8 @@ class Plan:
         document["capacity_bytes"] = list(self.capacity_bytes)
         document["model"] = {**asdict(self.model), "spec": None if self.model.spec is None
                              else self.model.spec.to_dict()}
+        if self.model.prefill_chunk is None:
+            document["model"].pop("prefill_chunk")      # written only when set: plans without it read as before
         document["partitions"] = [{**asdict(p), "layers": list(p.layers), "modules": list(p.modules),
                                    "cards": list(p.cards)} for p in self.partitions]
         document["diagnosis"] = list(self.diagnosis)

@@ -82,6 +82,7 @@ class RunResult:
     checked: dict[str, Any] | None = None
     log: str = ""
     summary: RunSummary | None = None        # the measurements, from every rank's report
+    prompt: torch.Tensor | None = None       # the prompt token ids every rank used (batch x prompt_len)
 
 
 def _free_port() -> int:
@@ -165,7 +166,8 @@ def run_plan(plan_file: str, weights: str, options: RunOptions,
         ranks = [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(plan.cards)]
         outputs = load_file(str(Path(out, "outputs.safetensors")))
     summary = summarise(ranks, int(plan.model.batch or 1), options.prompt_len, options.new_tokens)
-    result = RunResult(ranks, outputs["tokens"], outputs["logits"], log=log, summary=summary)
+    result = RunResult(ranks, outputs["tokens"], outputs["logits"], log=log, summary=summary,
+                       prompt=outputs["prompt"])
     if options.check:
         from cachefit.runtime.check import reference_check
 

@@ -48,9 +48,11 @@ def _card(rank: dict[str, Any]) -> CardSummary:
 
 
 def run_report(plan_file: str, options: Any, check: Mapping[str, Any] | None,
-               summary: RunSummary) -> dict[str, Any]:
+               summary: RunSummary, prompt: Any = None, tokens: Any = None) -> dict[str, Any]:
     """The ``--report`` JSON of a run: what ran, with which options (a RunOptions), whether it matched, what was
-    measured."""
+    measured, and per sequence its prompt token ids and the ids generated (``prompt``, ``tokens``: batch x n)."""
     chosen = {key: getattr(options, key) for key in ("prompt_len", "new_tokens", "micro_batches", "seed", "threads")}
+    sequences = [] if prompt is None or tokens is None else [
+        {"prompt": [int(t) for t in given], "generated": [int(t) for t in made]} for given, made in zip(prompt, tokens)]
     return {"schema": "cachefit.run/v1", "plan": plan_file, "options": chosen, "check": check,
-            **summary.to_dict()}
+            **summary.to_dict(), "sequences": sequences}

@@ -212,7 +212,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, progress: Progress) ->
     # A decode plan counts one token per sequence per pass, and, when measured with --prefill-chunk C, a pass of C
     # prompt tokens per sequence too (its larger activations and workspace, causal mask included): prompts go
     # through the pipeline in passes the plan counted, so no pass holds more.
-    chunk = (plan.model.spec.prefill_chunk if plan.model.spec else None) or 1
+    chunk = plan.model.chunk
     rows = stage.micro_caches(batch, micro, seq, dtype)
     hidden = stage.hidden
     # One receive buffer serves every micro-batch: each message is consumed before the next one is received.
@@ -224,8 +224,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, progress: Progress) ->
     memory = {"weights": tensor_bytes([t for t in stage.state_dict().values() if t.device.type != "meta"]),
               "kv_cache": tensor_bytes(stage.cache_tensors(rows)), "buffers": tensor_bytes(inbox),
               "transient_peak": transient}
-    outcome = _pipeline(args, place, stage, rows, inbox, prompts(stage.vocab, batch, args.prompt_len,
-                                                                 args.seed).to(device), size, chunk, Clock(progress))
+    prompt = prompts(stage.vocab, batch, args.prompt_len, args.seed)
+    outcome = _pipeline(args, place, stage, rows, inbox, prompt.to(device), size, chunk, Clock(progress))
     emits = stage.last and place.leader
     report = {"rank": rank, "card": rank, "first": place.part.first, "last": place.part.last,
               "tensor_parallel": place.part.tensor_parallel, "emits": emits,
@@ -234,7 +234,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, progress: Progress) ->
               **outcome["timing"]}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(report))
     if emits:
-        save_file({"tokens": outcome["tokens"].cpu(), "logits": outcome["logits"].float().cpu()},
+        save_file({"tokens": outcome["tokens"].cpu(), "logits": outcome["logits"].float().cpu(), "prompt": prompt},
                   str(Path(args.out, "outputs.safetensors")))
 
 

@@ -88,17 +88,21 @@ def load_model(model: str | Path | LayerTable, *, input_bytes: int | None = None
     text = str(model)
     path = Path(text)
     suffix = path.suffix.lower()
-    if (options.measure or options.prefill_chunk) and not (suffix == ".toml" or text in presets()):
-        raise InputError("measure and prefill_chunk apply to presets and .toml specs (torch models and Hugging "
-                         "Face configs are always measured)", parameters=("measure", "prefill_chunk"))
     hf = _hf_source(text, path)
+    spec_source = suffix == ".toml" or text in presets()
+    if options.measure and not spec_source:
+        raise InputError("measure applies to presets and .toml specs (torch models and Hugging Face configs are "
+                         "always measured)", parameters=("measure",))
+    if options.prefill_chunk and not (spec_source or hf is not None):
+        raise InputError("prefill_chunk applies to presets, .toml specs and Hugging Face configs",
+                         parameters=("prefill_chunk",))
     if options.experts != "tensor" and hf is None and not (suffix == ".toml" or text in presets()):
         raise InputError("experts='parallel' is for mixture-of-experts models (such as mixtral-8x7b or "
                          "hf/mixtral-8x7b); this model is not one", parameters=("experts",))
     if hf is not None:
         document, name = hf
         table: LayerTable = _torch().profile_hf(document, name, _hf_workload(document, chosen),
-                                                _torch_granularity(options), options.experts)
+                                                _torch_granularity(options), options.experts, options.prefill_chunk)
         return table
     if suffix in (".json", ".csv"):
         return _load_table_file(path, input_bytes, chosen)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,36 @@ def read_hf_config(path: Path) -> dict[str, Any]:
 
 
 def hf_table(config: dict[str, Any], name: str, work: Workload, granularity: Granularity = "block",
-             experts: ExpertSplit = "tensor", device: str = "meta") -> LayerTable:
+             experts: ExpertSplit = "tensor", device: str = "meta", prefill_chunk: int | None = None) -> LayerTable:
+    """The model's layer table for ``work``. ``prefill_chunk`` (decode): each layer also holds what a pass of
+    that many prompt tokens per sequence holds at the end of the context (the larger activations and workspace
+    of the two), so a run may send prompts in such chunks."""
+    if prefill_chunk is not None and (work.phase != "decode" or not 1 <= prefill_chunk <= work.seq):
+        raise InputError(f"prefill_chunk needs phase='decode' and 1 <= chunk <= seq ({work.seq}), got "
+                         f"{prefill_chunk} for {work.phase}", parameters=("prefill_chunk", "phase"))
+    table = _hf_pass(config, name, work, granularity, experts, device, 1)
+    if prefill_chunk is not None and prefill_chunk > 1:
+        chunk = _hf_pass(config, name, work, granularity, "tensor", device, prefill_chunk)
+        table = replace(table, prefill_chunk=prefill_chunk, layers=tuple(
+            replace(layer, activation_bytes=max(layer.activation_bytes, other.activation_bytes),
+                    workspace_bytes=max(layer.workspace_bytes, other.workspace_bytes), splits=())
+            for layer, other in zip(table.layers, chunk.layers)))
+    if granularity != "block":
+        if experts != "tensor":
+            raise InputError("experts='parallel' works on whole decoder blocks: use granularity 'block'",
+                             parameters=("experts", "granularity"))
+        return table
+    model, hf_config = build_hf_model(config, work.dtype, "meta")
+    return with_tp_splits(table, model, hf_config, experts)
+
+
+def _hf_pass(config: dict[str, Any], name: str, work: Workload, granularity: Granularity, experts: ExpertSplit,
+             device: str, tokens: int) -> LayerTable:
+    """One measured forward of ``tokens`` new tokens per sequence (in decode: at the end of a full context)."""
     model, hf_config = build_hf_model(config, work.dtype, device, eager=work.attention == "eager")
     if work.phase == "decode" and _bidirectional(model):
         raise _cannot_decode(name, hf_config.model_type)
-    args, kwargs = _inputs(model, hf_config, work, device)
+    args, kwargs = _inputs(model, hf_config, work, device, tokens)
     # The KV cache each decoder layer holds is the part of the pre-allocated cache it writes: sliding-window layers
     # (Mistral, Phi-3) keep only their window, which a formula from the config would miss. No fallback: a model
     # that writes none (an encoder) cannot decode.
@@ -61,13 +87,7 @@ def hf_table(config: dict[str, Any], name: str, work: Workload, granularity: Gra
                            kv_cache_bytes=lambda module: 0, fused=work.attention == "flash")
     if work.phase == "decode" and not any(layer.kv_cache_bytes for layer in table.layers):
         raise _cannot_decode(name, hf_config.model_type)
-    # Tensor groups from the model's own tensor-parallel plan (blocks are the unit it is written for).
-    if granularity != "block":
-        if experts != "tensor":
-            raise InputError("experts='parallel' works on whole decoder blocks: use granularity 'block'",
-                             parameters=("experts", "granularity"))
-        return table
-    return with_tp_splits(table, model, hf_config, experts)
+    return table
 
 
 def _bidirectional(model: nn.Module) -> bool:
@@ -135,7 +155,7 @@ def _check_dimensions(hf_config: Any, model_type: str) -> None:
                          f"num_key_value_heads ({kv_heads})")
 
 
-def _inputs(model: nn.Module, hf_config: Any, work: Workload, device: str = "meta"
+def _inputs(model: nn.Module, hf_config: Any, work: Workload, device: str = "meta", tokens: int = 1
             ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if work.phase == "prefill":
         from transformers import DynamicCache
@@ -154,11 +174,12 @@ def _inputs(model: nn.Module, hf_config: Any, work: Workload, device: str = "met
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     cache.early_initialization(work.batch, heads, head_dim, TORCH_DTYPES[dtype_bytes(work.dtype)[0]],
                                torch.device(device))
-    # The step decodes token seq-1 after seq-1 cached ones. Models that ask the cache how far it is filled (OPT)
-    # get that number: a static cache on meta would answer with a tensor, whose .item() meta cannot give.
-    cache.get_seq_length = lambda layer_idx=0: work.seq - 1    # type: ignore[method-assign]
-    ids = torch.zeros(work.batch, 1, dtype=torch.long, device=device)
-    position = torch.tensor([work.seq - 1], device=device)
+    # The step decodes the last ``tokens`` of the context after the ones cached. Models that ask the cache how far
+    # it is filled (OPT) get that number: a static cache on meta would answer with a tensor, whose .item() meta
+    # cannot give.
+    cache.get_seq_length = lambda layer_idx=0: work.seq - tokens    # type: ignore[method-assign]
+    ids = torch.zeros(work.batch, tokens, dtype=torch.long, device=device)
+    position = torch.arange(work.seq - tokens, work.seq, device=device)
     return (ids,), {cache_argument(model): cache, "cache_position": position, "use_cache": True,
                     "logits_to_keep": 1}
 

@@ -170,5 +170,5 @@ def _inputs(target: str, inputs: Any, shape: tuple[int, ...] | None, dtype: str,
 
 
 def profile_hf(config: dict[str, Any], name: str, work: Workload, granularity: Granularity,
-               experts: ExpertSplit = "tensor") -> LayerTable:
-    return hf_table(config, name, work, granularity, experts)
+               experts: ExpertSplit = "tensor", prefill_chunk: int | None = None) -> LayerTable:
+    return hf_table(config, name, work, granularity, experts, prefill_chunk=prefill_chunk)
