@@ -41,6 +41,7 @@ from cachefit.runtime.weights import plan_spec
 
 __all__ = ["main", "prompts"]
 
+RESIDENCY_VARIABLE = "CACHEFIT_L2_RESIDENCY"   # 0: weights stay where they are (to measure what residency buys)
 FAULT_VARIABLE = "CACHEFIT_INJECT_FAULT"   # tests only: "RANK:kill|raise|hang|stop" after the prefill
 
 
@@ -203,7 +204,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, progress: Progress) ->
     stage = _stage(plan, place, args.weights, device, dtype)
     stage.load_shard(shard, f"card {rank}'s shard")
     # On CUDA: the stage's weights in one buffer, kept in L2 by a persisting access-policy window when they fit.
-    residency = pin_weights_in_l2(flatten_weights(stage) if cuda else torch.empty(0))
+    residency = (pin_weights_in_l2(flatten_weights(stage) if cuda else torch.empty(0))
+                 if os.environ.get(RESIDENCY_VARIABLE, "1") != "0"
+                 else {"applied": False, "reason": f"turned off ({RESIDENCY_VARIABLE}=0)"})
     reduce = GroupReduce(place.group, progress)
     if place.group is not None:
         stage.set_collectives(reduce, GroupGather(place.group, place.part.tensor_parallel, progress))
