@@ -139,7 +139,8 @@ def test_profile_torch_sources_from_the_cli() -> None:
 
 @pytest.mark.parametrize("args", [
     ("profile", "toy_models:two_stream", "--input-shape", "2,x"),
-    ("profile", "hf/gpt2", "--prefill-chunk", "4"),
+    ("profile", "toy_models:two_stream_with_inputs", "--prefill-chunk", "4"),
+    ("profile", "hf/gpt2", "--phase", "prefill", "--prefill-chunk", "4"),      # a chunk is of a decode profile
     ("profile", "toy_models:two_stream"),
     ("profile", "toy_models:two_stream", "--input-shape", "2,16", "--input-dtype", "float99"),
 ])

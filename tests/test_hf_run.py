@@ -215,3 +215,31 @@ def test_two_torchrun_agents_on_this_host_make_the_tokens_of_one_node(tmp_path: 
             agent.kill()
     assert [agent.returncode for agent in agents] == [0, 0], logs
     assert torch.equal(load_file(str(out / "outputs.safetensors"))["tokens"], one_node.tokens)
+
+
+def test_a_tensor_group_of_two_runs_with_the_models_own_tp_plan(tmp_path: Path) -> None:
+    # tp=2: Q, K, V, gate and up by output rows, O and down by input columns (DTensor over the group), the
+    # embedding and head by vocabulary; each card holds its share (the plan's split records) and no more.
+    folder = checkpoint(tmp_path / "llama", "llama")
+    table = cachefit.load_model(folder, batch=2, seq=64)
+    plan = cachefit.plan(table, capacity="1GiB", baseline="tp=2,pp=1", memory_model="pipeline")
+    plan_file = tmp_path / "plan.json"
+    plan.write(plan_file)
+    manifest = shard_checkpoint(plan, folder, tmp_path / "shards")
+    assert manifest.shared == ()                                   # the shares of a group are not shared weights
+    q = load_file(str(tmp_path / "shards" / "card-1.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+    assert tuple(q.shape) == (32, 64)                               # 2 of the 4 heads of 16, all 64 inputs
+    result = run_plan(str(plan_file), str(tmp_path / "shards"),
+                      RunOptions(prompt_len=6, new_tokens=4, micro_batches=2, check=True, timeout=60))
+    assert result.checked is not None and result.checked["tokens_identical"]
+    for rank in result.ranks:
+        assert rank["tensor_parallel"] == 2 and sum(rank["memory"].values()) <= rank["planned_bytes"], rank
+
+
+def test_experts_split_across_a_tensor_group_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    folder = checkpoint(tmp_path / "mixtral", "mixtral", as_held=True)
+    table = cachefit.load_model(folder, batch=2, seq=64)
+    plan = cachefit.plan(table, capacity="1GiB", baseline="tp=2,pp=1", memory_model="pipeline")
+    with pytest.raises(ValueError, match="which cachefit does not run yet"):
+        shard_checkpoint(plan, folder, tmp_path / "shards")
+    assert not (tmp_path / "shards").exists()

@@ -12,6 +12,7 @@ from safetensors.torch import load
 
 from cachefit.core.errors import RunError
 from cachefit.core.records import Plan
+from cachefit.runtime.hf_tensor_parallel import module_styles, unshare
 from cachefit.runtime.shard import Manifest, read_card, read_hf_config_copy
 from cachefit.runtime.weights import plan_spec
 
@@ -73,8 +74,12 @@ def _hf_reference_check(plan: Plan, weights: str | Path, manifest: Manifest, opt
     document = read_hf_config_copy(weights, manifest)
     built, config = build_hf_model(document, str(plan.model.dtype), "cpu")
     model: Any = built
-    state = {name: tensor for card in range(plan.cards) for name, tensor in load(read_card(weights, card, plan)[1]
-                                                                                  ).items()}
+    skeleton, _ = build_hf_model(document, str(plan.model.dtype), "meta")
+    state: dict[str, torch.Tensor] = {}
+    for part in plan.partitions:        # a tensor group's shares put back together
+        shares = [load(read_card(weights, card, plan)[1]) for card in part.cards]
+        styles = module_styles(skeleton, config, part) if part.tensor_parallel > 1 else {}
+        state.update({name: unshare(name, [s[name] for s in shares], styles) for name in shares[0]})
     model.load_state_dict(state, strict=False)
     model.generation_config.eos_token_id = None      # a run decodes every token asked for, through end-of-text
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -113,12 +113,9 @@ def read_stage_tensors(files: dict[str, Path], sources: dict[str, str], names: l
     return tensors
 
 
-def model_tensors(document: dict[str, Any], dtype: str) -> tuple[dict[str, tuple[int, ...]], list[list[str]]]:
+def model_tensors(model: Any) -> tuple[dict[str, tuple[int, ...]], list[list[str]]]:
     """{state-dict name: shape} of the config's model (built on meta), and its names grouped by tensor (tied
     weights have several)."""
-    from cachefit.sources.hf import build_hf_model
-
-    model, _ = build_hf_model(document, dtype, "meta")
     groups: dict[int, list[str]] = {}
     shapes = {}
     for name, tensor in model.state_dict(keep_vars=True).items():

@@ -26,6 +26,7 @@ from torch import nn
 
 from cachefit.core.errors import InputError
 from cachefit.core.records import Partition, Plan
+from cachefit.runtime.hf_tensor_parallel import local
 from cachefit.sources.hf import build_hf_model, cache_argument, kv_heads
 from cachefit.sources.torch_profile import find_blocks
 
@@ -58,7 +59,7 @@ class HFStage(nn.Module):
     """Partition ``part`` of ``plan``'s Hugging Face model (its ``config.json`` document), on ``device``."""
 
     def __init__(self, document: dict[str, Any], plan: Plan, part: Partition, device: str = "cpu",
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", group: Any = None) -> None:
         super().__init__()
         model, config = build_hf_model(document, dtype, "meta")
         self.causal: Any = model
@@ -73,6 +74,11 @@ class HFStage(nn.Module):
         self.blocks = self._keep_own_blocks(owned)
         order = [name for p in plan.partitions for name in (p.modules or p.layers)]
         self._stand_ins(owned, order)
+        if part.tensor_parallel > 1:            # a tensor group: DTensor over the group, still on meta
+            from cachefit.runtime.hf_tensor_parallel import module_styles, parallelize
+
+            parallelize(self.causal, module_styles(model, config, part), group, device)
+            self.heads //= part.tensor_parallel
         self._materialise(owned, torch.device(device))
         self._hooks(owned, order)
 
@@ -165,18 +171,31 @@ class HFStage(nn.Module):
     def _leave_before(self, module: nn.Module, args: Any) -> None:
         raise _Handoff(args[0])
 
+    def set_collectives(self, reduce: Any, gather: Any) -> None:
+        """A tensor group's collectives are DTensor's own (runtime/hf_tensor_parallel.py)."""
+
+    def held(self) -> dict[str, torch.Tensor]:
+        """This card's tensors by name (a tensor group's: its shares)."""
+        return {n: local(t) for n, t in self.causal.state_dict(keep_vars=True).items()
+                if local(t).device.type != "meta"}
+
     def load_shard(self, data: bytes, name: str) -> None:
         tensors = load(data)
-        expected = {n for n, t in self.causal.state_dict(keep_vars=True).items() if t.device.type != "meta"}
-        missing, unexpected = expected - set(tensors), set(tensors) - expected
+        targets = self.held()
+        missing, unexpected = set(targets) - set(tensors), set(tensors) - set(targets)
         if missing or unexpected:
             raise InputError(f"{name} does not fit this card's layers: missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]}")
-        self.causal.load_state_dict(tensors, strict=False, assign=False)
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                if targets[key].shape != tensor.shape:
+                    raise InputError(f"{name}: {key} has shape {tuple(tensor.shape)}, this card holds "
+                                     f"{tuple(targets[key].shape)}")
+                targets[key].copy_(tensor)
         # A tied head on the card of its embedding is the same tensor again, as the plan counted it once.
         embedding, head = self.causal.get_input_embeddings(), self.causal.get_output_embeddings()
         if (getattr(self.hf_config, "tie_word_embeddings", False) and head is not None
-                and embedding.weight.device.type != "meta" and head.weight.device.type != "meta"):
+                and local(embedding.weight).device.type != "meta" and local(head.weight).device.type != "meta"):
             head.weight = embedding.weight
 
     def micro_caches(self, batch: int, micro: int, seq: int, dtype: torch.dtype) -> list[Any]:

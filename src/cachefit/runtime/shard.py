@@ -36,7 +36,9 @@ from cachefit.runtime.hf_checkpoint import (
     stored_names,
     stored_tensors,
 )
+from cachefit.runtime.hf_tensor_parallel import module_styles, share
 from cachefit.runtime.weights import checkpoint_spec, expected_shapes, plan_spec, read_checkpoint_info, tensor_sources
+from cachefit.sources.hf import build_hf_model
 
 __all__ = [
     "MANIFEST",
@@ -184,17 +186,14 @@ def _write_cards(plan: Plan, spec: ModelSpec, checkpoint: Path, folder: Path
 
 
 def _shard_hf(plan: Plan, checkpoint: Path, out: Path, progress: Callable[[int, int], None] | None) -> Manifest:
-    grouped = [p for p in plan.partitions if p.tensor_parallel > 1]
-    if grouped:
-        raise InputError(f"stage {grouped[0].first}-{grouped[0].last} is a tensor group of {grouped[0].tensor_parallel}"
-                         " cards: cachefit runs Hugging Face models with whole layers per card so far; plan with "
-                         "split 'never'", parameters=("split",))
     document = matching_config(plan, checkpoint)
     dtype = str(plan.model.dtype)
     files = stored_tensors(checkpoint)
-    shapes, groups = model_tensors(document, dtype)
+    model, hf_config = build_hf_model(document, dtype, "meta")
+    shapes, groups = model_tensors(model)
     sources = stored_names(groups, set(files), checkpoint)
     per_card = [stage_tensor_names(part, list(shapes)) for part in plan.partitions]
+    styles = [module_styles(model, hf_config, part) if part.tensor_parallel > 1 else {} for part in plan.partitions]
     total, done = sum(len(names) for names in per_card), [0]
 
     def step(name: str) -> None:
@@ -206,18 +205,21 @@ def _shard_hf(plan: Plan, checkpoint: Path, out: Path, progress: Callable[[int, 
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         cards: list[CardShard] = []
-        users: dict[str, list[tuple[str, int]]] = {}
-        for part, names in zip(plan.partitions, per_card):
-            tensors = _own_storage(read_stage_tensors(files, sources, names, shapes, dtype, checkpoint, step))
-            path = staging / f"card-{part.card}.safetensors"
-            _save(tensors, path, {"card": str(part.card)})
-            del tensors
-            cards.append(CardShard(part.card, path.name, file_sha256(path), path.stat().st_size, tuple(names)))
-            for name in names:
-                users.setdefault(sources[name], []).append((name, part.card))
+        users: dict[str, list[tuple[str, int, int]]] = {}       # stored tensor -> (name, card, stage)
+        for stage, (part, names, styled) in enumerate(zip(plan.partitions, per_card, styles)):
+            whole = read_stage_tensors(files, sources, names, shapes, dtype, checkpoint, step)
+            for rank, card in enumerate(part.cards):      # a tensor group: each card its share
+                tensors = _own_storage({n: share(n, t, styled, rank, part.tensor_parallel) for n, t in whole.items()})
+                path = staging / f"card-{card}.safetensors"
+                _save(tensors, path, {"card": str(card)})
+                cards.append(CardShard(card, path.name, file_sha256(path), path.stat().st_size, tuple(names)))
+                for name in names:
+                    users.setdefault(sources[name], []).append((name, card, stage))
+            del whole
         shutil.copyfile(checkpoint / CONFIG, staging / CONFIG)
-        shared = tuple(SharedWeight(tensor, tuple(n for n, _ in uses), tuple(c for _, c in uses))
-                       for tensor, uses in users.items() if len({card for _, card in uses}) > 1)
+        # Shared: a stored tensor two stages use (a tied head), not the shares of one tensor group.
+        shared = tuple(SharedWeight(tensor, tuple(n for n, _, _ in uses), tuple(c for _, c, _ in uses))
+                       for tensor, uses in users.items() if len({stage for _, _, stage in uses}) > 1)
         manifest = Manifest(plan_fingerprint(plan), plan.model.fingerprint, config_sha256(staging), dtype,
                             tuple(cards), shared, source="hf", config_sha256=config_sha256(staging))
         manifest.write(staging)

@@ -49,6 +49,10 @@ class Stage(nn.Module):
             assert isinstance(block, Block)
             block.reduce = reduce
 
+    def held(self) -> dict[str, torch.Tensor]:
+        """This card's tensors by name."""
+        return dict(self.state_dict())
+
     def load_shard(self, data: bytes, name: str) -> None:
         """Load this card's tensors from its shard's bytes (as hashed: runtime.shard.read_card)."""
         tensors = load(data)

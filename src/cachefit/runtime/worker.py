@@ -224,7 +224,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, progress: Progress) ->
              else {"hidden": torch.empty(size * chunk * hidden, dtype=dtype, device=device)})
     transient = _transient_peak(stage, rows[0], size, chunk, seq, hidden, dtype, device)
     reduce.seconds = 0.0
-    memory = {"weights": tensor_bytes([t for t in stage.state_dict().values() if t.device.type != "meta"]),
+    memory = {"weights": tensor_bytes(list(stage.held().values())),
               "kv_cache": tensor_bytes(stage.cache_tensors(rows)), "buffers": tensor_bytes(inbox),
               "transient_peak": transient}
     prompt = prompts(stage.vocab, batch, args.prompt_len, args.seed)
@@ -248,7 +248,7 @@ def _stage(plan: Plan, place: Place, weights: str, device: str, dtype: torch.dty
         from cachefit.runtime.hf_stage import HFStage
 
         document = read_hf_config_copy(weights, manifest)
-        return HFStage(document, plan, place.part, device, str(plan.model.dtype)).eval()
+        return HFStage(document, plan, place.part, device, str(plan.model.dtype), place.group).eval()
     return Stage(plan_spec(plan.model), place.part, device, dtype, place.rank - place.part.card).eval()
 
 

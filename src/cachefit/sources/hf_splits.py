@@ -37,7 +37,7 @@ from cachefit.core.layers import Layer, LayerTable, Split
 from cachefit.core.spec import EMBED, HEAD, ExpertSplit, dtype_bytes
 from cachefit.sources.families import vocab_parallel_workspace
 
-__all__ = ["ExpertSplit", "tp_widths", "with_tp_splits"]
+__all__ = ["ExpertSplit", "plan_rules", "style_of", "tp_widths", "with_tp_splits"]
 
 _COLWISE = ("colwise", "colwise_gather_output", "packed_colwise", "local_colwise", "colwise_rep")
 _ROWWISE = ("rowwise", "rowwise_split_input", "local_rowwise", "rowwise_rep")
@@ -69,7 +69,7 @@ def with_tp_splits(table: LayerTable, model: nn.Module, hf_config: Any, experts:
     if routes is not None:
         widths = tuple(t for t in widths if routes.experts % t == 0)
     causal: Any = model                 # a transformers PreTrainedModel: its embeddings by its own accessors
-    context = _Context(_rules(plan, prefix), dict(model.named_parameters()),
+    context = _Context(plan_rules(plan, prefix), dict(model.named_parameters()),
                        _module_name(model, causal.get_input_embeddings()),
                        _module_name(model, causal.get_output_embeddings()), kv_heads,
                        int(getattr(text, "vocab_size", 0) or 0), table, routes)
@@ -98,18 +98,18 @@ class _Routes:
                              "mixture-of-experts model (it has no base_model_ep_plan or expert count); use "
                              "experts='tensor'",
                              parameters=("experts",))
-        return cls(_rules(ep_plan, prefix), int(count), int(getattr(text, "num_experts_per_tok", 1) or 1))
+        return cls(plan_rules(ep_plan, prefix), int(count), int(getattr(text, "num_experts_per_tok", 1) or 1))
 
     def style(self, name: str) -> str | None:
-        return _style_of(self.rules, name)
+        return style_of(self.rules, name)
 
 
-def _style_of(rules: list[tuple[re.Pattern[str], str]], name: str) -> str | None:
+def style_of(rules: list[tuple[re.Pattern[str], str]], name: str) -> str | None:
     """The style of the most specific rule matching a parameter's name (None: not in the plan)."""
     return next((style for pattern, style in rules if pattern.match(name)), None)
 
 
-def _rules(plan: dict[str, str], prefix: str) -> list[tuple[re.Pattern[str], str]]:
+def plan_rules(plan: dict[str, str], prefix: str) -> list[tuple[re.Pattern[str], str]]:
     """Patterns of the plan over full parameter names, the most specific first."""
     rules = []
     for pattern, style in sorted(plan.items(), key=lambda item: -len(item[0])):
@@ -160,7 +160,7 @@ class _Context:
 
     def _style(self, name: str) -> str | None:
         expert = self.routes.style(name) if self.routes is not None else None
-        return expert or _style_of(self.rules, name)
+        return expert or style_of(self.rules, name)
 
     def _masks(self) -> int:
         """AllReduceEP's routing masks: per token and route a bool (off this card), an int64 local expert id and a
