@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from click.testing import CliRunner  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load, load_file, save  # noqa: E402
 
 import cachefit  # noqa: E402
@@ -34,10 +35,8 @@ FIELDS: dict[str, dict[str, Any]] = {
 }
 
 
-def checkpoint(folder: Path, kind: str, max_shard_size: str | None = None, as_held: bool = False) -> Path:
-    """transformers' model of ``kind`` with seeded random weights, saved as a model folder; ``as_held``: its
-    tensors as the model holds them (save_pretrained stores Mixtral's experts one by one, converted on load)."""
-    from safetensors.torch import save_file
+def checkpoint(folder: Path, kind: str, max_shard_size: str | None = None) -> Path:
+    """transformers' model of ``kind`` with seeded random weights, saved as a model folder."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -45,9 +44,6 @@ def checkpoint(folder: Path, kind: str, max_shard_size: str | None = None, as_he
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    if as_held:
-        save_file({name: t.contiguous() for name, t in model.state_dict().items() if name != "lm_head.weight"
-                   or not config.tie_word_embeddings}, str(folder / "model.safetensors"))
     return folder
 
 
@@ -106,7 +102,7 @@ def test_stages_of_every_runnable_architecture_decode_as_generate_does(tmp_path:
 def test_a_sharded_folder_runs_on_gloo_as_generate(tmp_path: Path, kind: str, cards: int) -> None:
     # GPT-2 ties its head to its embedding (stored once, written to both end cards), Mixtral routes to 2 of 4
     # experts.
-    folder = checkpoint(tmp_path / kind, kind, as_held=kind == "mixtral")
+    folder = checkpoint(tmp_path / kind, kind)
     plan = planned(folder, cards, chunk=3 if kind == "mixtral" else None)       # Mixtral: prompts in 2 passes
     plan_file = tmp_path / "plan.json"
     plan.write(plan_file)
@@ -159,11 +155,23 @@ def test_an_architecture_not_run_yet_is_refused_before_anything_is_written(tmp_p
     assert not (tmp_path / "shards").exists()
 
 
-def test_a_layout_transformers_converts_on_load_is_refused_in_one_line(tmp_path: Path) -> None:
-    folder = checkpoint(tmp_path / "mixtral", "mixtral")          # experts stored one by one
+def test_experts_stored_one_by_one_shard_as_transformers_loads_them(tmp_path: Path) -> None:
+    # transformers 5 stores Mixtral's experts one by one (w1, w2, w3 of each) and stacks them while loading
+    # (gate_up_proj [E, 2f, d], down_proj [E, d, f]); the shards hold what the model holds, converted by
+    # transformers' own conversion mapping.
+    from transformers import AutoModelForCausalLM
+
+    folder = checkpoint(tmp_path / "mixtral", "mixtral")
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in set(handle.keys())
     plan = planned(folder, 2)
-    with pytest.raises(ValueError, match="a layout transformers converts while loading"):
-        shard_checkpoint(plan, folder, tmp_path / "shards")
+    manifest = shard_checkpoint(plan, folder, tmp_path / "shards")
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    for card in manifest.cards:
+        held = load_file(str(tmp_path / "shards" / card.file))
+        assert all(torch.equal(tensor, loaded[name]) for name, tensor in held.items())
+    assert sum(len(card.tensors) for card in manifest.cards) == len(loaded)
+
 
 
 def test_cli_shards_and_runs_a_sliding_window_model_and_reports_every_sequence(tmp_path: Path) -> None:
@@ -237,7 +245,7 @@ def test_a_tensor_group_of_two_runs_with_the_models_own_tp_plan(tmp_path: Path) 
 
 
 def test_experts_split_across_a_tensor_group_are_refused_before_anything_is_written(tmp_path: Path) -> None:
-    folder = checkpoint(tmp_path / "mixtral", "mixtral", as_held=True)
+    folder = checkpoint(tmp_path / "mixtral", "mixtral")
     table = cachefit.load_model(folder, batch=2, seq=64)
     plan = cachefit.plan(table, capacity="1GiB", baseline="tp=2,pp=1", memory_model="pipeline")
     with pytest.raises(ValueError, match="which cachefit does not run yet"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ from cachefit.core.errors import InputError
 from cachefit.core.records import Partition, Plan
 
 __all__ = ["CONFIG", "RUNNABLE", "check_runnable", "config_sha256", "is_hf_checkpoint", "matching_config",
-           "model_tensors", "read_stage_tensors", "stage_tensor_names", "stored_names", "stored_tensors"]
+           "model_tensors", "read_stage_tensors", "stage_tensor_names", "stored_names", "stored_tensors",
+           "tensor_origins"]
 
 CONFIG = "config.json"
 # Architectures whose stages are checked token for token against transformers' generate (tests/test_hf_run.py).
@@ -87,30 +88,78 @@ def config_sha256(folder: Path) -> str:
     return "sha256:" + hashlib.sha256((folder / CONFIG).read_bytes()).hexdigest()
 
 
-def read_stage_tensors(files: dict[str, Path], sources: dict[str, str], names: list[str],
+def read_stage_tensors(files: dict[str, Path], sources: dict[str, Origin], names: list[str],
                        shapes: dict[str, tuple[int, ...]], dtype: str, folder: Path,
                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """One stage's tensors, read one by one (each checked against the model's shape and the plan's dtype)."""
+    """One stage's tensors, read one by one (converted as transformers converts them while loading), each checked
+    against the model's shape and the plan's dtype."""
     tensors: dict[str, Any] = {}
     with ExitStack() as stack:
         handles: dict[Path, Any] = {}
+
+        def read(key: str) -> Any:
+            if files[key] not in handles:
+                handles[files[key]] = stack.enter_context(safe_open(str(files[key]), framework="pt"))
+            return handles[files[key]].get_tensor(key)
+
         for name in names:
-            stored = sources[name]
-            file = files[stored]
-            if file not in handles:
-                handles[file] = stack.enter_context(safe_open(str(file), framework="pt"))
-            tensor = handles[file].get_tensor(stored)
+            tensor = sources[name].read(read, name)
+            stored = str(tensor.dtype).removeprefix("torch.")
             if tuple(tensor.shape) != shapes[name]:
-                raise InputError(f"{folder}: {stored} has shape {tuple(tensor.shape)}, the config's model needs "
-                                 f"{shapes[name]}")
-            if str(tensor.dtype).removeprefix("torch.") != dtype:
-                raise InputError(f"{folder}: {stored} is stored in {str(tensor.dtype).removeprefix('torch.')} but "
-                                 f"the plan counted {dtype}: plan with dtype "
-                                 f"{str(tensor.dtype).removeprefix('torch.')}", parameters=("dtype",))
+                raise InputError(f"{folder}: {sources[name].keys[0]} makes {name} of shape {tuple(tensor.shape)}, "
+                                 f"the config's model needs {shapes[name]}")
+            if stored != dtype:
+                raise InputError(f"{folder}: {sources[name].keys[0]} is stored in {stored} but the plan counted "
+                                 f"{dtype}: plan with dtype {stored}", parameters=("dtype",))
             tensors[name] = tensor
             if progress is not None:
                 progress(name)
     return tensors
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where one of the model's tensors is stored: one key, or (a layout transformers converts while loading,
+    such as Mixtral's experts stored one by one) several keys and transformers' own converter for them."""
+
+    keys: tuple[str, ...]
+    patterns: tuple[str | None, ...] = ()
+    converter: Any = None
+
+    def read(self, read: Callable[[str], Any], name: str) -> Any:
+        if self.converter is None:
+            return read(self.keys[0])
+        collected: dict[str, Any] = {}
+        for key, pattern in zip(self.keys, self.patterns):
+            collected.setdefault(str(pattern), []).append(read(key))
+        for operation in self.converter.operations:
+            collected = operation.convert(collected, source_patterns=self.converter.source_patterns,
+                                          target_patterns=self.converter.target_patterns, full_layer_name=name)
+        (tensor,) = collected.values()
+        return tensor
+
+
+def tensor_origins(model: Any, stored: set[str]) -> dict[str, Origin]:
+    """{model tensor name: its Origin}: each stored key renamed as transformers renames it while loading (its
+    conversion mapping for the architecture: renamings, then at most one converter), keys that make one tensor
+    together kept in their natural order (experts 0, 1, ..., 10)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta = model.state_dict()
+    found: dict[str, list[tuple[str, str | None]]] = {}
+    for key in sorted(stored, key=dot_natural_key):
+        name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        found.setdefault(name, []).append((key, pattern))
+    origins = {}
+    for name, entries in found.items():
+        pattern = entries[0][1]
+        converter = None if pattern is None else next(c for c in converters if pattern in c.source_patterns)
+        origins[name] = Origin(tuple(k for k, _ in entries), tuple(p for _, p in entries), converter)
+    return origins
 
 
 def model_tensors(model: Any) -> tuple[dict[str, tuple[int, ...]], list[list[str]]]:
@@ -124,17 +173,14 @@ def model_tensors(model: Any) -> tuple[dict[str, tuple[int, ...]], list[list[str
     return shapes, list(groups.values())
 
 
-def stored_names(groups: list[list[str]], stored: set[str], folder: Path) -> dict[str, str]:
-    """{state-dict name: name stored in the checkpoint}: a tied weight, stored once, serves all its names."""
+def stored_names(groups: list[list[str]], origins: dict[str, Origin], folder: Path) -> dict[str, Origin]:
+    """{state-dict name: its Origin}: a tied weight, stored once, serves all its names."""
     sources = {}
     for aliases in groups:
-        kept = [name for name in aliases if name in stored]
+        kept = [name for name in aliases if name in origins]
         if not kept:
-            raise InputError(f"{folder} lacks {aliases[0]}: it does not hold this config's model, or stores it in "
-                             "a layout transformers converts while loading (Mixtral's per-expert tensors, say), "
-                             "which cachefit does not convert yet: re-save the loaded model's state_dict() with "
-                             "safetensors beside its config.json")
-        sources.update(dict.fromkeys(aliases, kept[0]))
+            raise InputError(f"{folder} lacks {aliases[0]}: it does not hold this config's model")
+        sources.update(dict.fromkeys(aliases, origins[kept[0]]))
     return sources
 
 

@@ -35,6 +35,7 @@ from cachefit.runtime.hf_checkpoint import (
     stage_tensor_names,
     stored_names,
     stored_tensors,
+    tensor_origins,
 )
 from cachefit.runtime.hf_tensor_parallel import module_styles, share
 from cachefit.runtime.weights import checkpoint_spec, expected_shapes, plan_spec, read_checkpoint_info, tensor_sources
@@ -191,7 +192,7 @@ def _shard_hf(plan: Plan, checkpoint: Path, out: Path, progress: Callable[[int, 
     files = stored_tensors(checkpoint)
     model, hf_config = build_hf_model(document, dtype, "meta")
     shapes, groups = model_tensors(model)
-    sources = stored_names(groups, set(files), checkpoint)
+    sources = stored_names(groups, tensor_origins(model, set(files)), checkpoint)
     per_card = [stage_tensor_names(part, list(shapes)) for part in plan.partitions]
     styles = [module_styles(model, hf_config, part) if part.tensor_parallel > 1 else {} for part in plan.partitions]
     total, done = sum(len(names) for names in per_card), [0]
@@ -214,7 +215,7 @@ def _shard_hf(plan: Plan, checkpoint: Path, out: Path, progress: Callable[[int, 
                 _save(tensors, path, {"card": str(card)})
                 cards.append(CardShard(card, path.name, file_sha256(path), path.stat().st_size, tuple(names)))
                 for name in names:
-                    users.setdefault(sources[name], []).append((name, card, stage))
+                    users.setdefault(sources[name].keys[0], []).append((name, card, stage))
             del whole
         shutil.copyfile(checkpoint / CONFIG, staging / CONFIG)
         # Shared: a stored tensor two stages use (a tied head), not the shares of one tensor group.
