@@ -112,6 +112,8 @@ def test_demo_runs_the_whole_path(tmp_path: Path) -> None:
     code, stdout, _ = run("demo", "--out-dir", str(tmp_path))
     assert code == 0
     assert "tokens identical to the unpartitioned model" in stdout
+    assert "tokens identical to transformers' generate" in stdout        # the Hugging Face checkpoint's run
+    assert Plan.read(tmp_path / "hf-plan.json").cards == 2 and (tmp_path / "hf-shards" / "config.json").exists()
     assert Plan.read(tmp_path / "plan.json").cards == 3 and (tmp_path / "shards" / "manifest.json").exists()
     assert json.loads((tmp_path / "run.json").read_text())["check"]["tokens_identical"]
     assert "30.7x an H100's whole L2" in stdout

@@ -22,6 +22,7 @@ def run_demo(folder: Path, plans_only: bool = False) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if not plans_only:
         _run_section(folder)
+        _hf_section(folder)
     corsair = api.devices()["dmatrix-corsair"]
     eight_b = api.load_model("llama-3-8b")
     _show(f"a model that fits: Llama-3-8B ({eight_b.phase}, batch {eight_b.batch}, {eight_b.seq:,}-token context) on "
@@ -85,6 +86,46 @@ def _run_section(folder: Path) -> None:
     document = run_report(str(plan_file), options, result.checked, summary, result.prompt, result.tokens)
     atomic_write_text(folder / "run.json", json.dumps(document, indent=1) + "\n")
     out.print(f"plot: {folder / 'plan.png'}; run report: {folder / 'run.json'}")
+
+
+# transformers' Mistral at small dimensions (random weights): sliding-window attention, GQA.
+HF_CONFIG = {"model_type": "mistral", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
+             "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 16,
+             "dtype": "float32"}
+
+
+def _hf_section(folder: Path) -> None:
+    """A Hugging Face checkpoint folder: its profile checked against a real forward, planned, sharded, run on two
+    processes and checked token for token against transformers' generate."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as logging_of_transformers
+
+    from cachefit.runtime.launch import RunOptions
+    from cachefit.sources import TorchOptions
+
+    out.rule("2. a Hugging Face checkpoint (transformers' Mistral, random weights, save_pretrained): verified, "
+             "planned on 2 cards, sharded, run against transformers' generate")
+    checkpoint = folder / "hf-mistral"
+    torch.manual_seed(0)
+    fields = {key: value for key, value in HF_CONFIG.items() if key != "model_type"}
+    quiet: Any = logging_of_transformers.disable_progress_bar
+    quiet()                                   # save_pretrained's progress bar, on the demo's stderr
+    build: Any = AutoModelForCausalLM.from_config
+    build(AutoConfig.for_model("mistral", **fields)).save_pretrained(checkpoint)
+    checked = api.verify(checkpoint, batch=2, seq=64)
+    out.print(report.verification_table(checked))
+    table = api.load_model(checkpoint, batch=2, seq=64, torch_options=TorchOptions(prefill_chunk=8))
+    best = api.plan(table, capacity=1 << 40, cards=2, memory_model="pipeline").bottleneck_bytes
+    plan = api.plan(table, capacity=-(-best // 65536) * 65536, memory_model="pipeline")   # cards that need 2
+    plan_file = folder / "hf-plan.json"
+    plan.write(plan_file)
+    out.print(report.plan_table(plan))
+    api.shard(plan, checkpoint, folder / "hf-shards")
+    options = RunOptions(prompt_len=16, new_tokens=24, micro_batches=2, check=True)
+    result = api.run(plan_file, folder / "hf-shards", options)
+    assert result.summary is not None
+    report.print_run_summary(out, result.summary, result.checked)
 
 
 def _show(title: str, model: str, folder: Path, device: str, batch: int | None = None) -> None:

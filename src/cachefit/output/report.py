@@ -220,7 +220,9 @@ def print_run_summary(out: Console, summary: RunSummary, checked: dict[str, Any]
     out.print(view)
     _print_residency(out, summary.cards)
     if checked is not None:
-        out.print(f"check: tokens identical to the unpartitioned model; largest logit difference "
+        against = "transformers' generate on the unpartitioned model" if checked.get("reference") else \
+            "the unpartitioned model"
+        out.print(f"check: tokens identical to {against}; largest logit difference "
                   f"{checked['max_logit_difference']:.3g}")
     if any(card.over_plan_bytes for card in summary.cards):
         out.print("note: measured bytes exceed the plan by each card's pre-allocated receive buffer, which the "
