@@ -97,8 +97,8 @@ class HFStage(nn.Module):
         parent_name, _, attribute = path.rpartition(".")
         parent: Any = self.causal.get_submodule(parent_name)
         kept = nn.ModuleList()
-        for (key, _), (_, block) in zip([blocks[i] for i in self._layer_indices], mine):
-            kept.add_module(key, block)             # under its own key: the shard's tensor names load as they are
+        for index, block in mine:
+            kept.add_module(blocks[index][0], block)    # under its own key: the shard's tensor names load as they are
         setattr(parent, attribute, kept)
         # The block loop of some architectures reads config.layer_types by position in the list (Qwen2, Gemma-2).
         local: Any = copy.copy(parent.config) if hasattr(parent, "config") else None
