@@ -38,8 +38,11 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
     micro-batches, then greedy decoding with the last card's tokens returning to the first.
 
     PLAN must count what a rank holds: a decode plan of the measured reference module with the pipeline memory
-    model (cachefit plan MODEL --measure --memory-model pipeline [--prefill-chunk C] ...). Stages on tensor
-    groups (--split, --baseline tp=T,pp=P) run as torch.distributed sub-groups, all-reducing in every block.
+    model (cachefit plan MODEL --measure --memory-model pipeline [--prefill-chunk C] ...), or a pipeline decode
+    plan of a Hugging Face folder (cachefit plan CKPT_DIR --memory-model pipeline ...), whose shards
+    (cachefit shard PLAN CKPT_DIR) each rank runs with transformers' own modules; --check then compares with
+    transformers' generate. Stages on tensor groups (--split, --baseline tp=T,pp=P) run as torch.distributed
+    sub-groups, all-reducing in every block (Hugging Face models: DTensor with the model's own tp_plan).
 
     \b
     Examples:
@@ -47,6 +50,8 @@ def run_command(plan_file: str, weights: str, prompt_len: int, new_tokens: int, 
       cachefit run plan.json --weights shards/ --prompt-len 32 --new-tokens 16 --micro-batches 4 --report run.json
       cachefit plan tiny-llama --measure --memory-model pipeline --capacity 8MiB --baseline tp=2,pp=2 -o b.json
       cachefit run plan.json --weights shards/ --nnodes 2 --rdzv-endpoint 10.0.0.1:29500 --print-torchrun
+      cachefit plan ckpt/llama --seq 256 --prefill-chunk 32 --memory-model pipeline --cards 2 --capacity 1GB -o p.json
+      cachefit shard p.json ckpt/llama --out hf-shards/ && cachefit run p.json --weights hf-shards/ --check
     """
     from cachefit.runtime.launch import RunOptions
     from cachefit.runtime.summary import run_report

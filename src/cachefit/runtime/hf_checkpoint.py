@@ -74,7 +74,8 @@ def matching_config(plan: Plan, folder: Path) -> dict[str, Any]:
     if table.fingerprint != model.fingerprint:
         raise InputError(f"the plan was made for another model than {folder} (its table {model.fingerprint[:19]}..., "
                          f"this config's {table.fingerprint[:19]}... at batch {model.batch}, seq {model.seq}, "
-                         f"{model.phase}, {model.dtype}): plan again from {folder}")
+                         f"{model.phase}, {model.dtype}): plan again from {folder}, with the default attention "
+                         "and experts (a run computes as transformers' defaults do)")
     return document
 
 
