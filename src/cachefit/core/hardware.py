@@ -6,6 +6,7 @@ figures of bundled ones; a bare number there becomes a figure of kind "user" sou
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Mapping
@@ -74,8 +75,9 @@ class Device:
 
 def load_devices(user_file: str | Path | None = None) -> dict[str, Device]:
     """The bundled catalog, with ``user_file``'s devices added and figures overridden."""
-    text = resources.files("cachefit").joinpath("data/devices.toml").read_text(encoding="utf-8")
-    raw: dict[str, Any] = tomllib.loads(text)
+    if user_file is None:
+        return dict(_bundled())
+    raw = _bundled_raw()
     source = "bundled devices.toml"
     if user_file is not None:
         source = str(user_file)
@@ -87,6 +89,18 @@ def load_devices(user_file: str | Path | None = None) -> dict[str, Device]:
             merged.update({key: _as_figure(key, value, source) for key, value in entry.items()})
             raw[name] = merged
     return {name: _device(name, entry, source) for name, entry in raw.items()}
+
+
+@functools.cache
+def _bundled() -> dict[str, Device]:
+    """The bundled catalog, parsed once a process (devices are frozen records: callers get a copy of the dict)."""
+    return {name: _device(name, entry, "bundled devices.toml") for name, entry in _bundled_raw().items()}
+
+
+def _bundled_raw() -> dict[str, Any]:
+    text = resources.files("cachefit").joinpath("data/devices.toml").read_text(encoding="utf-8")
+    raw: dict[str, Any] = tomllib.loads(text)
+    return raw
 
 
 def get_device(name: str, devices: Mapping[str, Device]) -> Device:

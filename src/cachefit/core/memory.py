@@ -216,6 +216,8 @@ def per_card_table(table: LayerTable, ways: int) -> tuple[LayerTable, npt.NDArra
     the memory models apply unchanged. A shared tensor is held per card as its owner holds it: whole, or (a tied
     embedding that is vocab-parallel) the owner's share, min(tensor, owner's per-card weights), which keeps the
     owner counting it and so footprints growing with the interval."""
+    if ways == 1:                   # whole layers: the table as it is (no rebuild, no second validation)
+        return table, np.ones(len(table.layers), dtype=bool)
     layers, allowed = [], []
     owners: dict[str, int] = {}
     for layer in table.layers:
