@@ -109,3 +109,24 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     broken.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         LayerTable.read(broken)
+
+
+@given(tables())
+def test_fingerprints_tell_tables_apart_and_plans_of_either_version_match(table: LayerTable) -> None:
+    from dataclasses import replace
+
+    assert table.fingerprint.startswith("columns-sha256:") and table.legacy_fingerprint.startswith("sha256:")
+    assert table.has_fingerprint(table.fingerprint) and table.has_fingerprint(table.legacy_fingerprint)
+    last = table.layers[-1]                     # no layer names it as the owner of a shared tensor
+    for changed in (replace(last, workspace_bytes=last.workspace_bytes + 1), replace(last, name=last.name + "x"),
+                    replace(last, flops=last.flops + 1.0), replace(last, modules=(*last.modules, "extra"))):
+        other = replace(table, layers=(*table.layers[:-1], changed))
+        assert not other.has_fingerprint(table.fingerprint) and not other.has_fingerprint(table.legacy_fingerprint)
+    assert not replace(table, input_bytes=table.input_bytes + 1).has_fingerprint(table.fingerprint)
+
+
+def test_the_fingerprint_is_the_same_on_every_platform() -> None:
+    # Plans carry it: a change to how it is computed would make every earlier plan another model's. The bytes
+    # hashed are little-endian int64 and float64 columns, names and canonical JSON, whatever the host.
+    table = LayerTable("m", (Layer("a", 1, 2, 3, 4, 5.0), Layer("b", 6, 7, 8, modules=("b.x",))), input_bytes=9)
+    assert table.fingerprint == "columns-sha256:ed0ce48f40501d25212e72fb1c25b8923fe463259a9bb7f5996f458f091c9b50"

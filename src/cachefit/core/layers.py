@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from cachefit.core.errors import InputError
@@ -119,14 +120,33 @@ class LayerTable:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON: the identity of the model a plan was made for."""
+        """The identity of the model a plan was made for (version 2, ``columns-sha256:``): sha256 over the table's
+        header as canonical JSON, its names, its byte columns as little-endian int64 and its FLOPs as float64
+        (the same on every platform), and the per-layer records few layers have (modules, shared tensors,
+        splits, read bytes) as canonical JSON. Hashing columns, not the whole table's JSON, is what keeps a
+        million-layer plan fast (issue 15)."""
+        return "columns-sha256:" + fingerprint_digest(self)
+
+    @property
+    def legacy_fingerprint(self) -> str:
+        """Version 1, which plans made before version 2 carry: sha256 of the whole table's canonical JSON."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
+    def has_fingerprint(self, fingerprint: str) -> bool:
+        """Whether ``fingerprint``, of either version, is this table's."""
+        return fingerprint == (self.legacy_fingerprint if fingerprint.startswith("sha256:") else self.fingerprint)
+
     def to_dict(self) -> dict[str, Any]:
+        document = self.to_dict_header()
+        document["layers"] = [_layer_dict(x) for x in self.layers]
+        return document
+
+    def to_dict_header(self) -> dict[str, Any]:
+        """The table's JSON document without its layers."""
         document: dict[str, Any] = {
             "schema": SCHEMA, "name": self.name, "dtype": self.dtype, "batch": self.batch, "seq": self.seq,
-            "phase": self.phase, "input_bytes": self.input_bytes, "layers": [_layer_dict(x) for x in self.layers],
+            "phase": self.phase, "input_bytes": self.input_bytes,
         }
         if self.spec is not None:
             document["spec"] = self.spec.to_dict()
@@ -207,6 +227,25 @@ class LayerTable:
 
 
 _LATER = ("experts", "read_bytes")
+
+
+def fingerprint_digest(table: LayerTable) -> str:
+    """sha256 of the table in columns (LayerTable.fingerprint); each part preceded by its length."""
+    layers = table.layers
+    header = table.to_dict_header()
+    extras = [[index, _layer_dict(layer)] for index, layer in enumerate(layers)
+              if layer.modules or layer.shared or layer.splits or layer.read_bytes is not None]
+    sizes = np.fromiter((value for x in layers for value in (x.weight_bytes, x.activation_bytes, x.workspace_bytes,
+                                                             x.kv_cache_bytes)), dtype="<i8", count=4 * len(layers))
+    flops = np.fromiter((x.flops for x in layers), dtype="<f8", count=len(layers))
+    parts = (json.dumps(header, sort_keys=True, separators=(",", ":")).encode(),
+             "\0".join(x.name for x in layers).encode(), sizes.tobytes(), flops.tobytes(),
+             json.dumps(extras, sort_keys=True, separators=(",", ":")).encode())
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()
 
 
 def _layer_dict(layer: Layer) -> dict[str, Any]:

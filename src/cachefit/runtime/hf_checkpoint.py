@@ -71,7 +71,7 @@ def matching_config(plan: Plan, folder: Path) -> dict[str, Any]:
     table = load_model(folder, batch=model.batch, seq=model.seq, phase=model.phase, dtype=model.dtype,
                        torch_options=TorchOptions(prefill_chunk=model.prefill_chunk))
     table = replace(table, name=model.name)          # a folder renamed or copied holds the same model
-    if table.fingerprint != model.fingerprint:
+    if not table.has_fingerprint(model.fingerprint):
         raise InputError(f"the plan was made for another model than {folder} (its table {model.fingerprint[:19]}..., "
                          f"this config's {table.fingerprint[:19]}... at batch {model.batch}, seq {model.seq}, "
                          f"{model.phase}, {model.dtype}): plan again from {folder}, with the default attention "
