@@ -254,3 +254,15 @@ def test_experts_split_across_a_tensor_group_are_refused_before_anything_is_writ
     with pytest.raises(ValueError, match="which cachefit does not run yet"):
         shard_checkpoint(plan, folder, tmp_path / "shards")
     assert not (tmp_path / "shards").exists()
+
+
+def test_a_killed_rank_of_a_hugging_face_run_ends_the_job_and_is_named(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = checkpoint(tmp_path / "llama", "llama")
+    plan_file = tmp_path / "plan.json"
+    planned(folder, 2).write(plan_file)
+    shard_checkpoint(cachefit.Plan.read(plan_file), folder, tmp_path / "shards")
+    monkeypatch.setenv("CACHEFIT_INJECT_FAULT", "1:kill")
+    with pytest.raises(cachefit.RunError, match="rank 1 failed: killed by signal 9"):
+        run_plan(str(plan_file), str(tmp_path / "shards"), RunOptions(prompt_len=6, new_tokens=4, micro_batches=2,
+                                                                       timeout=20))
