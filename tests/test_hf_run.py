@@ -247,11 +247,29 @@ def test_a_tensor_group_of_two_runs_with_the_models_own_tp_plan(tmp_path: Path) 
         assert rank["tensor_parallel"] == 2 and sum(rank["memory"].values()) <= rank["planned_bytes"], rank
 
 
-def test_experts_split_across_a_tensor_group_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+def test_a_mixture_of_experts_in_a_tensor_group_runs_as_transformers_splits_it(tmp_path: Path) -> None:
+    # tp=2 on Mixtral: attention by heads (DTensor), every expert on both cards with half its columns (gate and
+    # up halves each, down's inputs), one all-reduce after the experts; the router whole.
     folder = checkpoint(tmp_path / "mixtral", "mixtral")
     table = cachefit.load_model(folder, batch=2, seq=64)
     plan = cachefit.plan(table, capacity="1GiB", baseline="tp=2,pp=1", memory_model="pipeline")
-    with pytest.raises(ValueError, match="which cachefit does not run yet"):
+    plan_file = tmp_path / "plan.json"
+    plan.write(plan_file)
+    shard_checkpoint(plan, folder, tmp_path / "shards")
+    held = load_file(str(tmp_path / "shards" / "card-0.safetensors"))
+    assert tuple(held["model.layers.0.mlp.experts.gate_up_proj"].shape) == (4, 96, 64)      # 4 experts, 2 x 48
+    assert tuple(held["model.layers.0.mlp.experts.down_proj"].shape) == (4, 64, 48)
+    result = run_plan(str(plan_file), str(tmp_path / "shards"),
+                      RunOptions(prompt_len=6, new_tokens=4, micro_batches=2, check=True, timeout=60))
+    assert result.checked is not None and result.checked["tokens_identical"]
+    assert all(sum(rank["memory"].values()) <= rank["planned_bytes"] for rank in result.ranks)
+
+
+def test_kv_heads_replicated_past_the_group_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    folder = checkpoint(tmp_path / "llama", "llama")            # 2 KV heads: a group of 4 would replicate them
+    table = cachefit.load_model(folder, batch=2, seq=64)
+    plan = cachefit.plan(table, capacity="1GiB", baseline="tp=4,pp=1", memory_model="pipeline")
+    with pytest.raises(ValueError, match="up to one KV head a card"):
         shard_checkpoint(plan, folder, tmp_path / "shards")
     assert not (tmp_path / "shards").exists()
 

@@ -11,8 +11,9 @@ Parallelised on meta, before any tensor exists, as torchtitan does; each card th
 
 Why DTensor and not transformers' ``tp_plan="auto"``: transformers shards while ``from_pretrained`` loads the
 whole model over the whole world, where a stage holds a few layers and its group is a part of the world.
-Run so far: attention and dense MLPs with t dividing the KV heads; experts (3-D parameters) and KV heads
-replicated past t are refused before launch.
+Mixture-of-experts blocks (``moe_tp_experts``: stacked ``gate_up_proj`` and ``down_proj``) keep every expert on
+every card with f/t of its columns, plain tensors, and one all-reduce after the experts, as transformers does.
+Run so far: t dividing the KV heads (KV heads replicated past t are refused before launch).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def module_styles(model: Any, hf_config: Any, part: Partition) -> dict[str, str]
         style = style_of(rules, name)
         if style is None or not list(module.parameters(recurse=False)):
             continue
+        if style == "moe_tp_experts" and _experts_layout(module):
+            styles[name] = "experts"
+            continue
         if style not in ("colwise", "rowwise") or not isinstance(module, nn.Linear):
             raise InputError(f"{name} is split {style!r} by the model's tensor-parallel plan, which cachefit does "
                              "not run yet (attention and dense MLPs only): plan with split 'never'",
@@ -63,19 +67,32 @@ def module_styles(model: Any, hf_config: Any, part: Partition) -> dict[str, str]
     return styles
 
 
+def _experts_layout(module: nn.Module) -> bool:
+    """transformers' stacked experts: ``gate_up_proj`` [E, 2f, d] (gate and up packed) and ``down_proj`` [E, d, f]."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3
+            and down.dim() == 3 and gate_up.shape[1] == 2 * down.shape[2])
+
+
 def _dimension(style: str, parameter: str) -> int | None:
     """The dimension a parameter of a module of ``style`` is sharded along (None: held whole)."""
+    if style == "experts":          # gate_up: packed columns (each half by rows); down: its input columns
+        return 1 if parameter == "gate_up_proj" else 2
     if style == "rowwise":
         return None if parameter == "bias" else 1
     return 0                        # colwise, the embedding's rows, the head's rows (its logits' columns)
 
 
 def share(name: str, tensor: torch.Tensor, styles: dict[str, str], rank: int, ways: int) -> torch.Tensor:
-    """Card ``rank``'s part of tensor ``name`` (DTensor's even chunks)."""
+    """Card ``rank``'s part of tensor ``name`` (DTensor's even chunks; packed gate-up: each half's chunk)."""
     module, _, parameter = name.rpartition(".")
     style = styles.get(module)
     dimension = None if style is None else _dimension(style, parameter)
-    return tensor if dimension is None else tensor.chunk(ways, dim=dimension)[rank].contiguous()
+    if dimension is None:
+        return tensor
+    if style == "experts" and parameter == "gate_up_proj":
+        return torch.cat([half.chunk(ways, dim=1)[rank] for half in tensor.chunk(2, dim=1)], dim=1).contiguous()
+    return tensor.chunk(ways, dim=dimension)[rank].contiguous()
 
 
 def unshare(name: str, shares: list[torch.Tensor], styles: dict[str, str]) -> torch.Tensor:
@@ -83,7 +100,12 @@ def unshare(name: str, shares: list[torch.Tensor], styles: dict[str, str]) -> to
     module, _, parameter = name.rpartition(".")
     style = styles.get(module)
     dimension = None if style is None else _dimension(style, parameter)
-    return shares[0] if dimension is None else torch.cat(shares, dim=dimension)
+    if dimension is None:
+        return shares[0]
+    if style == "experts" and parameter == "gate_up_proj":
+        halves = [piece.chunk(2, dim=1) for piece in shares]
+        return torch.cat([torch.cat([h[0] for h in halves], dim=1), torch.cat([h[1] for h in halves], dim=1)], dim=1)
+    return torch.cat(shares, dim=dimension)
 
 
 def parallelize(model: nn.Module, styles: dict[str, str], group: Any, device: str) -> None:
@@ -97,7 +119,32 @@ def parallelize(model: nn.Module, styles: dict[str, str], group: Any, device: st
         "colwise": ColwiseParallel, "rowwise": RowwiseParallel,
         "embedding": lambda: RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
         "head": lambda: ColwiseParallel(output_layouts=Replicate())}
-    parallelize_module(model, mesh, {name: made[style]() for name, style in styles.items()})
+    parallelize_module(model, mesh, {name: made[style]() for name, style in styles.items() if style != "experts"})
+    ways = group.size()
+    for name, style in styles.items():
+        if style == "experts":
+            _split_experts(model.get_submodule(name), ways, group)
+
+
+def _split_experts(experts: nn.Module, ways: int, group: Any) -> None:
+    """Stacked experts as transformers' ``moe_tp_experts`` runs them: every expert on every card with f/t of its
+    columns (its gate and up halves each, and down's inputs), plain tensors; the partial outputs summed by one
+    all-reduce over the group after the experts."""
+    import torch.distributed as dist
+
+    gate_up: torch.Tensor = getattr(experts, "gate_up_proj")  # noqa: B009 (typed: a parameter, not a module)
+    down: torch.Tensor = getattr(experts, "down_proj")  # noqa: B009
+    count, double, hidden = gate_up.shape
+    experts.gate_up_proj = nn.Parameter(torch.empty(count, double // ways, hidden, dtype=gate_up.dtype,
+                                                    device="meta"), requires_grad=False)
+    experts.down_proj = nn.Parameter(torch.empty(count, hidden, down.shape[2] // ways, dtype=down.dtype,
+                                                 device="meta"), requires_grad=False)
+
+    def reduce(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(output, group=group)
+        return output
+
+    experts.register_forward_hook(reduce)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
