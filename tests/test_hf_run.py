@@ -59,6 +59,20 @@ def planned(folder: Path, cards: int, chunk: int | None = None) -> cachefit.Plan
     return plan
 
 
+def grouped(folder: Path, ways: int) -> cachefit.Plan:
+    """Every layer on one tensor group of ``ways`` cards (batch 2, 64 tokens of KV cache)."""
+    table = cachefit.load_model(folder, batch=2, seq=64)
+    return cachefit.plan(table, capacity="1GiB", baseline=f"tp={ways},pp=1", memory_model="pipeline")
+
+
+def sharded(tmp_path: Path, folder: Path, plan: cachefit.Plan) -> tuple[Path, Path, Any]:
+    """The plan written to ``tmp_path/plan.json`` and the folder sharded into ``tmp_path/shards``: the plan
+    file, the shard folder and its manifest."""
+    plan_file, shards = tmp_path / "plan.json", tmp_path / "shards"
+    plan.write(plan_file)
+    return plan_file, shards, shard_checkpoint(plan, folder, shards)
+
+
 def test_the_runnable_architectures_are_those_checked_here() -> None:
     assert set(RUNNABLE) == set(FIELDS) - {"falcon"}
 
@@ -106,14 +120,12 @@ def test_a_sharded_folder_runs_on_gloo_as_generate(tmp_path: Path, kind: str, ca
     folder = checkpoint(tmp_path / kind, kind, dtype=torch.bfloat16 if kind == "qwen2" else None)
     # Mixtral: prompts in 2 passes. Qwen2 in bf16: the whole 6-token prompt a pass, as generate sends it (passes
     # of other shapes round differently in 16 bits, and a near-tie of a random model's logits then flips).
-    plan = planned(folder, cards, chunk={"mixtral": 3, "qwen2": 6}.get(kind))
-    plan_file = tmp_path / "plan.json"
-    plan.write(plan_file)
-    manifest = shard_checkpoint(plan, folder, tmp_path / "shards")
+    plan_file, shards, manifest = sharded(tmp_path, folder, planned(folder, cards,
+                                                                    chunk={"mixtral": 3, "qwen2": 6}.get(kind)))
     assert manifest.source == "hf" and len(manifest.cards) == cards
     if kind == "gpt2":
         assert [(s.tensor, s.cards) for s in manifest.shared] == [("transformer.wte.weight", (0, cards - 1))]
-    result = run_plan(str(plan_file), str(tmp_path / "shards"),
+    result = run_plan(str(plan_file), str(shards),
                       RunOptions(prompt_len=6, new_tokens=8, micro_batches=2, check=True, timeout=30))
     assert result.checked is not None and result.checked["tokens_identical"]
     assert result.checked["reference"] == "transformers generate"
@@ -206,9 +218,7 @@ def test_two_torchrun_agents_on_this_host_make_the_tokens_of_one_node(tmp_path: 
     import subprocess
 
     folder = checkpoint(tmp_path / "llama", "llama")
-    plan_file, shards = tmp_path / "plan.json", tmp_path / "shards"
-    planned(folder, 2).write(plan_file)
-    shard_checkpoint(cachefit.Plan.read(plan_file), folder, shards)
+    plan_file, shards, _ = sharded(tmp_path, folder, planned(folder, 2))
     options = RunOptions(prompt_len=6, new_tokens=4, micro_batches=2, timeout=30)
     one_node = run_plan(str(plan_file), str(shards), options)
     out = tmp_path / "out"
@@ -232,15 +242,11 @@ def test_a_tensor_group_of_two_runs_with_the_models_own_tp_plan(tmp_path: Path) 
     # tp=2: Q, K, V, gate and up by output rows, O and down by input columns (DTensor over the group), the
     # embedding and head by vocabulary; each card holds its share (the plan's split records) and no more.
     folder = checkpoint(tmp_path / "llama", "llama")
-    table = cachefit.load_model(folder, batch=2, seq=64)
-    plan = cachefit.plan(table, capacity="1GiB", baseline="tp=2,pp=1", memory_model="pipeline")
-    plan_file = tmp_path / "plan.json"
-    plan.write(plan_file)
-    manifest = shard_checkpoint(plan, folder, tmp_path / "shards")
+    plan_file, shards, manifest = sharded(tmp_path, folder, grouped(folder, 2))
     assert manifest.shared == ()                                   # the shares of a group are not shared weights
-    q = load_file(str(tmp_path / "shards" / "card-1.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+    q = load_file(str(shards / "card-1.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
     assert tuple(q.shape) == (32, 64)                               # 2 of the 4 heads of 16, all 64 inputs
-    result = run_plan(str(plan_file), str(tmp_path / "shards"),
+    result = run_plan(str(plan_file), str(shards),
                       RunOptions(prompt_len=6, new_tokens=4, micro_batches=2, check=True, timeout=60))
     assert result.checked is not None and result.checked["tokens_identical"]
     for rank in result.ranks:
@@ -251,15 +257,11 @@ def test_a_mixture_of_experts_in_a_tensor_group_runs_as_transformers_splits_it(t
     # tp=2 on Mixtral: attention by heads (DTensor), every expert on both cards with half its columns (gate and
     # up halves each, down's inputs), one all-reduce after the experts; the router whole.
     folder = checkpoint(tmp_path / "mixtral", "mixtral")
-    table = cachefit.load_model(folder, batch=2, seq=64)
-    plan = cachefit.plan(table, capacity="1GiB", baseline="tp=2,pp=1", memory_model="pipeline")
-    plan_file = tmp_path / "plan.json"
-    plan.write(plan_file)
-    shard_checkpoint(plan, folder, tmp_path / "shards")
-    held = load_file(str(tmp_path / "shards" / "card-0.safetensors"))
+    plan_file, shards, _ = sharded(tmp_path, folder, grouped(folder, 2))
+    held = load_file(str(shards / "card-0.safetensors"))
     assert tuple(held["model.layers.0.mlp.experts.gate_up_proj"].shape) == (4, 96, 64)      # 4 experts, 2 x 48
     assert tuple(held["model.layers.0.mlp.experts.down_proj"].shape) == (4, 64, 48)
-    result = run_plan(str(plan_file), str(tmp_path / "shards"),
+    result = run_plan(str(plan_file), str(shards),
                       RunOptions(prompt_len=6, new_tokens=4, micro_batches=2, check=True, timeout=60))
     assert result.checked is not None and result.checked["tokens_identical"]
     assert all(sum(rank["memory"].values()) <= rank["planned_bytes"] for rank in result.ranks)
@@ -267,20 +269,16 @@ def test_a_mixture_of_experts_in_a_tensor_group_runs_as_transformers_splits_it(t
 
 def test_kv_heads_replicated_past_the_group_are_refused_before_anything_is_written(tmp_path: Path) -> None:
     folder = checkpoint(tmp_path / "llama", "llama")            # 2 KV heads: a group of 4 would replicate them
-    table = cachefit.load_model(folder, batch=2, seq=64)
-    plan = cachefit.plan(table, capacity="1GiB", baseline="tp=4,pp=1", memory_model="pipeline")
     with pytest.raises(ValueError, match="up to one KV head a card"):
-        shard_checkpoint(plan, folder, tmp_path / "shards")
+        shard_checkpoint(grouped(folder, 4), folder, tmp_path / "shards")
     assert not (tmp_path / "shards").exists()
 
 
 def test_a_killed_rank_of_a_hugging_face_run_ends_the_job_and_is_named(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     folder = checkpoint(tmp_path / "llama", "llama")
-    plan_file = tmp_path / "plan.json"
-    planned(folder, 2).write(plan_file)
-    shard_checkpoint(cachefit.Plan.read(plan_file), folder, tmp_path / "shards")
+    plan_file, shards, _ = sharded(tmp_path, folder, planned(folder, 2))
     monkeypatch.setenv("CACHEFIT_INJECT_FAULT", "1:kill")
     with pytest.raises(cachefit.RunError, match="rank 1 failed: killed by signal 9"):
-        run_plan(str(plan_file), str(tmp_path / "shards"), RunOptions(prompt_len=6, new_tokens=4, micro_batches=2,
+        run_plan(str(plan_file), str(shards), RunOptions(prompt_len=6, new_tokens=4, micro_batches=2,
                                                                        timeout=20))

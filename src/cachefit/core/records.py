@@ -70,6 +70,10 @@ class Partition:
     def cards(self) -> tuple[int, ...]:
         return tuple(range(self.card, self.card + self.tensor_parallel))
 
+    def holds(self, name: str) -> bool:
+        """Whether the module or tensor ``name`` is the stage's: one of its modules, or inside one."""
+        return any(name == prefix or name.startswith(prefix + ".") for prefix in self.modules or self.layers)
+
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:

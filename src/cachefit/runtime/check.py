@@ -74,11 +74,10 @@ def _hf_reference_check(plan: Plan, weights: str | Path, manifest: Manifest, opt
     document = read_hf_config_copy(weights, manifest)
     built, config = build_hf_model(document, str(plan.model.dtype), "cpu")
     model: Any = built
-    skeleton, _ = build_hf_model(document, str(plan.model.dtype), "meta")
     state: dict[str, torch.Tensor] = {}
     for part in plan.partitions:        # a tensor group's shares put back together
         shares = [load(read_card(weights, card, plan)[1]) for card in part.cards]
-        styles = module_styles(skeleton, config, part) if part.tensor_parallel > 1 else {}
+        styles = module_styles(model, config, part) if part.tensor_parallel > 1 else {}
         state.update({name: unshare(name, [s[name] for s in shares], styles) for name in shares[0]})
     model.load_state_dict(state, strict=False)
     model.generation_config.eos_token_id = None      # a run decodes every token asked for, through end-of-text

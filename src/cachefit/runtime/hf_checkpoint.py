@@ -9,7 +9,6 @@ a tied weight stored once (GPT-2's head is its embedding) is written to every ca
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -19,11 +18,10 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from cachefit.core.errors import InputError
-from cachefit.core.records import Partition, Plan
+from cachefit.core.records import Plan
 
-__all__ = ["CONFIG", "RUNNABLE", "check_runnable", "config_sha256", "is_hf_checkpoint", "matching_config",
-           "model_tensors", "read_stage_tensors", "stage_tensor_names", "stored_names", "stored_tensors",
-           "tensor_origins"]
+__all__ = ["CONFIG", "RUNNABLE", "check_runnable", "is_hf_checkpoint", "matching_config", "model_tensors",
+           "read_stage_tensors", "stored_names", "stored_tensors", "tensor_origins"]
 
 CONFIG = "config.json"
 # Architectures whose stages are checked token for token against transformers' generate (tests/test_hf_run.py).
@@ -77,16 +75,6 @@ def matching_config(plan: Plan, folder: Path) -> dict[str, Any]:
                          f"{model.phase}, {model.dtype}): plan again from {folder}, with the default attention "
                          "and experts (a run computes as transformers' defaults do)")
     return document
-
-
-def stage_tensor_names(part: Partition, names: list[str]) -> list[str]:
-    """The state-dict names that belong to the stage's modules (a module's own tensors and its children's)."""
-    prefixes = part.modules or part.layers
-    return [name for name in names if any(name == p or name.startswith(p + ".") for p in prefixes)]
-
-
-def config_sha256(folder: Path) -> str:
-    return "sha256:" + hashlib.sha256((folder / CONFIG).read_bytes()).hexdigest()
 
 
 def read_stage_tensors(files: dict[str, Path], sources: dict[str, Origin], names: list[str],

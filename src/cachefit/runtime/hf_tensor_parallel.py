@@ -42,12 +42,11 @@ def module_styles(model: Any, hf_config: Any, part: Partition) -> dict[str, str]
                          "tensor groups of Hugging Face models up to one KV head a card so far; plan with split "
                          "'never' or narrower groups", parameters=("split",))
     rules = plan_rules(getattr(hf_config, "base_model_tp_plan", None) or {}, model.base_model_prefix)
-    owned = tuple(part.modules or part.layers)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     vocab = int(text.vocab_size)
     styles = {}
     for name, module in model.named_modules():
-        if not any(name == p or name.startswith(p + ".") for p in owned):
+        if not part.holds(name):
             continue
         if module is embed or module is head:
             if vocab % ways == 0:

@@ -22,17 +22,14 @@ from safetensors.torch import save_file
 
 from cachefit.core.errors import InputError
 from cachefit.core.files import atomic_write_text, describe_validation_error, read_json_object
-from cachefit.core.records import Plan
-from cachefit.core.spec import ModelSpec
+from cachefit.core.records import Partition, Plan
 from cachefit.nn.model import ModelConfig, tensor_share
 from cachefit.runtime.hf_checkpoint import (
     CONFIG,
-    config_sha256,
     is_hf_checkpoint,
     matching_config,
     model_tensors,
     read_stage_tensors,
-    stage_tensor_names,
     stored_names,
     stored_tensors,
     tensor_origins,
@@ -89,7 +86,6 @@ class Manifest:
     cards: tuple[CardShard, ...]
     shared: tuple[SharedWeight, ...] = ()
     source: Literal["cachefit", "hf"] = "cachefit"     # hf: a Hugging Face folder; its config.json is copied here
-    config_sha256: str = ""                           # hf: the copied config.json's sha256
 
     def __post_init__(self) -> None:
         numbers = [card.card for card in self.cards]
@@ -145,45 +141,67 @@ def shard_checkpoint(plan: Plan, checkpoint: str | Path, out: str | Path,
     if plan.model.dtype is not None and plan.model.dtype != info["dtype"]:
         raise InputError(f"the plan counted {plan.model.dtype} weights but the checkpoint holds {info['dtype']}; "
                          f"make one with init-weights and dtype {plan.model.dtype}", parameters=("dtype",))
-    folder = _check_out_folder(Path(out))
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        cards, shared = _write_cards(plan, spec, Path(checkpoint), staging)
-        manifest = Manifest(plan_fingerprint(plan), plan.model.fingerprint, file_sha256(Path(checkpoint)),
-                            str(info["dtype"]), cards, shared)
-        manifest.write(staging)
-        _swap_in(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return manifest
-
-
-def _write_cards(plan: Plan, spec: ModelSpec, checkpoint: Path, folder: Path
-                 ) -> tuple[tuple[CardShard, ...], tuple[SharedWeight, ...]]:
-    """Each card's tensors (a tensor group: each card its share, model.tensor_share), shapes checked first."""
-    config = ModelConfig.of(spec)
     with safe_open(str(checkpoint), framework="pt") as handle:
+        config = ModelConfig.of(spec)
         sources, shapes = tensor_sources(spec, set(handle.keys())), expected_shapes(spec)
-        cards: list[CardShard] = []
-        users: dict[str, list[tuple[str, int]]] = {}
-        for part in plan.partitions:
-            names = [name for name in sources if any(name.startswith(prefix + ".") for prefix in part.modules)]
+
+        def read_stage(part: Partition) -> dict[str, torch.Tensor]:
+            names = [name for name in sources if part.holds(name)]
             full = {name: handle.get_tensor(sources[name]) for name in names}
             for name, tensor in full.items():
                 if tuple(tensor.shape) != shapes[name]:
                     raise InputError(f"checkpoint {checkpoint}: {sources[name]} has shape {tuple(tensor.shape)}, "
                                      f"the plan's model needs {shapes[name]}")
-            for rank, card in enumerate(part.cards):
-                tensors = _own_storage({name: tensor_share(name, tensor, config, rank, part.tensor_parallel)
-                                        for name, tensor in full.items()})
-                path = folder / f"card-{card}.safetensors"
-                _save(tensors, path, {"card": str(card)})
-                cards.append(CardShard(card, path.name, file_sha256(path), path.stat().st_size, tuple(names)))
-                for name in names:
-                    users.setdefault(sources[name], []).append((name, card))
-    shared = tuple(SharedWeight(tensor, tuple(n for n, _ in uses), tuple(c for _, c in uses))
-                   for tensor, uses in users.items() if len({card for _, card in uses}) > 1)
+            return full
+
+        def write(staging: Path) -> Manifest:
+            cards, shared = _write_cards(plan, staging, read_stage, sources.__getitem__,
+                                         lambda part, name, tensor, rank: tensor_share(
+                                             name, tensor, config, rank, part.tensor_parallel))
+            return Manifest(plan_fingerprint(plan), plan.model.fingerprint, file_sha256(Path(checkpoint)),
+                            str(info["dtype"]), cards, shared)
+
+        return _written_whole(Path(out), write)
+
+
+# A stage's tensors by name; a tensor's share on one card of its stage's group: (part, name, tensor, rank).
+StageReader = Callable[[Partition], dict[str, torch.Tensor]]
+ShareOf = Callable[[Partition, str, torch.Tensor, int], torch.Tensor]
+
+
+def _write_cards(plan: Plan, folder: Path, read_stage: StageReader, stored: Callable[[str], str], share: ShareOf
+                 ) -> tuple[tuple[CardShard, ...], tuple[SharedWeight, ...]]:
+    """Each card's file: its stage's tensors, read once a stage (``read_stage``), each card of a tensor group its
+    share; and the stored tensors (``stored(name)``) two stages use, a tied head, say (not a group's shares)."""
+    cards: list[CardShard] = []
+    users: dict[str, list[tuple[str, int, int]]] = {}       # stored tensor -> (name, card, stage)
+    for stage, part in enumerate(plan.partitions):
+        whole = read_stage(part)
+        for rank, card in enumerate(part.cards):
+            tensors = _own_storage({name: share(part, name, tensor, rank) for name, tensor in whole.items()})
+            path = folder / f"card-{card}.safetensors"
+            _save(tensors, path, {"card": str(card)})
+            cards.append(CardShard(card, path.name, file_sha256(path), path.stat().st_size, tuple(whole)))
+            for name in whole:
+                users.setdefault(stored(name), []).append((name, card, stage))
+        del whole
+    shared = tuple(SharedWeight(tensor, tuple(n for n, _, _ in uses), tuple(c for _, c, _ in uses))
+                   for tensor, uses in users.items() if len({stage for _, _, stage in uses}) > 1)
     return tuple(cards), shared
+
+
+def _written_whole(out: Path, write: Callable[[Path], Manifest]) -> Manifest:
+    """``write`` the cards and the manifest into a new folder beside ``out``, then swap it in whole (a failure
+    leaves ``out`` as it was)."""
+    folder = _check_out_folder(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        manifest = write(staging)
+        manifest.write(staging)
+        _swap_in(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
 
 
 def _shard_hf(plan: Plan, checkpoint: Path, out: Path, progress: Callable[[int, int], None] | None) -> Manifest:
@@ -193,47 +211,35 @@ def _shard_hf(plan: Plan, checkpoint: Path, out: Path, progress: Callable[[int, 
     model, hf_config = build_hf_model(document, dtype, "meta")
     shapes, groups = model_tensors(model)
     sources = stored_names(groups, tensor_origins(model, set(files)), checkpoint)
-    per_card = [stage_tensor_names(part, list(shapes)) for part in plan.partitions]
-    styles = [module_styles(model, hf_config, part) if part.tensor_parallel > 1 else {} for part in plan.partitions]
-    total, done = sum(len(names) for names in per_card), [0]
+    styles = {part.card: module_styles(model, hf_config, part) for part in plan.partitions
+              if part.tensor_parallel > 1}
+    total, done = sum(part.holds(name) for part in plan.partitions for name in shapes), [0]
 
     def step(name: str) -> None:
         done[0] += 1
         if progress is not None:
             progress(done[0], total)
 
-    folder = _check_out_folder(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        cards: list[CardShard] = []
-        users: dict[str, list[tuple[str, int, int]]] = {}       # stored tensor -> (name, card, stage)
-        for stage, (part, names, styled) in enumerate(zip(plan.partitions, per_card, styles)):
-            whole = read_stage_tensors(files, sources, names, shapes, dtype, checkpoint, step)
-            for rank, card in enumerate(part.cards):      # a tensor group: each card its share
-                tensors = _own_storage({n: share(n, t, styled, rank, part.tensor_parallel) for n, t in whole.items()})
-                path = staging / f"card-{card}.safetensors"
-                _save(tensors, path, {"card": str(card)})
-                cards.append(CardShard(card, path.name, file_sha256(path), path.stat().st_size, tuple(names)))
-                for name in names:
-                    users.setdefault(sources[name].keys[0], []).append((name, card, stage))
-            del whole
+    def read_stage(part: Partition) -> dict[str, torch.Tensor]:
+        names = [name for name in shapes if part.holds(name)]
+        return read_stage_tensors(files, sources, names, shapes, dtype, checkpoint, step)
+
+    def write(staging: Path) -> Manifest:
+        cards, shared = _write_cards(plan, staging, read_stage, lambda name: sources[name].keys[0],
+                                     lambda part, name, tensor, rank: share(
+                                         name, tensor, styles.get(part.card, {}), rank, part.tensor_parallel))
         shutil.copyfile(checkpoint / CONFIG, staging / CONFIG)
-        # Shared: a stored tensor two stages use (a tied head), not the shares of one tensor group.
-        shared = tuple(SharedWeight(tensor, tuple(n for n, _, _ in uses), tuple(c for _, c, _ in uses))
-                       for tensor, uses in users.items() if len({stage for _, _, stage in uses}) > 1)
-        manifest = Manifest(plan_fingerprint(plan), plan.model.fingerprint, config_sha256(staging), dtype,
-                            tuple(cards), shared, source="hf", config_sha256=config_sha256(staging))
-        manifest.write(staging)
-        _swap_in(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return manifest
+        return Manifest(plan_fingerprint(plan), plan.model.fingerprint, file_sha256(staging / CONFIG), dtype, cards,
+                        shared, source="hf")
+
+    return _written_whole(out, write)
 
 
 def read_hf_config_copy(folder: str | Path, manifest: Manifest) -> dict[str, Any]:
-    """The config.json ``cachefit shard`` copied beside a Hugging Face model's cards, as its manifest hashed it."""
+    """The config.json ``cachefit shard`` copied beside a Hugging Face model's cards, as its manifest hashed it
+    (a Hugging Face folder's ``checkpoint_sha256`` is its config's; each card's file has its own hash)."""
     path = Path(folder) / CONFIG
-    if not path.is_file() or path.is_symlink() or config_sha256(Path(folder)) != manifest.config_sha256:
+    if not path.is_file() or path.is_symlink() or file_sha256(path) != manifest.checkpoint_sha256:
         raise InputError(f"{path} is missing or does not match its manifest: re-run cachefit shard")
     document: dict[str, Any] = json.loads(path.read_text())
     return document

@@ -56,25 +56,24 @@ def hf_table(config: dict[str, Any], name: str, work: Workload, granularity: Gra
     if prefill_chunk is not None and (work.phase != "decode" or not 1 <= prefill_chunk <= work.seq):
         raise InputError(f"prefill_chunk needs phase='decode' and 1 <= chunk <= seq ({work.seq}), got "
                          f"{prefill_chunk} for {work.phase}", parameters=("prefill_chunk", "phase"))
-    table = _hf_pass(config, name, work, granularity, experts, device, 1)
+    if granularity != "block" and experts != "tensor":
+        raise InputError("experts='parallel' works on whole decoder blocks: use granularity 'block'",
+                         parameters=("experts", "granularity"))
+    table, model, hf_config = _hf_pass(config, name, work, granularity, device, 1)
     if prefill_chunk is not None and prefill_chunk > 1:
-        chunk = _hf_pass(config, name, work, granularity, "tensor", device, prefill_chunk)
+        chunk, _, _ = _hf_pass(config, name, work, granularity, device, prefill_chunk)
         table = replace(table, prefill_chunk=prefill_chunk, layers=tuple(
             replace(layer, activation_bytes=max(layer.activation_bytes, other.activation_bytes),
-                    workspace_bytes=max(layer.workspace_bytes, other.workspace_bytes), splits=())
+                    workspace_bytes=max(layer.workspace_bytes, other.workspace_bytes))
             for layer, other in zip(table.layers, chunk.layers)))
-    if granularity != "block":
-        if experts != "tensor":
-            raise InputError("experts='parallel' works on whole decoder blocks: use granularity 'block'",
-                             parameters=("experts", "granularity"))
-        return table
-    model, hf_config = build_hf_model(config, work.dtype, "meta")
-    return with_tp_splits(table, model, hf_config, experts)
+    # Tensor groups from the model's own tensor-parallel plan (blocks are the unit it is written for).
+    return with_tp_splits(table, model, hf_config, experts) if granularity == "block" else table
 
 
-def _hf_pass(config: dict[str, Any], name: str, work: Workload, granularity: Granularity, experts: ExpertSplit,
-             device: str, tokens: int) -> LayerTable:
-    """One measured forward of ``tokens`` new tokens per sequence (in decode: at the end of a full context)."""
+def _hf_pass(config: dict[str, Any], name: str, work: Workload, granularity: Granularity, device: str,
+             tokens: int) -> tuple[LayerTable, nn.Module, Any]:
+    """One measured forward of ``tokens`` new tokens per sequence (in decode: at the end of a full context); the
+    table, and the model and config it was measured from."""
     model, hf_config = build_hf_model(config, work.dtype, device, eager=work.attention == "eager")
     if work.phase == "decode" and _bidirectional(model):
         raise _cannot_decode(name, hf_config.model_type)
@@ -87,7 +86,7 @@ def _hf_pass(config: dict[str, Any], name: str, work: Workload, granularity: Gra
                            kv_cache_bytes=lambda module: 0, fused=work.attention == "flash")
     if work.phase == "decode" and not any(layer.kv_cache_bytes for layer in table.layers):
         raise _cannot_decode(name, hf_config.model_type)
-    return table
+    return table, model, hf_config
 
 
 def _bidirectional(model: nn.Module) -> bool:
