@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 
+from cachefit.core.errors import InputError
 from cachefit.core.layers import Layer, LayerTable, SharedTensor
 
 from strategies import tables
@@ -130,3 +132,34 @@ def test_the_fingerprint_is_the_same_on_every_platform() -> None:
     # hashed are little-endian int64 and float64 columns, names and canonical JSON, whatever the host.
     table = LayerTable("m", (Layer("a", 1, 2, 3, 4, 5.0), Layer("b", 6, 7, 8, modules=("b.x",))), input_bytes=9)
     assert table.fingerprint == "columns-sha256:ed0ce48f40501d25212e72fb1c25b8923fe463259a9bb7f5996f458f091c9b50"
+
+
+def test_fast_csv_path_reads_what_the_row_path_reads() -> None:
+    # Plain rows take the column path; a quoted cell sends the same rows down the csv-module path.
+    rows = ["a,10,2,0,0,4", "b,4611686018427387904,0,0,0,1.5e3", "c,0,7,3,1,0"]
+    plain = "name,weight_bytes,activation_bytes,workspace_bytes,kv_cache_bytes,flops\n" + "\n".join(rows) + "\n"
+    quoted = plain.replace("c,0,7", '"c",0,7')
+    fast, slow = LayerTable.from_csv(plain, "m"), LayerTable.from_csv(quoted, "m")
+    assert fast.layers == slow.layers and fast.fingerprint == slow.fingerprint
+    assert fast.layers[1].weight_bytes == 2**62 and fast.layers[1].flops == 1500.0
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("a,1,1\nb,1,1,1,1\n", "line 2: has 3 cells"),          # widths that add up but differ per row
+    ("a,1,1,1\nb,9223372036854775808,1,1\n", "line 3: weight_bytes must be at most 2**63-1"),
+    ("a,1,1,1\nb,1,-1,1\n", "line 3: activation_bytes must be a non-negative integer"),
+    ("a,1,1,1\na,1,1,1\n", "repeats layers[0]"),
+])
+def test_fast_csv_path_refuses_what_the_row_path_refuses(body: str, message: str) -> None:
+    text = "name,weight_bytes,activation_bytes,workspace_bytes\n" + body
+    with pytest.raises(InputError, match=re.escape(message)):
+        LayerTable.from_csv(text, "m", source="t.csv")
+
+
+def test_json_rows_with_and_without_extras_keep_their_places() -> None:
+    # Row 1 carries modules (validated by pydantic, kept whole); rows 0 and 2 go through the columns.
+    layers = (Layer("a", 5, 1, 0), Layer("b", 6, 2, 0, modules=("b.x", "b.y")), Layer("c", 7, 3, 1))
+    table = LayerTable("m", layers)
+    again = LayerTable.from_dict(json.loads(table.to_json()))
+    assert again.layers == table.layers and again.layers[1].modules == ("b.x", "b.y")
+    assert list(again.columns.weight_bytes) == [5, 6, 7] and again.fingerprint == table.fingerprint

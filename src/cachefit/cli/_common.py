@@ -6,7 +6,6 @@ Exit codes (DESIGN.md): 0 done; 2 bad input or usage (one line on stderr); 3 no 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import sys
@@ -17,6 +16,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from cachefit.core.errors import EXIT_BUG, EXIT_INFEASIBLE, EXIT_USAGE, InputError, RunError
+from cachefit.core.files import json_text
 
 __all__ = ["EXIT_INFEASIBLE", "emit_json", "err", "fail", "handle_errors", "model_arguments", "model_options", "out"]
 from cachefit.output.report import console
@@ -137,4 +137,4 @@ def model_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def emit_json(document: dict[str, Any]) -> None:
-    click.echo(json.dumps(document, indent=1))
+    click.echo(json_text(document), nl=False)

@@ -10,25 +10,25 @@ import csv
 import hashlib
 import io
 import json
-import math
-import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import numpy as np
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, GetCoreSchemaHandler, TypeAdapter, ValidationError
+from pydantic_core import core_schema
 
+from cachefit.core.columns import LayerColumns
 from cachefit.core.errors import InputError
-from cachefit.core.files import atomic_write_text, describe_validation_error, read_json_object, read_text
+from cachefit.core.files import atomic_write_text, describe_validation_error, json_text, read_json_object, read_text
 from cachefit.core.spec import Phase, SpecRecord
+from cachefit.core.table_io import CSV_COLUMNS, columns_from_csv, columns_from_rows
 from cachefit.core.units import INT64_MAX
 
 __all__ = ["CSV_COLUMNS", "SCHEMA", "Layer", "LayerTable", "Phase", "SharedTensor", "Split"]
 
 SCHEMA = "cachefit.layers/v1"
-CSV_COLUMNS = ("name", "weight_bytes", "activation_bytes", "workspace_bytes", "kv_cache_bytes", "flops")
 _STRICT = ConfigDict(extra="forbid", strict=True)
 # Strict: no float for an integer, no string for a number; sizes are exact 64-bit integers.
 Bytes = Annotated[int, Field(ge=0, le=INT64_MAX)]
@@ -98,11 +98,32 @@ class Layer:
         return next((s for s in self.splits if s.ways == ways), None)
 
 
+class _Columns:
+    """Pydantic validates a table's header; its rows arrive already read into columns (core/table_io.py checks
+    them), as an instance, or in JSON mode through the validation context (LayerTable.from_dict)."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.json_or_python_schema(
+            json_schema=core_schema.with_info_plain_validator_function(_columns_from_context),
+            python_schema=core_schema.is_instance_schema(LayerColumns))
+
+
+def _columns_from_context(value: Any, info: core_schema.ValidationInfo) -> LayerColumns:
+    columns = (info.context or {}).get("columns")
+    if not isinstance(columns, LayerColumns):
+        raise TypeError("a layer table's rows are read by LayerTable.from_dict; this is a bug")
+    return columns
+
+
 @dataclass(frozen=True, slots=True)
 class LayerTable:
+    """``layers``: any sequence of Layer records; the table keeps them as :class:`LayerColumns` (``columns``),
+    which is still a sequence of Layer."""
+
     __pydantic_config__ = _STRICT
     name: _Name
-    layers: Annotated[tuple[Layer, ...], Field(min_length=1)]
+    layers: Annotated[Sequence[Layer], _Columns]
     input_bytes: Bytes = 0
     dtype: str | None = None
     batch: Annotated[int, Field(ge=1)] | None = None
@@ -113,7 +134,14 @@ class LayerTable:
                                                                # prompt tokens per sequence (Hugging Face profiles)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layers, LayerColumns):
+            object.__setattr__(self, "layers", LayerColumns.of(self.layers))
         _check_table(self)
+
+    @property
+    def columns(self) -> LayerColumns:
+        """The layers as columns (what planners and memory models read)."""
+        return cast(LayerColumns, self.layers)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -125,7 +153,8 @@ class LayerTable:
         (the same on every platform), and the per-layer records few layers have (modules, shared tensors,
         splits, read bytes) as canonical JSON. Hashing columns, not the whole table's JSON, is what keeps a
         million-layer plan fast (issue 15)."""
-        return "columns-sha256:" + fingerprint_digest(self)
+        header = _canonical(self.to_dict_header())
+        return "columns-sha256:" + self.columns.cached_digest(header, lambda: fingerprint_digest(self))
 
     @property
     def legacy_fingerprint(self) -> str:
@@ -155,25 +184,23 @@ class LayerTable:
         return document
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1) + "\n"
+        return json_text(self.to_dict())
 
     @property
     def split_ways(self) -> tuple[int, ...]:
         """Every tensor-split width some layer allows, with 1 (whole layers), ascending."""
-        return tuple(sorted({1, *(s.ways for layer in self.layers for s in layer.splits)}))
+        return tuple(sorted({1, *(s.ways for layer in self.columns.extras.values() for s in layer.splits)}))
 
     def to_csv(self) -> str:
         """DESIGN.md's CSV columns. ``modules`` lists and tensor splits are left out (a table read back plans whole
         layers only); shared tensors change footprints, so a table with them is refused rather than written wrong."""
-        if any(layer.shared for layer in self.layers):
+        if self.columns.any_shared:
             raise InputError(f"layer table {self.name!r} has shared tensors (tied weights), which CSV cannot hold; "
                              "write it as JSON")
+        rows = [[name, *sizes, _format_flops(flops)] for name, sizes, flops
+                in zip(self.columns.names, self.columns.sizes.tolist(), self.columns.flops.tolist())]
         out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        for x in self.layers:
-            writer.writerow([x.name, x.weight_bytes, x.activation_bytes, x.workspace_bytes, x.kv_cache_bytes,
-                             _format_flops(x.flops)])
+        csv.writer(out, lineterminator="\n").writerows([CSV_COLUMNS, *rows])    # quotes a name with a comma
         return out.getvalue()
 
     def write(self, path: str | Path) -> None:
@@ -202,26 +229,21 @@ class LayerTable:
         spec = None if body.get("spec") is None else SpecRecord.read(body["spec"], f"{source}: spec")
         body["spec"] = None
         _count_legacy_allreduces(body)
+        if "layers" not in body:
+            raise InputError(f"{source}: layers is required")
+        columns = columns_from_rows(body["layers"], source, _validate_layer)
+        body["layers"] = None
         try:
-            table = _TABLE.validate_json(json.dumps(body))
+            table = _TABLE.validate_json(json.dumps(body), context={"columns": columns})
         except ValidationError as error:
             raise InputError(describe_validation_error(error, source)) from error
         return replace(table, spec=spec)
 
     @classmethod
     def from_csv(cls, text: str, name: str, input_bytes: int = 0, source: str = "CSV") -> LayerTable:
+        columns = columns_from_csv(text, source, Layer)
         try:
-            rows = list(csv.reader(io.StringIO(text)))
-        except csv.Error as error:                       # a field over the csv module's limit, a NUL byte
-            raise InputError(f"{source}: not a readable CSV table ({error})") from error
-        if not rows:
-            raise InputError(f"{source}: empty file; expected the header {','.join(CSV_COLUMNS)}")
-        header = [column.strip() for column in rows[0]]
-        _check_csv_header(header, source)
-        layers = [_csv_layer(dict(zip(header, row)), len(row), len(header), line, source)
-                  for line, row in enumerate(rows[1:], start=2) if any(cell.strip() for cell in row)]
-        try:
-            return cls(name=name, layers=tuple(layers), input_bytes=input_bytes)
+            return cls(name=name, layers=columns, input_bytes=input_bytes)
         except ValueError as error:
             raise InputError(f"{source}: {error}") from error
 
@@ -231,21 +253,20 @@ _LATER = ("experts", "read_bytes")
 
 def fingerprint_digest(table: LayerTable) -> str:
     """sha256 of the table in columns (LayerTable.fingerprint); each part preceded by its length."""
-    layers = table.layers
-    header = table.to_dict_header()
-    extras = [[index, _layer_dict(layer)] for index, layer in enumerate(layers)
-              if layer.modules or layer.shared or layer.splits or layer.read_bytes is not None]
-    sizes = np.fromiter((value for x in layers for value in (x.weight_bytes, x.activation_bytes, x.workspace_bytes,
-                                                             x.kv_cache_bytes)), dtype="<i8", count=4 * len(layers))
-    flops = np.fromiter((x.flops for x in layers), dtype="<f8", count=len(layers))
-    parts = (json.dumps(header, sort_keys=True, separators=(",", ":")).encode(),
-             "\0".join(x.name for x in layers).encode(), sizes.tobytes(), flops.tobytes(),
-             json.dumps(extras, sort_keys=True, separators=(",", ":")).encode())
+    columns = table.columns
+    extras = [[index, _layer_dict(layer)] for index, layer in sorted(columns.extras.items())]
+    parts = (_canonical(table.to_dict_header()), "\0".join(columns.names).encode(),
+             columns.sizes.astype("<i8", copy=False).tobytes(), columns.flops.astype("<f8", copy=False).tobytes(),
+             _canonical(extras))
     digest = hashlib.sha256()
     for part in parts:
         digest.update(len(part).to_bytes(8, "little"))
         digest.update(part)
     return digest.hexdigest()
+
+
+def _canonical(document: Any) -> bytes:
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _layer_dict(layer: Layer) -> dict[str, Any]:
@@ -267,15 +288,15 @@ def _layer_dict(layer: Layer) -> dict[str, Any]:
 
 
 def _check_table(table: LayerTable) -> None:
-    """Invariants every table keeps, whatever made it: unique names, owners earlier, totals within int64."""
-    if not table.layers:
+    """Invariants every table keeps, whatever made it: unique names, owners earlier, totals within int64. Column
+    checks run on arrays; per-record ones only on the layers that have more than columns."""
+    columns = table.columns
+    if not len(columns):
         raise InputError("layers must list at least one layer")
-    index: dict[str, int] = {}
-    for position, layer in enumerate(table.layers):
-        if layer.name in index:
-            raise InputError(f"layers[{position}].name {layer.name!r} repeats layers[{index[layer.name]}]; "
-                             "layer names must be unique")
-        index[layer.name] = position
+    if len(set(columns.names)) != len(columns.names):
+        _raise_repeated_name(columns.names)
+    index = {name: i for i, name in enumerate(columns.names)} if columns.any_shared else {}
+    for position, layer in sorted(columns.extras.items()):
         for shared in layer.shared:
             if index.get(shared.owner, position) >= position:
                 raise InputError(f"layers[{position}].shared: owner {shared.owner!r} must be an earlier layer")
@@ -285,22 +306,32 @@ def _check_table(table: LayerTable) -> None:
         ways = [s.ways for s in layer.splits]
         if any(w < 2 for w in ways) or len(set(ways)) != len(ways):
             raise InputError(f"layers[{position}].splits: ways must be distinct integers >= 2, got {ways}")
-    _check_owners_count_shared(table, index)
-    columns = [table.input_bytes]
-    for layer in table.layers:
-        columns += [layer.weight_bytes, layer.activation_bytes, layer.workspace_bytes, layer.kv_cache_bytes]
-        columns += [s.bytes for s in layer.shared]
-    if any(value < 0 for value in columns):
+    if index:
+        _check_owners_count_shared(table, index)
+    shared_bytes = [s.bytes for layer in columns.extras.values() for s in layer.shared]
+    if table.input_bytes < 0 or (columns.sizes < 0).any() or any(size < 0 for size in shared_bytes):
         raise InputError("byte sizes must be non-negative")
-    if sum(columns) > INT64_MAX:
-        raise InputError(f"the table's sizes add up to {sum(columns)} bytes, beyond int64 (2**63-1); "
+    # A float sum far below 2**63 cannot hide an overflow; near it, add exactly.
+    rough = float(columns.sizes.sum(dtype=np.float64)) + table.input_bytes + sum(shared_bytes)
+    total = rough if rough < 2.0**62 else table.input_bytes + sum(shared_bytes) + sum(columns.sizes.ravel().tolist())
+    if total > INT64_MAX:
+        raise InputError(f"the table's sizes add up to {int(total)} bytes, beyond int64 (2**63-1); "
                          "cachefit plans in exact 64-bit integers: split the model or use a smaller batch")
+
+
+def _raise_repeated_name(names: Sequence[str]) -> None:
+    seen: dict[str, int] = {}
+    for position, name in enumerate(names):
+        if name in seen:
+            raise InputError(f"layers[{position}].name {name!r} repeats layers[{seen[name]}]; "
+                             "layer names must be unique")
+        seen[name] = position
 
 
 def _check_owners_count_shared(table: LayerTable, index: dict[str, int]) -> None:
     """The owner counts a shared tensor in its weight_bytes (so footprints grow with the partition)."""
     owned: dict[str, dict[str, int]] = {}
-    for position, layer in enumerate(table.layers):
+    for position, layer in sorted(table.columns.extras.items()):
         for shared in layer.shared:
             size = owned.setdefault(shared.owner, {}).setdefault(shared.tensor, shared.bytes)
             if size != shared.bytes:
@@ -313,54 +344,15 @@ def _check_owners_count_shared(table: LayerTable, index: dict[str, int]) -> None
                              f"but its weight_bytes is {owner_layer.weight_bytes}: the owner must count them")
 
 
-def _check_csv_header(header: list[str], source: str) -> None:
-    required = CSV_COLUMNS[:4]
-    missing = [column for column in required if column not in header]
-    unknown = [column for column in header if column not in CSV_COLUMNS]
-    if missing or unknown or len(set(header)) != len(header):
-        raise InputError(f"{source}: header must be {','.join(CSV_COLUMNS)} (kv_cache_bytes and flops optional); "
-                         f"got {','.join(header)}")
-
-
-_INTEGER = re.compile(r"^[0-9]+$")
-
-
-def _csv_layer(row: dict[str, str], width: int, expected: int, line: int, source: str) -> Layer:
-    where = f"{source} line {line}"
-    if width != expected:
-        raise InputError(f"{where}: has {width} cells, the header has {expected}")
-
-    def integer(column: str) -> int:
-        text = row.get(column, "0").strip() or "0"
-        if not _INTEGER.match(text):
-            raise InputError(f"{where}: {column} must be a non-negative integer, got {text!r}")
-        value = int(text)
-        if value > INT64_MAX:
-            raise InputError(f"{where}: {column} must be at most 2**63-1 bytes, got {text}")
-        return value
-
-    flops_text = row.get("flops", "0").strip() or "0"
-    try:
-        flops = float(flops_text)
-    except ValueError:
-        flops = -1.0
-    if not (flops >= 0 and math.isfinite(flops)):
-        raise InputError(f"{where}: flops must be a non-negative number, got {flops_text!r}")
-    name = row["name"].strip()
-    if not name:
-        raise InputError(f"{where}: name must not be empty")
-    return Layer(name=name, weight_bytes=integer("weight_bytes"), activation_bytes=integer("activation_bytes"),
-                 workspace_bytes=integer("workspace_bytes"), kv_cache_bytes=integer("kv_cache_bytes"), flops=flops)
-
-
 def _format_flops(flops: float) -> str:
     return str(int(flops)) if flops.is_integer() else repr(flops)
 
 
 def _count_legacy_allreduces(body: dict[str, Any]) -> None:
     """Tables written before splits carried ``allreduces`` (cachefit 0.1): each all-reduce was of one whole output."""
-    for layer in body.get("layers") or ():
-        if not isinstance(layer, dict) or not isinstance(layer.get("splits"), list):
+    rows = body.get("layers")
+    for layer in rows if isinstance(rows, list) else ():
+        if type(layer) is not dict or "splits" not in layer or not isinstance(layer["splits"], list):
             continue
         activation = layer.get("activation_bytes")
         for split in layer["splits"]:
@@ -370,3 +362,9 @@ def _count_legacy_allreduces(body: dict[str, Any]) -> None:
 
 
 _TABLE = TypeAdapter(LayerTable)
+_LAYER = TypeAdapter(Layer)
+
+
+def _validate_layer(row: Any) -> Layer:
+    """One row of a JSON table, strictly (JSON mode: a list is a tuple there)."""
+    return _LAYER.validate_json(json.dumps(row))

@@ -17,6 +17,7 @@ embedding) is added once to any partition holding one of its users but not its o
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -33,6 +34,7 @@ __all__ = [
     "MemoryModel",
     "SharedUse",
     "breakdown",
+    "breakdowns",
     "interval_cost",
     "per_card_table",
     "receive_buffer_bytes",
@@ -205,8 +207,7 @@ def interval_cost(table: LayerTable, model: MemoryModel) -> IntervalCost:
     weights, activations, workspace, kv_cache = columns
     if model == "sum":
         return IntervalCost(weights + kv_cache + activations + workspace, None, shared_uses(table))
-    inputs = np.concatenate(([table.input_bytes], activations[:-1])).astype(np.int64)
-    transient = inputs + activations + workspace + receive_buffer_bytes(table, model)
+    transient = _inputs(table) + activations + workspace + receive_buffer_bytes(table, model)
     return IntervalCost(weights + kv_cache, transient, shared_uses(table))
 
 
@@ -240,43 +241,68 @@ def receive_buffer_bytes(table: LayerTable, model: MemoryModel) -> int:
     """``pipeline``: the receive buffer every card keeps, the largest activation passed between layers."""
     if model != "pipeline" or len(table.layers) < 2:
         return 0
-    return max(layer.activation_bytes for layer in table.layers[:-1])
+    return int(table.columns.activation_bytes[:-1].max())
 
 
 def breakdown(table: LayerTable, model: MemoryModel, first: int, last: int,
               shared: tuple[SharedUse, ...] | None = None) -> Breakdown:
     """The footprint of ``first..last`` by kind. For ``peak``, activations and workspace are those of the layer
-    where the transient term peaks (its input, output and workspace), so the parts add up to the footprint."""
-    layers = table.layers[first:last + 1]
+    where the transient term peaks (its input, output and workspace), so the parts add up to the footprint.
+    Reads only the run's rows (diagnoses and reports call it layer by layer)."""
+    columns = table.columns
     uses = shared_uses(table) if shared is None else shared     # pass cost.shared to skip rebuilding it
-    weights = sum(x.weight_bytes for x in layers) + shared_bytes(uses, first, last)
-    kv_cache = sum(x.kv_cache_bytes for x in layers)
+    weight, activation, workspace, kv_cache = columns.sizes[first:last + 1].sum(axis=0).tolist()
+    weight += shared_bytes(uses, first, last)
     if model == "sum":
-        return Breakdown(weights, sum(x.activation_bytes for x in layers), sum(x.workspace_bytes for x in layers),
-                         kv_cache)
-    receive = receive_buffer_bytes(table, model)
+        return Breakdown(weight, activation, workspace, kv_cache)
+    inputs = columns.activation_bytes[max(first - 1, 0):last]
+    if first == 0:
+        inputs = np.concatenate(([table.input_bytes], inputs)).astype(np.int64)
+    held = inputs + columns.activation_bytes[first:last + 1] + receive_buffer_bytes(table, model)
+    peak = int(np.argmax(held + columns.workspace_bytes[first:last + 1]))
+    return Breakdown(weight, int(held[peak]), int(columns.workspace_bytes[first + peak]), kv_cache)
 
-    def transient(index: int) -> tuple[int, int]:
-        layer = table.layers[index]
-        incoming = table.input_bytes if index == 0 else table.layers[index - 1].activation_bytes
-        held = incoming + layer.activation_bytes + receive
-        return held + layer.workspace_bytes, held
-    peak_index = max(range(first, last + 1), key=lambda index: transient(index)[0])
-    total, activation = transient(peak_index)
-    return Breakdown(weights, activation, total - activation, kv_cache)
+
+def breakdowns(table: LayerTable, model: MemoryModel, firsts: Sequence[int], lasts: Sequence[int],
+               shared: tuple[SharedUse, ...] | None = None) -> list[Breakdown]:
+    """:func:`breakdown` of consecutive non-empty runs that cover the layers (a plan's stages), at once: one
+    segmented sum (issue 15: 1,024 stages over 1e6 layers in milliseconds)."""
+    columns = table.columns
+    uses = shared_uses(table) if shared is None else shared
+    totals = np.add.reduceat(columns.sizes, np.asarray(firsts, dtype=np.int64), axis=0).tolist()
+    if lasts[-1] != len(columns) - 1 or any(b != a + 1 for a, b in zip(lasts[:-1], firsts[1:])):
+        raise AssertionError(f"breakdowns takes runs covering the layers in order, got {firsts}..{lasts}; a bug")
+    extra = [shared_bytes(uses, first, last) for first, last in zip(firsts, lasts)] if uses else [0] * len(firsts)
+    if model == "sum":
+        return [Breakdown(w + more, a, b, kv) for (w, a, b, kv), more in zip(totals, extra)]
+    held = _inputs(table) + columns.activation_bytes + receive_buffer_bytes(table, model)
+    transient = held + columns.workspace_bytes
+    # One argmax per run: a few microseconds each, cheaper than a segmented argmax over every layer.
+    peaks = [first + int(transient[first:last + 1].argmax()) for first, last in zip(firsts, lasts)]
+    return [Breakdown(w + more, int(held[peak]), int(columns.workspace_bytes[peak]), kv)
+            for (w, _, _, kv), more, peak in zip(totals, extra, peaks)]
+
+
+def _inputs(table: LayerTable) -> Int64Array:
+    """in_l: each layer's input activation (the table's input for the first)."""
+    activations = table.columns.activation_bytes
+    inputs = np.empty(len(activations), dtype=np.int64)
+    inputs[0], inputs[1:] = table.input_bytes, activations[:-1]
+    return inputs
 
 
 def _columns(table: LayerTable) -> tuple[Int64Array, Int64Array, Int64Array, Int64Array]:
-    matrix = np.array([(x.weight_bytes, x.activation_bytes, x.workspace_bytes, x.kv_cache_bytes)
-                       for x in table.layers], dtype=np.int64).reshape(-1, 4)
-    return matrix[:, 0].copy(), matrix[:, 1].copy(), matrix[:, 2].copy(), matrix[:, 3].copy()
+    columns = table.columns
+    return columns.weight_bytes, columns.activation_bytes, columns.workspace_bytes, columns.kv_cache_bytes
 
 
 def shared_uses(table: LayerTable) -> tuple[SharedUse, ...]:
+    if not table.columns.any_shared:
+        return ()
     index = {layer.name: position for position, layer in enumerate(table.layers)}
     users: dict[tuple[str, str], list[int]] = {}
     sizes: dict[tuple[str, str], int] = {}
-    for position, layer in enumerate(table.layers):
+    for position, layer in sorted(table.columns.extras.items()):
         for shared in layer.shared:
             key = (shared.owner, shared.tensor)
             users.setdefault(key, []).append(position)

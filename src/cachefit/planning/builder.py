@@ -7,11 +7,12 @@ choices that made it. Plans that found nothing go through :func:`refused_plan`.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cachefit.core.layers import LayerTable
-from cachefit.core.memory import MemoryModel, breakdown, per_card_table, shared_uses
+from cachefit.core.memory import Breakdown, MemoryModel, SharedUse, breakdowns, per_card_table, shared_uses
 from cachefit.core.records import DeviceRecord, Layout, ModelInfo, Objective, Partition, Plan, Strategy
 
 __all__ = ["Settings", "Stage", "build_plan", "refused_plan"]
@@ -45,13 +46,13 @@ def build_plan(table: LayerTable, settings: Settings, stages: Sequence[Stage], c
     # A shared tensor is held per card as its owner holds it at the stage's width (a vocab-parallel head: its
     # slice of the tied embedding), as the partitioners count it.
     uses = {ways: shared_uses(share) for ways, share in shares.items()}
+    parts = _measured(shares, uses, settings.memory_model, stages)
+    every = table.columns.names
+    names = [every[stage.first:stage.last + 1] for stage in stages]
     partitions, card = [], 0
-    for stage in stages:
-        parts = breakdown(shares[stage.ways], settings.memory_model, stage.first, stage.last, uses[stage.ways])
-        layers = table.layers[stage.first:stage.last + 1]
-        partitions.append(Partition(card, stage.first, stage.last, tuple(x.name for x in layers), parts.weight_bytes,
-                                    parts.activation_bytes, parts.workspace_bytes, parts.kv_cache_bytes,
-                                    parts.footprint_bytes, tuple(m for x in layers for m in (x.modules or (x.name,))),
+    for stage, part, layers, held in zip(stages, parts, names, _module_lists(table, stages, names)):
+        partitions.append(Partition(card, stage.first, stage.last, layers, part.weight_bytes, part.activation_bytes,
+                                    part.workspace_bytes, part.kv_cache_bytes, part.footprint_bytes, held,
                                     stage.ways))
         card += stage.ways
     if card != len(capacities):
@@ -62,6 +63,29 @@ def build_plan(table: LayerTable, settings: Settings, stages: Sequence[Stage], c
                 bottleneck_bytes=max(p.footprint_bytes for p in partitions), lower_bound_bytes=lower_bound,
                 model=ModelInfo.of(table), partitions=tuple(partitions), diagnosis=tuple(notes), optimal=optimal,
                 device=settings.device)
+
+
+def _measured(shares: dict[int, LayerTable], uses: dict[int, tuple[SharedUse, ...]], model: MemoryModel,
+              stages: Sequence[Stage]) -> list[Breakdown]:
+    """Each stage's per-card breakdown at its width (every stage measured on each width's table at once)."""
+    firsts, lasts = [stage.first for stage in stages], [stage.last for stage in stages]
+    measured = {ways: breakdowns(share, model, firsts, lasts, uses[ways]) for ways, share in shares.items()}
+    return [measured[stage.ways][i] for i, stage in enumerate(stages)]
+
+
+def _module_lists(table: LayerTable, stages: Sequence[Stage], names: list[tuple[str, ...]]
+                  ) -> list[tuple[str, ...]]:
+    """Each stage's module FQNs: its layers' ``names``, except where a layer lists its modules."""
+    columns = table.columns
+    listed = sorted(i for i, layer in columns.extras.items() if layer.modules)
+    lists = []
+    for stage, held in zip(stages, names):
+        if listed[bisect_left(listed, stage.first):bisect_right(listed, stage.last)]:
+            held = tuple(m for i in range(stage.first, stage.last + 1)
+                         for m in (columns.extras[i].modules if i in columns.extras and columns.extras[i].modules
+                                   else (columns.names[i],)))
+        lists.append(held)
+    return lists
 
 
 def refused_plan(table: LayerTable, settings: Settings, capacities: Sequence[int], *, lower_bound: int,
