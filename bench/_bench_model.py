@@ -13,20 +13,21 @@ from cachefit.runtime.launch import RunOptions, RunResult, run_plan
 SPEC = DenseSpec("bench-dense8", layers=8, heads=8, head_dim=128, mlp_hidden=4096, vocab=2048)
 
 
-def spec_file(folder: Path, work: Workload) -> Path:
-    """SPEC with ``work`` (batch, seq; fp32 decode) as a .toml spec, for cachefit.load_model."""
-    path = folder / f"bench-{work.batch}-{work.seq}.toml"
-    path.write_text(f'family = "dense"\nname = "{SPEC.name}"\nlayers = {SPEC.layers}\nheads = {SPEC.heads}\n'
-                    f'head_dim = {SPEC.head_dim}\nmlp_hidden = {SPEC.mlp_hidden}\nvocab = {SPEC.vocab}\n'
+def spec_file(folder: Path, work: Workload, spec: DenseSpec = SPEC) -> Path:
+    """``spec`` with ``work`` (batch, seq; fp32 decode) as a .toml spec, for cachefit.load_model."""
+    path = folder / f"{spec.name}-{work.batch}-{work.seq}.toml"
+    path.write_text(f'family = "dense"\nname = "{spec.name}"\nlayers = {spec.layers}\nheads = {spec.heads}\n'
+                    f'head_dim = {spec.head_dim}\nmlp_hidden = {spec.mlp_hidden}\nvocab = {spec.vocab}\n'
                     f'[workload]\nbatch = {work.batch}\nseq = {work.seq}\nphase = "decode"\ndtype = "float32"\n')
     return path
 
 
-def run(folder: Path, plan: Plan, work: Workload, options: RunOptions, tag: str) -> tuple[Path, RunResult]:
-    """Write ``plan`` as ``folder/tag.json``, shard SPEC's seeded weights (made once per folder) and run it."""
-    plan_file, weights, shards = folder / f"{tag}.json", folder / "weights.safetensors", folder / f"shards-{tag}"
+def run(folder: Path, plan: Plan, work: Workload, options: RunOptions, tag: str, spec: DenseSpec = SPEC
+        ) -> tuple[Path, RunResult]:
+    """Write ``plan`` as ``folder/tag.json``, shard ``spec``'s seeded weights (made once per folder) and run it."""
+    plan_file, weights, shards = folder / f"{tag}.json", folder / f"{spec.name}.safetensors", folder / f"shards-{tag}"
     plan.write(plan_file)
     if not weights.exists():
-        init_weights(SPEC, work, weights, seed=0)
+        init_weights(spec, work, weights, seed=0)
     shard_checkpoint(plan, weights, shards)
     return plan_file, run_plan(str(plan_file), str(shards), options)

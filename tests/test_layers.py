@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
+from cachefit.core import table_io
 from cachefit.core.errors import InputError
 from cachefit.core.layers import Layer, LayerTable, SharedTensor
 
@@ -154,6 +156,44 @@ def test_fast_csv_path_refuses_what_the_row_path_refuses(body: str, message: str
     text = "name,weight_bytes,activation_bytes,workspace_bytes\n" + body
     with pytest.raises(InputError, match=re.escape(message)):
         LayerTable.from_csv(text, "m", source="t.csv")
+
+
+_HEADER = "name,weight_bytes,activation_bytes,workspace_bytes,flops"
+# Cells near the edges of what the row path accepts: signs, spaces, exponents, underscores, int64's edge, floats
+# that round, infinities; "x" and "" make bad names and empty cells.
+_CELLS = st.sampled_from(["0", "7", "007", "+7", "-0", " 7", "7 ", "1_0", "9223372036854775807",
+                          "9223372036854775808", "99999999999999999999", "1.5", ".5", "5.", "1e3", "1E-3", "2.5e+2",
+                          "0.1", "9007199254740993", "2.2250738585072014e-308", "1e999", "inf", "nan", "e3", "", "x"])
+
+
+def _read(text: str) -> object:
+    try:
+        table = LayerTable.from_csv(text, "m", source="t.csv")
+    except InputError as error:
+        return str(error)
+    return table.layers, [layer.flops for layer in table.layers]
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d", " e", "f g"]), _CELLS, _CELLS, _CELLS, _CELLS),
+                min_size=1, max_size=4))
+def test_the_fast_csv_path_accepts_and_reads_what_the_row_path_does(rows: list[tuple[str, ...]]) -> None:
+    # The same rows, once plain (the Arrow path where it applies) and once with the header quoted (the csv-module
+    # path always): the same layers and values, or a refusal (the fast path hands those to the row path).
+    body = "".join(",".join(row) + "\n" for row in rows)
+    fast, rows_path = _read(_HEADER + "\n" + body), _read('"name",' + _HEADER.partition(",")[2] + "\n" + body)
+    assert fast == rows_path
+
+
+def test_plain_rows_take_the_fast_path_with_pythons_values() -> None:
+    # Decimals that round (0.1, a subnormal, 2**53 + 1), forms Python reads (".5", "5.", "1E5", "007"), a 30-digit
+    # integer: Arrow's casts give float()'s value for each, so such tables never need the row path.
+    values = ["0.1", ".5", "5.", "1E5", "007", "2.2250738585072014e-308", "4.9e-324", "9007199254740993",
+              "1.7976931348623157e308", "123456789012345678901234567890", "2.5e+2"]
+    body = "".join(f"n{i},{i},2,0,{value}\n" for i, value in enumerate(values))
+    columns = table_io._fast_csv((_HEADER + "\n" + body).encode(), _HEADER.split(","))
+    assert columns is not None
+    assert columns.flops.tolist() == [float(value) for value in values]
+    assert columns.weight_bytes.tolist() == list(range(len(values)))
 
 
 def test_json_rows_with_and_without_extras_keep_their_places() -> None:

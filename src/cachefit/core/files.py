@@ -16,8 +16,8 @@ from pydantic import ValidationError
 
 from cachefit.core.errors import InputError
 
-__all__ = ["MAX_INPUT_BYTES", "atomic_output", "atomic_write_text", "check_output", "describe_validation_error",
-           "field_path", "json_text", "read_json_object", "read_text"]
+__all__ = ["MAX_INPUT_BYTES", "atomic_output", "atomic_write_text", "check_output", "decode_text",
+           "describe_validation_error", "field_path", "json_text", "read_bytes", "read_json_object", "read_text"]
 
 
 def field_path(location: tuple[int | str, ...]) -> str:
@@ -81,6 +81,11 @@ MAX_INPUT_BYTES = 1 << 30     # a file a user hands in larger than 1 GiB is not 
 def read_text(path: Path, what: str) -> str:
     """A user's text file, read only when it is a regular file of a sane size, decoded as UTF-8; InputError
     naming the file and the problem otherwise (never a hang on a FIFO, nor a MemoryError on /dev/zero)."""
+    return decode_text(read_bytes(path, what), path, what)
+
+
+def read_bytes(path: Path, what: str) -> bytes:
+    """A user's file as bytes, read only when it is a regular file of a sane size (read_text's checks)."""
     try:
         status = path.stat()
     except OSError as error:
@@ -91,9 +96,14 @@ def read_text(path: Path, what: str) -> str:
         raise InputError(f"cannot read {what} {path}: {status.st_size} bytes, more than the {MAX_INPUT_BYTES} "
                          "a file here may hold")
     try:
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes()
     except OSError as error:
         raise InputError(f"cannot read {what} {path}: {error.strerror or error}") from error
+
+
+def decode_text(data: bytes, path: Path, what: str) -> str:
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise InputError(f"{what} {path} is not UTF-8 text (byte {error.start}: {error.reason})") from error
 

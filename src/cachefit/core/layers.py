@@ -21,7 +21,14 @@ from pydantic_core import core_schema
 
 from cachefit.core.columns import LayerColumns
 from cachefit.core.errors import InputError
-from cachefit.core.files import atomic_write_text, describe_validation_error, json_text, read_json_object, read_text
+from cachefit.core.files import (
+    atomic_write_text,
+    decode_text,
+    describe_validation_error,
+    json_text,
+    read_bytes,
+    read_json_object,
+)
 from cachefit.core.spec import Phase, SpecRecord
 from cachefit.core.table_io import CSV_COLUMNS, columns_from_csv, columns_from_rows
 from cachefit.core.units import INT64_MAX
@@ -213,7 +220,8 @@ class LayerTable:
         """Read a ``.json`` or ``.csv`` layer table; ``input_bytes`` is for CSV, which cannot carry it."""
         path = Path(path)
         if path.suffix.lower() == ".csv":
-            text = read_text(path, "layer table")
+            data = read_bytes(path, "layer table")
+            text = data if data.isascii() else decode_text(data, path, "layer table")
             return cls.from_csv(text, name=path.stem, input_bytes=input_bytes or 0, source=str(path))
         if input_bytes is not None:
             raise InputError(f"input_bytes is for CSV layer tables; {path} is JSON and carries its own",
@@ -240,7 +248,8 @@ class LayerTable:
         return replace(table, spec=spec)
 
     @classmethod
-    def from_csv(cls, text: str, name: str, input_bytes: int = 0, source: str = "CSV") -> LayerTable:
+    def from_csv(cls, text: str | bytes, name: str, input_bytes: int = 0, source: str = "CSV") -> LayerTable:
+        """``text``: the file's text, or its bytes when they are ASCII (read without a decoded copy)."""
         columns = columns_from_csv(text, source, Layer)
         try:
             return cls(name=name, layers=columns, input_bytes=input_bytes)
@@ -255,12 +264,13 @@ def fingerprint_digest(table: LayerTable) -> str:
     """sha256 of the table in columns (LayerTable.fingerprint); each part preceded by its length."""
     columns = table.columns
     extras = [[index, _layer_dict(layer)] for index, layer in sorted(columns.extras.items())]
+    # The arrays as buffers (no copy where they are already contiguous little-endian, as on every host we know).
     parts = (_canonical(table.to_dict_header()), "\0".join(columns.names).encode(),
-             columns.sizes.astype("<i8", copy=False).tobytes(), columns.flops.astype("<f8", copy=False).tobytes(),
-             _canonical(extras))
+             np.ascontiguousarray(columns.sizes, dtype="<i8").data.cast("B"),
+             np.ascontiguousarray(columns.flops, dtype="<f8").data.cast("B"), _canonical(extras))
     digest = hashlib.sha256()
     for part in parts:
-        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(len(part).to_bytes(8, "little"))         # bytes (a memoryview cast to "B" counts them)
         digest.update(part)
     return digest.hexdigest()
 
