@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import given
@@ -136,12 +139,36 @@ def test_the_fingerprint_is_the_same_on_every_platform() -> None:
     assert table.fingerprint == "columns-sha256:ed0ce48f40501d25212e72fb1c25b8923fe463259a9bb7f5996f458f091c9b50"
 
 
+@contextlib.contextmanager
+def fast_path_for_any_size() -> Iterator[None]:
+    """Small tables take the row path (quicker than importing pyarrow); these tests need the fast one."""
+    with mock.patch.object(table_io, "FAST_PATH_BYTES", 0):
+        yield
+
+
+def test_only_large_csv_files_take_the_fast_path() -> None:
+    row = "layers.{},1000,20,0,3.5\n"
+    small = _HEADER + "\n" + "".join(row.format(i) for i in range(100))
+    large = _HEADER + "\n" + "".join(row.format(i) for i in range(table_io.FAST_PATH_BYTES // len(row) + 1))
+    original, results = table_io._fast_csv, []
+
+    def spy(data: bytes, header: list[str]) -> object:
+        results.append(original(data, header))
+        return results[-1]
+    with mock.patch.object(table_io, "_fast_csv", spy):
+        assert len(LayerTable.from_csv(small, "m").layers) == 100 and not results
+        table = LayerTable.from_csv(large, "m")
+    assert len(results) == 1 and results[0] is not None      # read by Arrow, not handed to the row path
+    assert table.layers[-1].weight_bytes == 1000 and table.layers[-1].flops == 3.5
+
+
 def test_fast_csv_path_reads_what_the_row_path_reads() -> None:
     # Plain rows take the column path; a quoted cell sends the same rows down the csv-module path.
     rows = ["a,10,2,0,0,4", "b,4611686018427387904,0,0,0,1.5e3", "c,0,7,3,1,0"]
     plain = "name,weight_bytes,activation_bytes,workspace_bytes,kv_cache_bytes,flops\n" + "\n".join(rows) + "\n"
     quoted = plain.replace("c,0,7", '"c",0,7')
-    fast, slow = LayerTable.from_csv(plain, "m"), LayerTable.from_csv(quoted, "m")
+    with fast_path_for_any_size():
+        fast, slow = LayerTable.from_csv(plain, "m"), LayerTable.from_csv(quoted, "m")
     assert fast.layers == slow.layers and fast.fingerprint == slow.fingerprint
     assert fast.layers[1].weight_bytes == 2**62 and fast.layers[1].flops == 1500.0
 
@@ -154,7 +181,7 @@ def test_fast_csv_path_reads_what_the_row_path_reads() -> None:
 ])
 def test_fast_csv_path_refuses_what_the_row_path_refuses(body: str, message: str) -> None:
     text = "name,weight_bytes,activation_bytes,workspace_bytes\n" + body
-    with pytest.raises(InputError, match=re.escape(message)):
+    with fast_path_for_any_size(), pytest.raises(InputError, match=re.escape(message)):
         LayerTable.from_csv(text, "m", source="t.csv")
 
 
@@ -180,7 +207,9 @@ def test_the_fast_csv_path_accepts_and_reads_what_the_row_path_does(rows: list[t
     # The same rows, once plain (the Arrow path where it applies) and once with the header quoted (the csv-module
     # path always): the same layers and values, or a refusal (the fast path hands those to the row path).
     body = "".join(",".join(row) + "\n" for row in rows)
-    fast, rows_path = _read(_HEADER + "\n" + body), _read('"name",' + _HEADER.partition(",")[2] + "\n" + body)
+    with fast_path_for_any_size():
+        fast = _read(_HEADER + "\n" + body)
+    rows_path = _read('"name",' + _HEADER.partition(",")[2] + "\n" + body)
     assert fast == rows_path
 
 

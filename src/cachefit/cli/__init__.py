@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
 import click
 
 from cachefit import __version__
-from cachefit.cli.calibrate import calibrate_command
-from cachefit.cli.demo import demo_command
-from cachefit.cli.deployments import deployments_command
-from cachefit.cli.devices import devices_command
-from cachefit.cli.export import export_command
-from cachefit.cli.plan import plan_command
-from cachefit.cli.predict import predict_command
-from cachefit.cli.profile import profile_command
-from cachefit.cli.run import run_command
-from cachefit.cli.seed_report import seed_report_command
-from cachefit.cli.shard import shard_command
-from cachefit.cli.weights import init_weights_command
 from cachefit.core.errors import EXIT_BUG
 
 __all__ = ["cli", "main"]
@@ -28,8 +17,30 @@ __all__ = ["cli", "main"]
 _NO_ARGS: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
+# Each verb, in the order `cachefit --help` lists them, and the module (and object) that defines it: loaded when
+# that verb runs, so `cachefit plan` does not import what `run` or `calibrate` need (click's lazy group pattern).
+_VERBS = {"devices": ("devices", "devices_command"), "profile": ("profile", "profile_command"),
+          "plan": ("plan", "plan_command"), "predict": ("predict", "predict_command"),
+          "export": ("export", "export_command"), "init-weights": ("weights", "init_weights_command"),
+          "shard": ("shard", "shard_command"), "run": ("run", "run_command"),
+          "calibrate": ("calibrate", "calibrate_command"), "seed-report": ("seed_report", "seed_report_command"),
+          "deployments": ("deployments", "deployments_command"), "demo": ("demo", "demo_command")}
+
+
 class _Cachefit(click.Group):
-    """click's usage errors as one line, like every other bad input (DESIGN.md: one clear line, exit 2)."""
+    """click's usage errors as one line, like every other bad input (DESIGN.md: one clear line, exit 2); verbs
+    loaded on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(_VERBS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        where = _VERBS.get(cmd_name)
+        if where is None:
+            return None
+        command = getattr(importlib.import_module(f"cachefit.cli.{where[0]}"), where[1])
+        assert isinstance(command, click.Command), f"{where} is not a click command; this is a bug"
+        return command
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
@@ -66,12 +77,6 @@ def cli() -> None:
       cachefit deployments                      public SRAM deployments beside cachefit's plans
       cachefit demo                             all of it on a bundled model
     """
-
-
-for command in (devices_command, profile_command, plan_command, predict_command, export_command, init_weights_command,
-                shard_command, run_command, calibrate_command, seed_report_command, deployments_command,
-                demo_command):
-    cli.add_command(command)
 
 
 def main() -> None:

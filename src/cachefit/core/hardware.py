@@ -15,10 +15,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from cachefit.core.errors import InputError
-from cachefit.core.files import describe_validation_error, read_text
+from cachefit.core.files import adapter, describe_validation_error, read_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -125,7 +125,6 @@ def _as_figure(key: str, value: Any, source: str) -> Any:
     return value
 
 
-_FIGURES = TypeAdapter(dict[str, Figure])
 _DEFAULT_USABLE = Figure(1.0, "A", "default: all of it")
 
 
@@ -139,7 +138,7 @@ def _device(name: str, entry: Mapping[str, Any], source: str) -> Device:
     if not isinstance(label, str) or not label or not isinstance(memory, str):
         raise InputError(f"{where}: label (and memory, if given) must be non-empty strings, got {label!r}")
     try:
-        figures = _FIGURES.validate_python({key: entry[key] for key in FIGURES if key in entry})
+        figures = adapter(dict[str, Figure]).validate_python({key: entry[key] for key in FIGURES if key in entry})
     except ValidationError as error:
         raise InputError(describe_validation_error(error, where)) from error
     if "on_chip_bytes" not in figures:

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Annotated, Any, cast
 
 import numpy as np
-from pydantic import ConfigDict, Field, GetCoreSchemaHandler, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, GetCoreSchemaHandler, ValidationError
 from pydantic_core import core_schema
 
 from cachefit.core.columns import LayerColumns
 from cachefit.core.errors import InputError
 from cachefit.core.files import (
+    adapter,
     atomic_write_text,
     decode_text,
     describe_validation_error,
@@ -242,7 +243,7 @@ class LayerTable:
         columns = columns_from_rows(body["layers"], source, _validate_layer)
         body["layers"] = None
         try:
-            table = _TABLE.validate_json(json.dumps(body), context={"columns": columns})
+            table = adapter(LayerTable).validate_json(json.dumps(body), context={"columns": columns})
         except ValidationError as error:
             raise InputError(describe_validation_error(error, source)) from error
         return replace(table, spec=spec)
@@ -371,10 +372,6 @@ def _count_legacy_allreduces(body: dict[str, Any]) -> None:
                 split["allreduces"] = round(total / activation) if isinstance(total, int) else 0
 
 
-_TABLE = TypeAdapter(LayerTable)
-_LAYER = TypeAdapter(Layer)
-
-
 def _validate_layer(row: Any) -> Layer:
     """One row of a JSON table, strictly (JSON mode: a list is a tuple there)."""
-    return _LAYER.validate_json(json.dumps(row))
+    return adapter(Layer).validate_json(json.dumps(row))

@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from cachefit.core.errors import InputError
-from cachefit.core.files import atomic_write_text, describe_validation_error, json_text, read_json_object
+from cachefit.core.files import adapter, atomic_write_text, describe_validation_error, json_text, read_json_object
 from cachefit.core.hardware import Device
 from cachefit.core.layers import LayerTable
 from cachefit.core.memory import MemoryModel
@@ -197,7 +197,7 @@ class Plan:
         spec = _model_spec(body, source)
         _drop_derived_cards(body, source)
         try:
-            plan = _PLAN.validate_json(json.dumps(body))
+            plan = adapter(Plan).validate_json(json.dumps(body))
         except ValidationError as error:
             raise InputError(describe_validation_error(error, source)) from error
         plan = replace(plan, model=replace(plan.model, spec=spec))
@@ -240,9 +240,6 @@ def _from_v1(body: dict[str, Any]) -> dict[str, Any]:
     objective = "time" if strategy == "time" else "memory"
     return {**body, "layout": layout, "objective": objective,
             "strategy": None if strategy == "baseline" else "balanced" if strategy == "time" else strategy}
-
-
-_PLAN = TypeAdapter(Plan)
 
 
 def _check_plan(plan: Plan, source: str) -> None:

@@ -12,10 +12,10 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from cachefit.core.errors import InputError
-from cachefit.core.files import describe_validation_error
+from cachefit.core.files import adapter, describe_validation_error
 
 __all__ = [
     "DTYPE_BYTES", "EMBED", "HEAD", "TOKEN_ID_BYTES", "Attention", "DenseSpec", "LlamaSpec", "ModelSpec", "Phase",
@@ -164,7 +164,6 @@ class LlamaSpec:
 
 ModelSpec = DenseSpec | LlamaSpec
 _FAMILIES: dict[str, type[DenseSpec] | type[LlamaSpec]] = {"dense": DenseSpec, "llama": LlamaSpec}
-_ADAPTERS = {family: TypeAdapter(kind) for family, kind in _FAMILIES.items()}
 
 
 def family_of(spec: ModelSpec) -> str:
@@ -173,10 +172,10 @@ def family_of(spec: ModelSpec) -> str:
 
 def parse_spec_fields(family: Any, document: dict[str, Any], source: str) -> ModelSpec:
     """A family's spec from its fields (a spec file's, a table's record's), validated; InputError otherwise."""
-    if family not in _ADAPTERS:
+    if family not in _FAMILIES:
         raise InputError(f"{source}: family must be 'dense' or 'llama', got {family!r}")
     try:
-        return _ADAPTERS[family].validate_python(document)
+        return adapter(_FAMILIES[family]).validate_python(document)
     except ValidationError as error:
         raise InputError(describe_validation_error(error, source)) from error
 
@@ -227,9 +226,8 @@ class SpecRecord:
             extras["experts"] = rest.pop("experts_split")
         spec = parse_spec_fields(family, rest, source)
         try:
-            return _RECORD.validate_python({"spec": spec, **extras})
+            return adapter(SpecRecord).validate_python({"spec": spec, **extras})
         except ValidationError as error:
             raise InputError(describe_validation_error(error, source)) from error
 
 
-_RECORD = TypeAdapter(SpecRecord)

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cachefit.core.errors import InputError
-from cachefit.core.files import atomic_write_text, describe_validation_error, read_json_object
+from cachefit.core.files import adapter, atomic_write_text, describe_validation_error, read_json_object
 from cachefit.core.records import Partition, Plan
 from cachefit.nn.model import ModelConfig, tensor_share
 from cachefit.runtime.hf_checkpoint import (
@@ -104,7 +104,7 @@ class Manifest:
         if schema != SCHEMA:
             raise InputError(f"{source}: schema must be '{SCHEMA}', got {schema!r}")
         try:
-            return _MANIFEST.validate_json(json.dumps(body))
+            return adapter(Manifest).validate_json(json.dumps(body))
         except ValidationError as error:
             raise InputError(describe_validation_error(error, source)) from error
 
@@ -327,4 +327,3 @@ def read_card(folder: str | Path, card: int, plan: Plan) -> tuple[CardShard, byt
     return entry, data
 
 
-_MANIFEST = TypeAdapter(Manifest)

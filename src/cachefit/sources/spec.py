@@ -23,10 +23,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from cachefit.core.errors import InputError
-from cachefit.core.files import describe_validation_error, read_text
+from cachefit.core.files import adapter, describe_validation_error, read_text
 from cachefit.core.layers import LayerTable
 from cachefit.core.spec import DenseSpec, ExpertSplit, ModelSpec, Workload, parse_spec_fields
 from cachefit.sources.families import dense_table, llama_table
@@ -38,7 +38,6 @@ else:  # pragma: no cover
 
 __all__ = ["build_table", "parse_spec", "parse_spec_text", "read_spec"]
 
-_WORKLOAD = TypeAdapter(Workload)
 
 
 def read_spec(path: Path) -> tuple[ModelSpec, Workload, str]:
@@ -65,7 +64,7 @@ def parse_spec(document: dict[str, Any], source: str) -> tuple[ModelSpec, Worklo
     if not isinstance(workload, dict):
         raise InputError(f"{source}: [workload] must be a table of batch, seq, phase, dtype, attention")
     try:
-        work = _WORKLOAD.validate_python(workload)
+        work = adapter(Workload).validate_python(workload)
     except ValidationError as error:
         raise InputError(describe_validation_error(error, f"{source} [workload]")) from error
     return spec, work, description
