@@ -232,3 +232,30 @@ def test_json_rows_with_and_without_extras_keep_their_places() -> None:
     again = LayerTable.from_dict(json.loads(table.to_json()))
     assert again.layers == table.layers and again.layers[1].modules == ("b.x", "b.y")
     assert list(again.columns.weight_bytes) == [5, 6, 7] and again.fingerprint == table.fingerprint
+
+
+def test_a_name_range_is_the_tuple_of_its_names() -> None:
+    from cachefit.core.columns import NameRange
+    names = ("a", "b", "c", "d")
+    middle = NameRange(names, 1, 3)
+    assert middle == ("b", "c") and ("b", "c") == middle and middle == ["b", "c"] and middle != ("b",)  # noqa: SIM300
+    assert hash(middle) == hash(("b", "c")) and list(middle) == ["b", "c"] and len(middle) == 2
+    assert middle[0] == "b" and middle[-1] == "c" and middle[::-1] == ("c", "b") and "c" in middle
+    assert NameRange(("x", "b", "c"), 1, 3) == middle and not NameRange(names, 2, 2)
+    with pytest.raises(IndexError):
+        middle[2]
+    with pytest.raises(ValueError, match="bug"):
+        NameRange(names, 3, 5)
+
+
+def test_plans_hold_layer_ranges_that_read_back_as_tuples(tmp_path: Path) -> None:
+    import cachefit
+    from cachefit.core.columns import NameRange
+    from cachefit.core.records import Plan
+    table = LayerTable("m", tuple(Layer(f"l{i}", 10 + i, 1, 0) for i in range(9)))
+    plan = cachefit.plan(table, capacity=100, cards=3)
+    assert all(isinstance(part.layers, NameRange) for part in plan.partitions)
+    plan.write(tmp_path / "p.json")
+    again = Plan.read(tmp_path / "p.json")
+    assert again == plan and all(type(part.layers) is tuple for part in again.partitions)
+    assert [list(p.layers) for p in again.partitions] == [list(p.layers) for p in plan.partitions]

@@ -8,6 +8,7 @@ the planners, the memory models and the fingerprint read it with numpy (issue 15
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
@@ -17,7 +18,7 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     from cachefit.core.layers import Layer
 
-__all__ = ["BYTE_COLUMNS", "LayerColumns"]
+__all__ = ["BYTE_COLUMNS", "LayerColumns", "NameRange"]
 
 BYTE_COLUMNS = ("weight_bytes", "activation_bytes", "workspace_bytes", "kv_cache_bytes")
 Int64Array = npt.NDArray[np.int64]
@@ -134,3 +135,50 @@ class LayerColumns(Sequence["Layer"]):
 
     def __repr__(self) -> str:
         return f"LayerColumns({len(self.names)} layers, {len(self.extras)} with more than sizes)"
+
+
+class NameRange(Sequence[str]):
+    """``names[start:stop]`` without the copy: a plan's partitions list their layers as ranges over the table's
+    names (slicing a million names into 1,024 tuples took 26 ms of a 67 ms plan). Equal to, and hashed as, the
+    tuple of the same names."""
+
+    __slots__ = ("_names", "_start", "_stop")
+
+    def __init__(self, names: tuple[str, ...], start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= len(names):
+            raise ValueError(f"names [{start}, {stop}) out of range for {len(names)} names; this is a bug")
+        self._names, self._start, self._stop = names, start, stop
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[str, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> str | tuple[str, ...]:
+        if isinstance(index, slice):
+            return tuple(self)[index]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"name {index} out of range for {len(self)} names")
+        return self._names[self._start + index]
+
+    def __iter__(self) -> Iterator[str]:
+        return itertools.islice(self._names, self._start, self._stop)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, NameRange) and other._names is self._names:
+            return (other._start, other._stop) == (self._start, self._stop) or tuple(self) == tuple(other)
+        if isinstance(other, NameRange | tuple | list):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))

@@ -17,13 +17,15 @@ objective) are read as well (docs/contract-changes.md).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, GetCoreSchemaHandler, ValidationError
+from pydantic_core import core_schema
 
+from cachefit.core.columns import NameRange
 from cachefit.core.errors import InputError
 from cachefit.core.files import adapter, atomic_write_text, describe_validation_error, json_text, read_json_object
 from cachefit.core.hardware import Device
@@ -48,6 +50,17 @@ _Index = Annotated[int, Field(ge=0, strict=True)]
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 
+class _Names:
+    """A partition's layer names: a tuple of strings from JSON; in Python also a NameRange (no copy)."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        names = core_schema.tuple_schema([core_schema.str_schema()], variadic_item_index=0)
+        return core_schema.json_or_python_schema(
+            json_schema=names,
+            python_schema=core_schema.union_schema([core_schema.is_instance_schema(NameRange), names]))
+
+
 @dataclass(frozen=True, slots=True)
 class Partition:
     """One stage: layers ``first..last`` on cards ``card..card + tensor_parallel - 1`` (a tensor group; 1: a card
@@ -57,13 +70,13 @@ class Partition:
     card: _Index
     first: _Index
     last: _Index
-    layers: tuple[str, ...]
+    layers: Annotated[Sequence[str], _Names]     # a NameRange over the table's names when a builder made it
     weight_bytes: _Bytes
     activation_bytes: _Bytes
     workspace_bytes: _Bytes
     kv_cache_bytes: _Bytes
     footprint_bytes: _Bytes
-    modules: tuple[str, ...] = ()   # module FQNs / checkpoint prefixes of its layers (for exports)
+    modules: Annotated[Sequence[str], _Names] = ()   # module FQNs / checkpoint prefixes of its layers (exports)
     tensor_parallel: _Count = 1
 
     @property

@@ -11,6 +11,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cachefit.core.columns import NameRange
 from cachefit.core.layers import LayerTable
 from cachefit.core.memory import Breakdown, MemoryModel, SharedUse, breakdowns, per_card_table, shared_uses
 from cachefit.core.records import DeviceRecord, Layout, ModelInfo, Objective, Partition, Plan, Strategy
@@ -48,7 +49,7 @@ def build_plan(table: LayerTable, settings: Settings, stages: Sequence[Stage], c
     uses = {ways: shared_uses(share) for ways, share in shares.items()}
     parts = _measured(shares, uses, settings.memory_model, stages)
     every = table.columns.names
-    names = [every[stage.first:stage.last + 1] for stage in stages]
+    names = [NameRange(every, stage.first, stage.last + 1) for stage in stages]
     partitions, card = [], 0
     for stage, part, layers, held in zip(stages, parts, names, _module_lists(table, stages, names)):
         partitions.append(Partition(card, stage.first, stage.last, layers, part.weight_bytes, part.activation_bytes,
@@ -73,13 +74,13 @@ def _measured(shares: dict[int, LayerTable], uses: dict[int, tuple[SharedUse, ..
     return [measured[stage.ways][i] for i, stage in enumerate(stages)]
 
 
-def _module_lists(table: LayerTable, stages: Sequence[Stage], names: list[tuple[str, ...]]
-                  ) -> list[tuple[str, ...]]:
+def _module_lists(table: LayerTable, stages: Sequence[Stage], names: list[NameRange]) -> list[Sequence[str]]:
     """Each stage's module FQNs: its layers' ``names``, except where a layer lists its modules."""
     columns = table.columns
     listed = sorted(i for i, layer in columns.extras.items() if layer.modules)
-    lists = []
-    for stage, held in zip(stages, names):
+    lists: list[Sequence[str]] = []
+    for stage, stage_names in zip(stages, names):
+        held: Sequence[str] = stage_names
         if listed[bisect_left(listed, stage.first):bisect_right(listed, stage.last)]:
             held = tuple(m for i in range(stage.first, stage.last + 1)
                          for m in (columns.extras[i].modules if i in columns.extras and columns.extras[i].modules
