@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cachefit.core.records import Plan
-from cachefit.core.spec import DenseSpec, Workload
+from cachefit.core.spec import DenseSpec, LlamaSpec, Workload
 from cachefit.runtime import init_weights, shard_checkpoint
 from cachefit.runtime.launch import RunOptions, RunResult, run_plan
 
@@ -22,7 +22,7 @@ def spec_file(folder: Path, work: Workload, spec: DenseSpec = SPEC) -> Path:
     return path
 
 
-def run(folder: Path, plan: Plan, work: Workload, options: RunOptions, tag: str, spec: DenseSpec = SPEC
+def run(folder: Path, plan: Plan, work: Workload, options: RunOptions, tag: str, spec: DenseSpec | LlamaSpec = SPEC
         ) -> tuple[Path, RunResult]:
     """Write ``plan`` as ``folder/tag.json``, shard ``spec``'s seeded weights (made once per folder) and run it."""
     plan_file, weights, shards = folder / f"{tag}.json", folder / f"{spec.name}.safetensors", folder / f"shards-{tag}"

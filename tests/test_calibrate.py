@@ -18,7 +18,8 @@ from cachefit.runtime import calibrate
 FIGURES = calibrate.HostFigures(linear_flops=8e10, matmul_flops=8.2e10, cache_bandwidth=2e10, memory_bandwidth=1e10,
                                 memory_bandwidth_all_cores=7e9, link_latency=8e-5, link_bandwidth=2e9,
                                 allreduce_seconds=8e-4, on_chip_bytes=17825792, cores=2, overlap=False,
-                                overlap_errors=(0.29, 0.02))
+                                overlap_errors=(0.29, 0.02), pass_seconds=2e-5,
+                                layer_seconds=(("dense", 1.4e-4), ("llama", 3.2e-4)))
 
 
 def test_written_entry_loads_with_every_figure_measured(tmp_path: Path) -> None:
@@ -28,6 +29,17 @@ def test_written_entry_loads_with_every_figure_measured(tmp_path: Path) -> None:
     assert host.figure("off_chip_bandwidth").value == 7e9 and host.figure("overlap").value == 0
     assert host.figure("collective_latency").value == pytest.approx(4e-4 - 16384 / 2e9)
     assert {host.figure(name).kind for name in ("fp32_flops", "link_latency", "on_chip_bandwidth")} == {"M"}
+    assert host.figure("pass_seconds").value == 2e-5 and host.figure("layer_seconds_llama").value == 3.2e-4
+    assert host.figure("layer_seconds_dense").value == 1.4e-4
+
+
+def test_the_fixed_costs_come_from_two_model_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Made-up pass times t(L) = 20 us + L x block (dense 100 us, llama 300 us): both points give them back, and
+    # the pass figure is the two families' mean intercept.
+    block = {"dense": 1e-4, "llama": 3e-4}
+    monkeypatch.setattr(calibrate, "_pass_seconds", lambda family, blocks: 2e-5 + blocks * block[family])
+    fixed, blocks = calibrate._fixed_costs()
+    assert fixed == pytest.approx(2e-5) and dict(blocks) == pytest.approx(block)
 
 
 def test_cli_writes_the_file_predict_uses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,9 +48,10 @@ def test_cli_writes_the_file_predict_uses(tmp_path: Path, monkeypatch: pytest.Mo
     assert result.exit_code == 0 and "add up" in result.stdout
     plan = api.plan("tiny-dense4", capacity="8MiB", cards=2)
     ours, _ = api.predict(plan, device="host", devices_file=tmp_path / "host.toml", micro_batches=2)
-    # Not overlapped: each pass is compute + memory; the tiny model's stages fit the 17 MiB cache share, so they
-    # read at the in-cache bandwidth.
-    assert all(s.resident and s.pass_s == pytest.approx(s.compute_s + s.memory_s) for s in ours.stages)
+    # Not overlapped: each pass is compute + memory + its fixed cost (20 us, and 140 us per dense block: 2 blocks
+    # a card); the tiny model's stages fit the 17 MiB cache share, so they read at the in-cache bandwidth.
+    assert all(s.fixed_s == pytest.approx(2e-5 + 2 * 1.4e-4) for s in ours.stages)
+    assert all(s.resident and s.pass_s == pytest.approx(s.compute_s + s.memory_s + s.fixed_s) for s in ours.stages)
 
 
 def test_the_fit_recovers_bandwidth_and_rate(monkeypatch: pytest.MonkeyPatch) -> None:

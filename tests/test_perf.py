@@ -66,6 +66,25 @@ def test_without_overlap_memory_and_compute_add_up() -> None:
     assert stage.pass_s == pytest.approx(5e-4 + 7e-7)
 
 
+def test_fixed_costs_per_pass_and_per_block(tmp_path: Path) -> None:
+    # embed | layers.0 | layers.1.attn, layers.1.mlp | head on one card: fixed = pass 0.2 ms + blocks 1 + 1/2 + 1/2
+    # at 0.3 ms each = 0.8 ms; the embedding and head are in the pass figure. Bytes and FLOPs are nil.
+    names = ["embed", "layers.0", "layers.1.attn", "layers.1.mlp", "head"]
+    table = LayerTable("t", tuple(Layer(name, 0, 0, 0) for name in names), batch=1, seq=1, phase="decode")
+    plan = make_plan(table, [10])
+    fixed = Rates(**{**vars_of(RATES), "pass_seconds": 2e-4, "layer_seconds": 3e-4})
+    stage = predict_plan(plan, table, fixed).stages[0]
+    assert stage.fixed_s == pytest.approx(2e-4 + 2 * 3e-4) and stage.pass_s == pytest.approx(stage.fixed_s)
+    assert predict_plan(plan, table, RATES).stages[0].fixed_s == 0.0      # datasheet devices list neither figure
+    (tmp_path / "host.toml").write_text('[host]\nlabel = "h"\non_chip_bytes = 1000\non_chip_bandwidth = 1e9\n'
+                                        'link_bandwidth = 1e9\nfp32_flops = 1e9\npass_seconds = 2e-4\n'
+                                        'layer_seconds_llama = 3e-4\nlayer_seconds_dense = 1e-4\n')
+    host = load_devices(tmp_path / "host.toml")["host"]
+    assert rates_of(host, "float32", family="llama").layer_seconds == 3e-4
+    assert rates_of(host, "float32", family="dense").layer_seconds == 1e-4
+    assert rates_of(host, "float32").layer_seconds == 0.0 and rates_of(host, "float32").pass_seconds == 2e-4
+
+
 def vars_of(rates: Rates) -> dict[str, object]:
     return {name: getattr(rates, name) for name in Rates.__slots__}
 
@@ -110,8 +129,9 @@ def test_least_time_matches_enumeration(table: LayerTable, model: str, cards: in
                                         data: st.DataObject) -> None:
     n = len(table.layers)
     draw = lambda: np.array(data.draw(st.lists(st.integers(0, 9), min_size=n, max_size=n)), dtype=float)  # noqa: E731
-    rates = Rates(1.0, 2.0, 0.5, 1.0, 0.0, on_chip, {}, data.draw(st.booleans()))
-    costs = LayerCosts(1, draw(), draw(), draw(), draw(), rates)
+    rates = Rates(1.0, 2.0, 0.5, 1.0, 0.0, on_chip, {}, data.draw(st.booleans()),
+                  pass_seconds=data.draw(st.sampled_from([0.0, 2.5])))
+    costs = LayerCosts(1, draw(), draw(), draw(), draw(), rates, draw())    # the last: each layer's fixed cost
     found = least_time(interval_cost(table, model), costs, capacity, cards) if cards <= n else None
     expected = _brute_least_time(table, model, costs, capacity, cards) if cards <= n else None
     assert (found is None) == (expected is None)
@@ -194,3 +214,47 @@ def test_allgather_term_by_hand() -> None:
     table = LayerTable("vocab", layers, input_bytes=100, batch=2, seq=4, phase="decode")
     stage = predict_plan(make_baseline_plan(table, 10**6, 2, 1), table, RATES).stages[0]
     assert stage.allreduce_s == pytest.approx(1.05e-3)
+
+
+def _host(tmp_path: Path, pass_s: float, layer_s: float, latency: float, on_chip: int = 4 << 20) -> Path:
+    # A made-up calibrated host: 10 GB/s on chip, 1 GB/s off chip, 100 GFLOP/s, fixed costs as given.
+    path = tmp_path / "host.toml"
+    path.write_text(f'[host]\nlabel = "h"\non_chip_bytes = {on_chip}\non_chip_bandwidth = 1e10\n'
+                    'off_chip_bandwidth = 1e9\nlink_bandwidth = 1e9\nfp32_flops = 1e11\nfp16_flops = 1e11\n'
+                    f'link_latency = {latency}\npass_seconds = {pass_s}\nlayer_seconds_llama = {layer_s}\n'
+                    f'layer_seconds_dense = {layer_s}\n')
+    return path
+
+
+def test_one_card_is_said_to_be_faster_below_the_crossover(tmp_path: Path) -> None:
+    # tiny-llama (1.7 MB, fits the 4 MiB cache whole): on 2 cards each pass saves ~0.1 ms of reads but pays a 1 ms
+    # hop and its own 1 ms pass cost, so one card decodes faster; plan and predict both say so.
+    slow = _host(tmp_path, pass_s=1e-3, layer_s=1e-4, latency=1e-3)
+    code, stdout, _ = run("plan", "tiny-llama", "--device", "host", "--devices-file", str(slow), "--cards", "2",
+                          "-o", str(tmp_path / "p.json"))
+    assert code == 0 and "one card is faster here" in " ".join(stdout.split())
+    code, stdout, _ = run("predict", str(tmp_path / "p.json"), "--devices-file", str(slow), "--micro-batches", "2")
+    assert code == 0 and "One card is faster" in stdout
+    alone = api.one_card(tmp_path / "p.json", devices_file=slow)
+    split, _ = api.predict(tmp_path / "p.json", devices_file=slow, micro_batches=2)
+    assert alone is not None and len(alone.stages) == 1 and alone.decode_tokens_per_s > split.decode_tokens_per_s
+
+
+def test_above_the_crossover_the_split_is_said_to_be_faster(tmp_path: Path) -> None:
+    # tiny-llama (3.3 MiB) on cards of 2 MiB, no fixed costs: whole, it streams at 1 GB/s; each half (1.8 MiB)
+    # reads at 10 GB/s on chip, so the split decodes faster and the plan carries no such note.
+    fast = _host(tmp_path, pass_s=0.0, layer_s=0.0, latency=1e-6, on_chip=2 << 20)
+    code, stdout, _ = run("plan", "tiny-llama", "--device", "host", "--devices-file", str(fast), "--cards", "2",
+                          "-o", str(tmp_path / "p.json"))
+    assert code == 0 and "one card is faster" not in stdout
+    code, stdout, _ = run("predict", str(tmp_path / "p.json"), "--devices-file", str(fast), "--micro-batches", "2")
+    assert code == 0 and "This plan decodes" in stdout and "One card is faster" not in stdout
+    alone = api.one_card(tmp_path / "p.json", devices_file=fast)
+    assert alone is not None and not alone.stages[0].resident
+
+
+def test_no_one_card_comparison_where_one_card_cannot_run_the_model(tmp_path: Path) -> None:
+    # seed-dense16 on d-Matrix Corsair cards: SRAM only, so one card cannot stream what it does not hold.
+    code, _, _ = run("plan", "seed-dense16", "--device", "dmatrix-corsair", "--batch", "1", "-o",
+                     str(tmp_path / "p.json"))
+    assert code == 0 and api.one_card(tmp_path / "p.json") is None

@@ -20,6 +20,7 @@ from cachefit.core.hardware import Device, get_device, load_devices
 from cachefit.core.layers import LayerTable
 from cachefit.core.memory import MemoryModel
 from cachefit.core.records import DeviceRecord, Objective, Plan, Strategy, Verification
+from cachefit.core.spec import SpecRecord, family_of
 from cachefit.core.units import parse_size, parse_sizes
 from cachefit.output.export import Target, export_plan
 from cachefit.perf.predict import Prediction, predict_plan
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from cachefit.runtime.shard import Manifest
 
 __all__ = ["SPLITS", "Objective", "SplitMode", "devices", "export", "largest_micro_batch", "load_model",
-           "parse_baseline", "plan", "predict", "profile", "run", "shard", "torchrun_command", "verify"]
+           "one_card", "parse_baseline", "plan", "predict", "profile", "run", "shard", "torchrun_command", "verify"]
 
 Capacity = int | str | Sequence[int | str]
 SplitMode = Literal["auto", "never", "always"]
@@ -107,7 +108,7 @@ def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, de
     whole = make_plan(table, capacities, cards, memory_model, strategy, record, larger)
     if (whole.feasible or split == "never" or table.split_ways == (1,) or len(capacities) > 1
             or strategy != "balanced"):
-        return whole
+        return _one_card_note(whole, get_device(device, catalog) if device else None, devices_file)
     grouped = make_split_plan(table, capacities[0], cards, memory_model, record)
     if grouped.feasible:
         return replace(grouped, diagnosis=("whole layers do not fit, so some stages are tensor groups",
@@ -170,7 +171,7 @@ def _time_plan(table: LayerTable, capacity: Capacity | None, device: str | None,
                          parameters=("objective", "capacity"))
     if micro_batches < 1:
         raise InputError(f"micro_batches must be at least 1, got {micro_batches}", parameters=("micro_batches",))
-    rates = rates_of(chosen, table.dtype, chosen.capacity_bytes)
+    rates = rates_of(chosen, table.dtype, chosen.capacity_bytes, _family(table.spec))
     return make_time_plan(table, limits[0], layer_costs(table, rates, 1.0 / micro_batches), cards, memory_model,
                           DeviceRecord.of(chosen))
 
@@ -252,12 +253,58 @@ def predict(plan_or_file: Plan | str | Path, *, device: str | None = None, micro
     chunk = chunk or (spec.prefill_chunk if spec is not None and spec.prefill_chunk else 1)
     # On another device than the plan's, residency is judged against that device's capacity.
     capacity = chosen.capacity_bytes if device is not None else plan.capacity_bytes[0]
-    rates = rates_of(chosen, plan.model.dtype, capacity)
+    rates = rates_of(chosen, plan.model.dtype, capacity, _family(spec))
     ours = predict_plan(plan, table, rates, micro_batches, prompt_len, chunk)
     if baseline is None:
         return ours, None
     classic = make_baseline_plan(table, capacity, *_baseline_shape(baseline), plan.memory_model)
     return ours, predict_plan(classic, table, rates, micro_batches, prompt_len, chunk)
+
+
+def one_card(plan_or_file: Plan | str | Path, *, device: str | None = None, prompt_len: int | None = None,
+             chunk: int | None = None, devices_file: str | Path | None = None) -> Prediction | None:
+    """The plan's model on one card of the same device, at its best decode over the micro-batch counts that
+    divide the batch (each one re-reads the weights, so usually one): what a split must beat. Where per-pass and
+    per-hop fixed costs outweigh what each card saves (small models), it is faster than any split. None where one
+    card cannot run the model: it does not fit on-chip and the device has no off-chip memory to stream from."""
+    plan = plan_or_file if isinstance(plan_or_file, Plan) else Plan.read(plan_or_file)
+    whole = make_plan(rebuild_table(plan.model), [1 << 62], cards=1, memory_model=plan.memory_model)
+    alone = replace(whole, model=plan.model, device=plan.device, capacity_bytes=plan.capacity_bytes[:1])
+    name = device or (plan.device.name if plan.device else None)
+    chosen = get_device(name, load_devices(devices_file)) if name else None
+    capacity = chosen.capacity_bytes if device is not None and chosen else plan.capacity_bytes[0]
+    if chosen is not None and chosen.figure("off_chip_bandwidth") is None and whole.bottleneck_bytes > capacity:
+        return None
+    return _best_decode(alone, device, prompt_len, chunk, devices_file)
+
+
+def _best_decode(plan: Plan, device: str | None, prompt_len: int | None, chunk: int | None,
+                 devices_file: str | Path | None) -> Prediction:
+    batch = int(plan.model.batch or 1)
+    speeds = [predict(plan, device=device, micro_batches=m, prompt_len=prompt_len, chunk=chunk,
+                      devices_file=devices_file)[0] for m in range(1, batch + 1) if batch % m == 0]
+    return max(speeds, key=lambda p: p.decode_tokens_per_s)
+
+
+def _one_card_note(made: Plan, device: Device | None, devices_file: str | Path | None) -> Plan:
+    """On a device whose fixed costs are measured (a calibrated host), a split that decodes slower than one card
+    at its best says so: below that model size, one card is faster."""
+    if (device is None or device.figure("pass_seconds") is None or not made.feasible or made.cards < 2
+            or made.model.spec is None or made.layout != "whole"):
+        return made
+    alone = one_card(made, devices_file=devices_file)
+    split = _best_decode(made, None, None, None, devices_file)
+    if alone is None or split.decode_tokens_per_s >= alone.decode_tokens_per_s:
+        return made
+    note = (f"one card is faster here: predicted {alone.decode_tokens_per_s:,.0f} decode tokens/s on one "
+            f"{device.name} against {split.decode_tokens_per_s:,.0f} on these {made.cards} (at their best "
+            "micro-batch counts): each card's saving is less than the fixed costs of its passes and hops")
+    return replace(made, diagnosis=(*made.diagnosis, note))
+
+
+def _family(record: SpecRecord | None) -> str | None:
+    """The reference family (dense, llama) whose blocks' fixed cost a calibrated host lists."""
+    return None if record is None else family_of(record.spec)
 
 
 def export(plan_or_file: Plan | str | Path, target: Target) -> str:

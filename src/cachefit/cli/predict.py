@@ -44,8 +44,11 @@ def predict_command(plan_file: str, device: str | None, micro_batches: int, base
         check_output(output, "prediction")
     ours, classic = api.predict(plan_file, device=device, micro_batches=micro_batches, prompt_len=prompt_len,
                                 chunk=prefill_chunk, baseline=baseline, devices_file=devices_file)
+    alone = (api.one_card(plan_file, device=device, prompt_len=prompt_len, chunk=prefill_chunk,
+                          devices_file=devices_file) if len(ours.stages) > 1 else None)
     document = {"schema": "cachefit.prediction/v1", "plan": plan_file, "prediction": ours.to_dict(),
-                "baseline": None if classic is None else {"layout": baseline, **classic.to_dict()}}
+                "baseline": None if classic is None else {"layout": baseline, **classic.to_dict()},
+                "one_card": None if alone is None else alone.to_dict()}
     if output:
         atomic_write_text(output, json.dumps(document, indent=1) + "\n")
         err.print(f"wrote {output}")
@@ -55,28 +58,42 @@ def predict_command(plan_file: str, device: str | None, micro_batches: int, base
     out.print(stage_table(ours, "per stage, one pass of one micro-batch (one card of each group)"))
     if classic is not None:
         out.print(stage_table(classic, f"baseline {baseline}, per stage"))
-    out.print(summary_table(ours, classic, baseline))
+    out.print(summary_table(ours, classic, baseline, alone))
+    if alone is not None:
+        out.print(crossover_line(ours, alone), highlight=False)
     for source in ours.sources.values():
         out.print(f"- {source}", highlight=False)
 
 
 def stage_table(prediction: Prediction, title: str) -> Table:
     view = Table(title=title)
-    for header in ("cards", "layers", "tp", "resident", "compute ms", "memory ms", "all-reduce ms", "transfer ms",
-                   "pass ms"):
+    for header in ("cards", "layers", "tp", "resident", "compute ms", "memory ms", "all-reduce ms", "fixed ms",
+                   "transfer ms", "pass ms"):
         view.add_column(header, justify="right")
     for s in prediction.stages:
         view.add_row(str(s.card), f"{s.first}-{s.last}", str(s.tensor_parallel), "yes" if s.resident else "no",
                      f"{s.compute_s * 1e3:.4g}", f"{s.memory_s * 1e3:.4g}", f"{s.allreduce_s * 1e3:.4g}",
-                     f"{s.transfer_s * 1e3:.4g}", f"{s.pass_s * 1e3:.4g}")
+                     f"{s.fixed_s * 1e3:.4g}", f"{s.transfer_s * 1e3:.4g}", f"{s.pass_s * 1e3:.4g}")
     return view
 
 
-def summary_table(ours: Prediction, classic: Prediction | None, baseline: str | None) -> Table:
+def crossover_line(ours: Prediction, alone: Prediction) -> str:
+    ratio = ours.decode_tokens_per_s / alone.decode_tokens_per_s
+    if ratio < 1:
+        return (f"One card is faster: {alone.decode_tokens_per_s:,.0f} decode tokens/s against this plan's "
+                f"{ours.decode_tokens_per_s:,.0f} ({ratio:.2f}x): what each card saves is less than its passes' "
+                "fixed costs and the hops add (see the fixed and transfer columns).")
+    return (f"This plan decodes {ratio:.2f}x one card ({ours.decode_tokens_per_s:,.0f} against "
+            f"{alone.decode_tokens_per_s:,.0f} tokens/s at {alone.micro_batches} micro-batch(es)).")
+
+
+def summary_table(ours: Prediction, classic: Prediction | None, baseline: str | None,
+                  alone: Prediction | None = None) -> Table:
     view = Table(title=f"predicted end to end ({ours.micro_batches} micro-batch(es), batch {ours.batch})")
     for header in ("layout", "prefill tokens/s", "decode TPOT ms", "decode tokens/s"):
         view.add_column(header, justify="right")
     rows = [("this plan", ours)] + ([(f"baseline {baseline}", classic)] if classic is not None else [])
+    rows += [(f"one card, {alone.micro_batches} micro-batch(es)", alone)] if alone is not None else []
     for name, value in rows:
         view.add_row(name, f"{value.prefill_tokens_per_s:,.0f}", f"{value.decode_tpot_s * 1e3:.4g}",
                      f"{value.decode_tokens_per_s:,.0f}")

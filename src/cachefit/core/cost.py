@@ -15,12 +15,18 @@ card of a stage of layers i..j split t ways (Williams et al. 2009, roofline):
   Yuan 2009; the device's collective latency, else its link's);
 - all-gather, likewise (a vocab-parallel head gathers its logits): (t-1)/t * S / link bandwidth + (t-1) steps;
 - transfer = the stage's output to the next stage (token ids back to the first after the last layer) / link
-  bandwidth + one link latency.
+  bandwidth + one link latency;
+- fixed    = what a pass costs whatever its bytes and FLOPs (issue 15): the device's ``pass_seconds`` (a stage's
+             pass outside its blocks: embedding, head, the loop) plus ``layer_seconds_<family>`` per block (half
+             each for a block's attention and MLP sublayers), both as ``cachefit calibrate`` measures this host's
+             runtime; 0 where the device lists neither (the datasheet devices). Added to the work: on a CPU the
+             per-op dispatch runs on the same thread as the arithmetic.
 Pure numpy: the same functions take one stage (floats) or every start of a stage at once (arrays).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -53,14 +59,18 @@ class Rates:
     sources: Mapping[str, str]
     overlap: bool = True         # pass time = max(compute, memory); False: their sum
     collective_latency: float | None = None    # per ring step of an all-reduce; None: link_latency
+    pass_seconds: float = 0.0    # fixed cost of a stage's pass (see the module's docstring)
+    layer_seconds: float = 0.0   # fixed cost of one block of the plan's model family
 
     @property
     def step_latency(self) -> float:
         return self.collective_latency if self.collective_latency is not None else self.link_latency
 
 
-def rates_of(device: Device, dtype: str | None, capacity_bytes: int | None = None) -> Rates:
-    """The figures of ``device`` the model uses; a missing one is an InputError naming it and the fix."""
+def rates_of(device: Device, dtype: str | None, capacity_bytes: int | None = None, family: str | None = None
+             ) -> Rates:
+    """The figures of ``device`` the model uses; a missing one is an InputError naming it and the fix.
+    ``family`` (dense, llama): the model's, for the fixed cost of its blocks."""
     wanted = {"on_chip_bandwidth": "on_chip_bandwidth", "link_bandwidth": "link_bandwidth"}
     values: dict[str, float] = {}
     sources: dict[str, str] = {}
@@ -77,10 +87,14 @@ def rates_of(device: Device, dtype: str | None, capacity_bytes: int | None = Non
     collective = _optional(device, "collective_latency", "not in the catalog, taken as link_latency", sources)
     overlap = _optional(device, "overlap", "not in the catalog, taken as 1 (roofline: max of compute and memory "
                         "time)", sources)
+    fixed = _optional(device, "pass_seconds", "not in the catalog, taken as 0", sources)
+    block = (_optional(device, f"layer_seconds_{family}", "not in the catalog, taken as 0", sources)
+             if family else None)
     return Rates(values["flops"], values["on_chip_bandwidth"], off_chip.value if off_chip else None,
                  values["link_bandwidth"], latency.value if latency else 0.0,
                  capacity_bytes or device.capacity_bytes, sources, overlap.value >= 0.5 if overlap else True,
-                 collective.value if collective else None)
+                 collective.value if collective else None, fixed.value if fixed else 0.0,
+                 block.value if block else 0.0)
 
 
 # Where a device lists no rate for the plan's element type, the nearest one it lists, scaled by the usual ratio
@@ -149,6 +163,7 @@ class LayerCosts:
     allreduce: FloatArray
     cut: FloatArray
     rates: Rates
+    fixed: FloatArray            # each layer's fixed seconds (a block's, from layer_seconds; 0 for the others)
 
 
 def layer_costs(table: LayerTable, rates: Rates, share: float = 1.0, tokens: int = 1, ways: int = 1) -> LayerCosts:
@@ -170,7 +185,19 @@ def layer_costs(table: LayerTable, rates: Rates, share: float = 1.0, tokens: int
         for column, value in zip((compute, moved, allreduce), terms):
             column.append(value)
     cut = [send_seconds(table, index, share, tokens, rates) for index in range(len(table.layers))]
-    return LayerCosts(ways, np.array(compute), np.array(moved), np.array(allreduce), np.array(cut), rates)
+    fixed = [rates.layer_seconds * _block_share(name) for name in table.columns.names]
+    return LayerCosts(ways, np.array(compute), np.array(moved), np.array(allreduce), np.array(cut), rates,
+                      np.array(fixed, dtype=np.float64))
+
+
+_BLOCK = re.compile(r"^layers\.\d+(\.(attn|mlp))?$")
+
+
+def _block_share(name: str) -> float:
+    """How much of a block layer ``name`` is: 1 for ``layers.N``, half for its ``.attn`` or ``.mlp`` (assumed: the
+    fixed cost is not measured per sublayer), 0 for the embedding and head (their cost is in pass_seconds)."""
+    found = _BLOCK.match(name)
+    return 0.0 if found is None else 0.5 if found.group(1) else 1.0
 
 
 def send_seconds(table: LayerTable, last: int, share: float, tokens: int, rates: Rates) -> float:
@@ -193,10 +220,11 @@ class StageTime:
     allreduce_s: float
     transfer_s: float
     overlap: bool = True
+    fixed_s: float = 0.0
 
     @property
     def pass_s(self) -> float:
-        return float(work_seconds(self.compute_s, self.memory_s, self.overlap)) + self.allreduce_s
+        return float(work_seconds(self.compute_s, self.memory_s, self.overlap)) + self.allreduce_s + self.fixed_s
 
 
 def stage_time(costs: LayerCosts, first: int, last: int, footprint: int, shared_bytes: int = 0) -> StageTime:
@@ -207,4 +235,4 @@ def stage_time(costs: LayerCosts, first: int, last: int, footprint: int, shared_
     moved = float(costs.moved[window].sum()) + shared_bytes
     return StageTime(footprint <= rates.capacity_bytes, float(costs.compute[window].sum()),
                      float(memory_seconds(moved, footprint, rates)), float(costs.allreduce[window].sum()),
-                     float(costs.cut[last]), rates.overlap)
+                     float(costs.cut[last]), rates.overlap, rates.pass_seconds + float(costs.fixed[window].sum()))

@@ -31,7 +31,8 @@ FigureKind = Literal["V", "M", "3P", "A", "user"]
 KIND_NAMES: dict[str, str] = {"V": "datasheet", "M": "measured", "3P": "third party", "A": "assumed",
                               "user": "a devices file"}
 FIGURES = ("on_chip_bytes", "usable_fraction", "on_chip_bandwidth", "off_chip_bytes", "off_chip_bandwidth",
-           "fp32_flops", "fp16_flops", "fp8_flops", "link_bandwidth", "link_latency", "collective_latency", "overlap")
+           "fp32_flops", "fp16_flops", "fp8_flops", "link_bandwidth", "link_latency", "collective_latency", "overlap",
+           "pass_seconds", "layer_seconds_dense", "layer_seconds_llama")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,8 @@ def _as_figure(key: str, value: Any, source: str) -> Any:
 
 
 _DEFAULT_USABLE = Figure(1.0, "A", "default: all of it")
+# A flag, and fixed costs a host may measure as nil; every other figure divides or scales something.
+_MAY_BE_ZERO = frozenset({"overlap", "pass_seconds", "layer_seconds_dense", "layer_seconds_llama"})
 
 
 def _device(name: str, entry: Mapping[str, Any], source: str) -> Device:
@@ -144,7 +147,7 @@ def _device(name: str, entry: Mapping[str, Any], source: str) -> Device:
     if "on_chip_bytes" not in figures:
         raise InputError(f"{where}: on_chip_bytes is required")
     figures.setdefault("usable_fraction", _DEFAULT_USABLE)
-    zero = [key for key, figure in figures.items() if figure.value == 0 and key != "overlap"]
+    zero = [key for key, figure in figures.items() if figure.value == 0 and key not in _MAY_BE_ZERO]
     if zero:
         raise InputError(f"{where}: {zero[0]} must be greater than 0")
     fraction = figures["usable_fraction"].value

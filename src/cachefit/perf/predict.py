@@ -37,7 +37,7 @@ class StagePrediction(StageTime):
         return {"card": self.card, "layers": [self.first, self.last], "tensor_parallel": self.tensor_parallel,
                 "resident": self.resident, "compute_ms": self.compute_s * 1e3, "memory_ms": self.memory_s * 1e3,
                 "allreduce_ms": self.allreduce_s * 1e3, "transfer_ms": self.transfer_s * 1e3,
-                "pass_ms": self.pass_s * 1e3}
+                "fixed_ms": self.fixed_s * 1e3, "pass_ms": self.pass_s * 1e3}
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,4 +104,4 @@ def _stage(part: Partition, costs: LayerCosts, shared: int) -> StagePrediction:
         raise InputError(f"the stage at card {part.card} does not fit on-chip and the device has no off-chip "
                          "bandwidth figure to stream from")
     return StagePrediction(time.resident, time.compute_s, time.memory_s, time.allreduce_s, time.transfer_s,
-                           time.overlap, part.card, part.first, part.last, part.tensor_parallel)
+                           time.overlap, time.fixed_s, part.card, part.first, part.last, part.tensor_parallel)

@@ -7,8 +7,14 @@
   run together and share the bus);
 - a fit of those layers' time with 4, 16 and 64 rows to bytes / B + FLOPs / R (the rate R of such products, and
   the bandwidth B), and whether that sum or the roofline max(bytes / B, FLOPs / R) fits better (overlap);
-- gloo point-to-point between two processes on loopback: latency (half a round trip of 8 bytes) and bandwidth
-  (16 MiB messages), and an all-reduce of 16 KiB (the collective's latency per ring step).
+- gloo point-to-point between two processes on loopback: latency as a pipeline's hop (each rank computing, then
+  sending without waiting and blocking on the next receive: half a round trip less one pass; an idle ping-pong of
+  8 bytes is kept in the figure's source), bandwidth (16 MiB messages), and an all-reduce of 16 KiB (the
+  collective's latency per ring step);
+- the fixed costs of a pass (issue 15): cachefit's reference model of each family at tiny widths (hidden 64, its
+  bytes and FLOPs negligible), 1 and 5 blocks, decoding one token per pass with a KV cache: t(L) = pass + L x block
+  through both points gives the cost of a block (``layer_seconds_<family>``) and of what a pass has besides its
+  blocks (embedding, head, the loop: ``pass_seconds``, the two families' mean).
 Medians of repeated timings (time.perf_counter around the operation, after a warm-up).
 """
 
@@ -44,6 +50,9 @@ class HostFigures:
     cores: int
     overlap: bool
     overlap_errors: tuple[float, float]      # relative error of (max, sum) over the rows tried
+    idle_link_latency: float = 0.0           # an idle ping-pong's half round trip (link_latency: a busy hop)
+    pass_seconds: float = 0.0                # a pass's fixed cost besides its blocks
+    layer_seconds: tuple[tuple[str, float], ...] = ()    # (family, fixed seconds of one block)
 
 
 def cache_sizes() -> tuple[int, int]:
@@ -148,6 +157,7 @@ def _gloo_peer(rank: int, store: str, results: multiprocessing.Queue) -> None:  
 
     # As cachefit run does: a file store (no port) and gloo on loopback only.
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)            # a rank's default (cachefit run --threads)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     small, large = torch.zeros(1, dtype=torch.float64), torch.zeros(4 << 20)      # 8 B and 16 MiB
 
@@ -162,13 +172,48 @@ def _gloo_peer(rank: int, store: str, results: multiprocessing.Queue) -> None:  
     per_message = _median_time(lambda: ping_pong(large), 9) / 2
     reduced = torch.zeros(4 * 1024)                     # 16 KiB: 4 rows of a 1024-wide hidden state
     allreduce = _median_time(lambda: dist.all_reduce(reduced), 200)
+    hop = _busy_hop(rank)
     if rank == 0:
-        results.put((latency, large.numel() * 4 / max(per_message - latency, 1e-9), allreduce))
+        results.put((max(latency, hop), large.numel() * 4 / max(per_message - latency, 1e-9), allreduce, latency))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _gloo_link() -> tuple[float, float, float]:
+def _busy_hop(rank: int, steps: int = 100) -> float:
+    """A hop as a pipeline takes it: each rank computes (a pass of small products, ~1 ms), sends without waiting
+    (isend) and blocks on the next receive, as cachefit run's ranks do; a round trip is two passes and two hops.
+    With both cores computing, gloo's own threads compete for them: the hop costs more than an idle ping-pong."""
+    import torch.distributed as dist
+
+    block = torch.randn(64, 64)
+
+    def work() -> None:
+        for _ in range(100):
+            block @ block
+    compute = 0.0
+    for turn in (0, 1):                 # each rank's pass timed while the other waits, as in the ring
+        if rank == turn:
+            compute = _median_time(work, 20)
+        dist.barrier()
+    handles, times = [], []
+    for _ in range(steps):
+        began, inbox = time.perf_counter(), torch.zeros(1, dtype=torch.float64)
+        if rank == 0:
+            work()
+            handles.append(dist.isend(torch.zeros(1, dtype=torch.float64), 1))
+            dist.recv(inbox, 1)
+        else:
+            dist.recv(inbox, 0)
+            work()
+            handles.append(dist.isend(torch.zeros(1, dtype=torch.float64), 0))
+        times.append(time.perf_counter() - began)
+    for handle in handles:
+        if handle is not None:
+            handle.wait()
+    return max(statistics.median(times[10:]) / 2 - compute, 0.0)
+
+
+def _gloo_link() -> tuple[float, float, float, float]:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     with tempfile.TemporaryDirectory(prefix="cachefit-calibrate-") as folder:
@@ -176,10 +221,46 @@ def _gloo_link() -> tuple[float, float, float]:
         peers = [context.Process(target=_gloo_peer, args=(rank, store, results)) for rank in (0, 1)]
         for peer in peers:
             peer.start()
-        latency, bandwidth, allreduce = results.get(timeout=300)
+        latency, bandwidth, allreduce, idle = results.get(timeout=300)
         for peer in peers:
             peer.join()
-    return latency, bandwidth, allreduce
+    return latency, bandwidth, allreduce, idle
+
+
+_PROBE_BLOCKS = (1, 5)
+
+
+def _pass_seconds(family: str, blocks: int, passes: int = 60) -> float:
+    """Median seconds of one decode pass (one token, batch 1, KV cache) of the tiny reference model."""
+    from cachefit.core.spec import DenseSpec, LlamaSpec
+    from cachefit.nn import KVCache, build_model
+
+    spec = (DenseSpec("probe", layers=blocks, heads=2, head_dim=32, mlp_hidden=128, vocab=64) if family == "dense"
+            else LlamaSpec("probe", layers=blocks, hidden=64, heads=2, kv_heads=1, ffn_hidden=128, vocab=64))
+    model = build_model(spec, seed=0)
+    config = model.config
+    caches = [KVCache(1, config.kv_heads, passes + 10, config.head_dim, torch.float32) for _ in range(blocks)]
+    token = torch.zeros(1, 1, dtype=torch.long)
+    times = []
+    with torch.no_grad():
+        for position in range(passes + 10):
+            start = time.perf_counter()
+            model(token, caches, position)
+            if position >= 10:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _fixed_costs() -> tuple[float, tuple[tuple[str, float], ...]]:
+    """(pass seconds, ((family, block seconds), ...)) from t(L) = pass + L x block at the two probe sizes."""
+    few, many = _PROBE_BLOCKS
+    passes, blocks = [], []
+    for family in ("dense", "llama"):
+        small, large = _pass_seconds(family, few), _pass_seconds(family, many)
+        block = max((large - small) / (many - few), 0.0)
+        blocks.append((family, block))
+        passes.append(max(small - few * block, 0.0))
+    return statistics.mean(passes), tuple(blocks)
 
 
 def measure_host(progress: Callable[[str], None] = lambda _: None) -> HostFigures:
@@ -199,11 +280,14 @@ def measure_host(progress: Callable[[str], None] = lambda _: None) -> HostFigure
         progress(f"bandwidth with {len(cores)} cores streaming")
         shared = _all_cores_bandwidth(8 * last_level, rate, cores)
         progress("gloo latency, bandwidth and all-reduce")
-        latency, link, allreduce = _gloo_link()
+        latency, link, allreduce, idle = _gloo_link()
+        progress("fixed costs of a pass and of a block")
+        fixed, blocks = _fixed_costs()
     finally:
         torch.set_num_threads(threads)
     return HostFigures(rate, matmul, in_cache, beyond, shared, latency, link, allreduce,
-                       l2 + last_level // len(cores), len(cores), roofline <= serial, (roofline, serial))
+                       l2 + last_level // len(cores), len(cores), roofline <= serial, (roofline, serial), idle,
+                       fixed, blocks)
 
 
 def to_toml(figures: HostFigures, name: str = "host") -> str:
@@ -226,9 +310,24 @@ def to_toml(figures: HostFigures, name: str = "host") -> str:
                    f"fp32 linear layers of 4-64 rows, fitted with the bandwidth; 1 thread (a 1024^3 product: "
                    f"{figures.matmul_flops:.3g} FLOP/s)")
             + line("link_bandwidth", figures.link_bandwidth, "gloo send/recv of 16 MiB over loopback")
-            + line("link_latency", figures.link_latency, "gloo send/recv of 8 bytes over loopback, half a round trip")
+            + line("link_latency", figures.link_latency,
+                   "a gloo hop over loopback between two busy ranks (compute, isend, blocking recv: half a round "
+                   f"trip less one pass); idle ping-pong of 8 bytes {figures.idle_link_latency:.3g} s")
             + line("collective_latency", max(figures.allreduce_seconds / 2 - 16384 / figures.link_bandwidth, 1e-9),
                    f"gloo all-reduce of 16 KiB on 2 ranks ({figures.allreduce_seconds:.3g} s) = 2 ring steps")
             + line("overlap", 1.0 if figures.overlap else 0.0,
                    f"linear layers with 16 and 64 rows: max(memory, compute) off by {roofline:.0%}, their sum by "
-                   f"{serial:.0%}"))
+                   f"{serial:.0%}")
+            + _fixed_lines(figures, line))
+
+
+def _fixed_lines(figures: HostFigures, line: Callable[[str, float, str], str]) -> str:
+    if not figures.layer_seconds:
+        return ""
+    few, many = _PROBE_BLOCKS
+    how = (f"a decode pass of cachefit's tiny reference model (hidden 64, one token, 1 thread) at {few} and {many} "
+           "blocks")
+    return (line("pass_seconds", figures.pass_seconds, f"{how}: what a pass costs besides its blocks (both "
+                 "families' mean)")
+            + "".join(line(f"layer_seconds_{family}", seconds, f"{how}: one {family} block")
+                      for family, seconds in figures.layer_seconds))

@@ -40,7 +40,7 @@ def least_time(cost: IntervalCost, costs: LayerCosts, capacity: int, cards: int)
     choice = np.zeros((cards + 1, n + 1), dtype=np.int64)
     # Prefix sums of each per-layer term, once: a stage's term is a difference of two of them.
     prefixes = tuple(np.concatenate(([0.0], np.cumsum(term))) for term in (costs.compute, costs.moved,
-                                                                              costs.allreduce))
+                                                                              costs.allreduce, costs.fixed))
     for end in range(1, n + 1):
         seconds = _stages_ending_at(cost, costs, prefixes, end - 1, capacity)
         for used in range(1, min(cards, end) + 1):
@@ -64,9 +64,9 @@ def _stages_ending_at(cost: IntervalCost, costs: LayerCosts, prefixes: tuple[npt
                       last: int, capacity: int) -> npt.NDArray[np.float64]:
     """T(first, last) for every first <= last (inf where the stage does not fit ``capacity``)."""
     footprints = cost.footprints_ending_at(last)
-    compute, moved, allreduce = (prefix[last + 1] - prefix[:last + 1] for prefix in prefixes)
+    compute, moved, allreduce, fixed = (prefix[last + 1] - prefix[:last + 1] for prefix in prefixes)
     if cost.shared:
         moved = moved + np.array([cost.shared_bytes(first, last) for first in range(last + 1)], dtype=np.float64)
     seconds = work_seconds(compute, memory_seconds(moved, footprints, costs.rates), costs.rates.overlap)
-    seconds = np.asarray(seconds) + allreduce + costs.cut[last]
+    seconds = np.asarray(seconds) + allreduce + fixed + costs.rates.pass_seconds + costs.cut[last]
     return np.where(footprints <= capacity, seconds, np.inf)

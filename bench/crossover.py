@@ -1,0 +1,87 @@
+"""Where a second card starts to pay on this host (issue 15, item 4): 1 card against 2 at decode, measured with
+``cachefit run`` and predicted with ``cachefit predict`` (fixed costs per pass, per block and per hop from
+``cachefit calibrate``, in the same run), for models from tiny-llama (3.3 MiB) to 127 MiB.
+
+    python bench/crossover.py            # the table for docs/benchmarks.md
+
+Each model: 1 card at 1 micro-batch (its best: each micro-batch re-reads the weights) and 2 cards at 2
+micro-batches (both cards busy), batch 4, prompt 8 one token a pass, 32 new tokens, one thread per rank, tokens
+checked against the unpartitioned model. "2 / 1" > 1: the split decodes faster.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import cachefit
+from _bench_model import run, spec_file
+from cachefit import api
+from cachefit.core.spec import DenseSpec, LlamaSpec, Workload
+from cachefit.runtime.calibrate import measure_host, to_toml
+from cachefit.runtime.launch import RunOptions
+from cachefit.runtime.summary import summarise
+from cachefit.sources import TorchOptions, presets
+
+BATCH, PROMPT, NEW = 4, 8, 32
+WORK = Workload(batch=BATCH, seq=PROMPT + NEW, phase="decode", dtype="float32")
+# d = 512, MLP 768: 7.0 MiB of fp32 weights a block (bench/cpu_residency.py).
+MODELS: list[LlamaSpec | DenseSpec] = [presets()["tiny-llama"].spec] + [
+    DenseSpec(f"dense{layers}", layers=layers, heads=8, head_dim=64, mlp_hidden=768, vocab=256)
+    for layers in (2, 6, 18)]
+
+
+def one(folder: Path, devices: Path, spec: LlamaSpec | DenseSpec, cards: int, micro: int) -> dict[str, Any]:
+    options = TorchOptions(measure=True)
+    table = (cachefit.load_model(spec_file(folder, WORK, spec), torch_options=options) if isinstance(spec, DenseSpec)
+             else cachefit.load_model(spec.name, batch=BATCH, seq=PROMPT + NEW, torch_options=options))
+    plan = cachefit.plan(table, capacity=1 << 40, cards=cards, memory_model="pipeline")
+    plan_file, result = run(folder, plan, WORK, RunOptions(PROMPT, NEW, micro, check=True, timeout=300),
+                            f"{spec.name}-k{cards}", spec)
+    measured = summarise(result.ranks, BATCH, PROMPT, NEW)
+    predicted, _ = api.predict(plan_file, device="host", devices_file=devices, micro_batches=micro,
+                               prompt_len=PROMPT, chunk=1)
+    return {"measured": measured.decode_tokens_per_s, "predicted": predicted.decode_tokens_per_s,
+            "tpot": measured.tpot_median_ms, "predicted_tpot": predicted.decode_tpot_s * 1e3,
+            "weights": sum(p.weight_bytes for p in plan.partitions),
+            "identical": bool(result.checked and result.checked["tokens_identical"])}
+
+
+def error(predicted: float, measured: float) -> str:
+    return f"{(predicted - measured) / measured:+.0%}"
+
+
+def main() -> None:
+    console = Console(width=170)
+    console.print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                  f"{time.strftime('%Y-%m-%d')}; batch {BATCH}, prompt {PROMPT}, new {NEW}")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        devices = folder / "host.toml"
+        devices.write_text(to_toml(measure_host()))
+        console.print(devices.read_text())
+        rows = [(spec, one(folder, devices, spec, 1, 1), one(folder, devices, spec, 2, 2)) for spec in MODELS]
+    view = Table(title="decode tokens/s: 1 card (M = 1) vs 2 cards (M = 2), cachefit run vs cachefit predict")
+    for header in ("model", "weights MiB", "1 card meas.", "pred.", "err", "2 cards meas.", "pred.", "err",
+                   "2 / 1 meas.", "2 / 1 pred.", "TPOT ms 1 / 2 meas.", "tokens ok"):
+        view.add_column(header, justify="right")
+    for spec, alone, split in rows:
+        view.add_row(spec.name, f"{alone['weights'] / 2**20:.1f}", f"{alone['measured']:.0f}",
+                     f"{alone['predicted']:.0f}", error(alone["predicted"], alone["measured"]),
+                     f"{split['measured']:.0f}", f"{split['predicted']:.0f}",
+                     error(split["predicted"], split["measured"]), f"{split['measured'] / alone['measured']:.2f}x",
+                     f"{split['predicted'] / alone['predicted']:.2f}x", f"{alone['tpot']:.2f} / {split['tpot']:.2f}",
+                     str(alone["identical"] and split["identical"]))
+    console.print(view)
+
+
+if __name__ == "__main__":
+    main()
