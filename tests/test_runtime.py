@@ -107,6 +107,13 @@ def test_cli_run_reports_and_refuses_tampered_shards(tmp_path: Path) -> None:
     document = json.loads(report.read_text())
     assert document["check"]["tokens_identical"] and document["decode_tokens_per_s"] > 0
     assert len(document["cards"]) == 2 and document["tpot_median_ms"] > 0
+    # The per-step trace: 3 decode steps a card (4 new tokens), each split into compute, wait, send, framework;
+    # card 0 receives a token per micro-batch (2) of each of the first 3 steps, card 1 a hidden state per pass.
+    first, second = document["trace"]
+    assert [len(t["decode_steps_ms"]) for t in (first, second)] == [3, 3]
+    assert all(len(step) == 4 and min(step) >= 0 for t in (first, second) for step in t["decode_steps_ms"])
+    assert len(first["hops_ms"]) == 3 * 2 and len(second["hops_ms"]) >= 4 * 2
+    assert 0 <= first["hop_median_ms"] <= 1e3 * document["total_s"] and second["decode_step_median_ms"]["compute"] > 0
     shard = shards / "card-1.safetensors"
     shard.write_bytes(shard.read_bytes()[:-1] + b"\x00")
     result = CliRunner().invoke(cli, ["run", str(plan_file), "--weights", str(shards)])
@@ -275,3 +282,19 @@ def _address(hexadecimal: str, width: int) -> str:
         return ".".join(str(b) for b in raw[::-1])
     words = [raw[i:i + 4][::-1] for i in range(0, 16, 4)]
     return str(ipaddress.IPv6Address(b"".join(words)))
+
+
+def test_trace_pairs_each_receive_with_its_send() -> None:
+    from cachefit.runtime.trace import card_traces
+    # Two stages. Card 1 receives two hidden states: the first posted at 1.0 s, its receive begun at 0.5 and
+    # done at 1.25 (a hop of 0.25: the receive waited for the send); the second posted at 2.0, begun at 3.0 (the
+    # data was there), done at 3.5 (0.5). Card 0 receives one token back: posted 4.0, begun 4.0, done 4.1.
+    step = [[1.0, 0.5, 0.25, 0.0]]          # wall, compute, wait, send: framework 0.25
+    ranks = [{"card": 0, "first": 0, "trace": {"steps": step, "sent": [1.0, 2.0], "received": [[4.0, 4.1]]}},
+             {"card": 1, "first": 3, "trace": {"steps": step, "sent": [4.0], "received": [[0.5, 1.25], [3.0, 3.5]]}}]
+    zero, one = card_traces(ranks, decode_steps=1)
+    assert one.hops_s == (0.25, 0.5) and zero.hops_s == pytest.approx((0.1,))
+    assert zero.steps[0].framework_s == 0.25 and zero.to_dict()["hop_median_ms"] == pytest.approx(100.0)
+    ranks[1]["trace"]["received"].pop()                  # unpaired: no hops rather than wrong ones
+    assert card_traces(ranks, decode_steps=1)[1].hops_s == ()
+    assert card_traces([{**ranks[0], "trace": {"steps": step, "sent": [], "received": []}}], 1)[0].hops_s == ()

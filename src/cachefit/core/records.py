@@ -302,6 +302,36 @@ class CardSummary:
 
 
 @dataclass(frozen=True, slots=True)
+class StepTrace:
+    """One pass on one card: seconds computing, waiting in receives, finishing sends, and the rest of its wall
+    time (framework: bookkeeping, posting sends, picking tokens)."""
+
+    compute_s: float
+    wait_s: float
+    send_s: float
+    framework_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class CardTrace:
+    """A card's decode steps, and the gloo hops into it (seconds; none for one stage, or across hosts)."""
+
+    card: int
+    steps: tuple[StepTrace, ...]
+    hops_s: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        def median_ms(values: list[float]) -> float | None:
+            return sorted(values)[len(values) // 2] * 1e3 if values else None
+        kinds = ("compute_s", "wait_s", "send_s", "framework_s")
+        return {"card": self.card,
+                "decode_step_median_ms": {k[:-2]: median_ms([getattr(s, k) for s in self.steps]) for k in kinds},
+                "hop_median_ms": median_ms(list(self.hops_s)),
+                "decode_steps_ms": [[round(getattr(s, k) * 1e3, 4) for k in kinds] for s in self.steps],
+                "hops_ms": [round(hop * 1e3, 4) for hop in self.hops_s]}
+
+
+@dataclass(frozen=True, slots=True)
 class RunSummary:
     prefill_tokens_per_s: float | None
     decode_tokens_per_s: float | None
@@ -310,9 +340,11 @@ class RunSummary:
     total_s: float
     prefill_chunk: int | None
     cards: tuple[CardSummary, ...]
+    traces: tuple[CardTrace, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        document = asdict(self)
+        document = {key: value for key, value in asdict(self).items() if key != "traces"}
+        document["trace"] = [trace.to_dict() for trace in self.traces]
         document["cards"] = [{**asdict(card), "layers": list(card.layers), "memory": dict(card.memory),
                               "residency": None if card.residency is None else dict(card.residency)}
                              for card in self.cards]

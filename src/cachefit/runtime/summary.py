@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cachefit.core.records import CardSummary, RunSummary
+from cachefit.runtime.trace import card_traces
 
 __all__ = ["run_report", "summarise"]
 
@@ -36,7 +37,8 @@ def summarise(ranks: list[dict[str, Any]], batch: int, prompt_len: int, new_toke
         tpot_p90_ms=_percentile(gaps, 0.9) * 1e3 if gaps else None,
         total_s=max(rank["total_s"] for rank in ranks),
         prefill_chunk=last.get("prefill_chunk"),
-        cards=tuple(_card(rank) for rank in ranks))
+        cards=tuple(_card(rank) for rank in ranks),
+        traces=card_traces(ranks, max(new_tokens - 1, 0)))
 
 
 def _card(rank: dict[str, Any]) -> CardSummary:

@@ -37,6 +37,7 @@ from cachefit.runtime.measure import PeakTracker, tensor_bytes
 from cachefit.runtime.residency import flatten_weights, pin_weights_in_l2
 from cachefit.runtime.shard import Manifest, read_card, read_hf_config_copy
 from cachefit.runtime.stage import Stage
+from cachefit.runtime.trace import Recorder
 from cachefit.runtime.weights import plan_spec
 
 __all__ = ["main", "prompts"]
@@ -287,24 +288,27 @@ def _pipeline(args: argparse.Namespace, place: Place, stage: Any, rows: list[Any
     tokens = torch.zeros(micro * size, steps, dtype=torch.long, device=device)
     logits = torch.zeros(0)
     token_times: list[list[float]] = [[] for _ in range(micro)]
+    trace = Recorder(lambda: (clock.compute, clock.wait, clock.send))
     _barrier(clock.progress)
     start = time.perf_counter()
     prefill_done = 0.0
     for index, (position, length) in enumerate(passes):
         step = max(0, index - prefill_passes + 1)           # the token this pass produces (0: from the prompt)
         emits = index >= prefill_passes - 1
+        trace.begin()
         for m in range(micro):
             rows_m = slice(m * size, (m + 1) * size)
             if stage.first and step == 0:
                 x = prompt[rows_m, position:position + length]
             elif stage.first:
-                x = _receive(clock, place, inbox["token"], tokens[rows_m, step - 1]).unsqueeze(1)
+                x = _receive(clock, trace, place, inbox["token"], tokens[rows_m, step - 1]).unsqueeze(1)
             else:
-                x = _receive(clock, place, inbox["hidden"][:size * length * hidden].view(size, length, hidden))
+                x = _receive(clock, trace, place, inbox["hidden"][:size * length * hidden].view(size, length, hidden))
             out = clock.timed("compute", stage, x, rows[m], position)
             if not place.leader:
                 continue
             if not stage.last:
+                trace.posted()
                 pending.append(dist.isend(out.contiguous(), place.following))
             elif emits:
                 chosen = out.argmax(dim=-1)
@@ -313,7 +317,9 @@ def _pipeline(args: argparse.Namespace, place: Place, stage: Any, rows: list[Any
                 if step == steps - 1:
                     logits = out if m == 0 else torch.cat((logits, out))
                 elif place.stages > 1:
+                    trace.posted()
                     pending.append(dist.isend(chosen.contiguous(), 0))
+        trace.end()
         if index == prefill_passes - 1:
             prefill_done = time.perf_counter() - start
             _inject_fault(place.rank)
@@ -324,7 +330,7 @@ def _pipeline(args: argparse.Namespace, place: Place, stage: Any, rows: list[Any
     total = time.perf_counter() - start
     return {"tokens": tokens, "logits": logits, "timing": {
         "compute_s": clock.compute, "wait_s": clock.wait, "send_s": clock.send, "total_s": total,
-        "prefill_s": prefill_done, "prefill_chunk": chunk, "token_times": token_times}}
+        "prefill_s": prefill_done, "prefill_chunk": chunk, "token_times": token_times, "trace": trace.to_dict()}}
 
 
 def _barrier(progress: Progress) -> None:
@@ -333,14 +339,15 @@ def _barrier(progress: Progress) -> None:
     progress.mark(b"r")
 
 
-def _receive(clock: Clock, place: Place, buffer: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
+def _receive(clock: Clock, trace: Recorder, place: Place, buffer: torch.Tensor, local: torch.Tensor | None = None
+             ) -> torch.Tensor:
     """The stage's input: the leader receives it from the stage before (the first stage's leader: the last
     stage's token, or its own when there is one stage), then broadcasts it to its group."""
     if place.leader:
         if place.previous is not None:
-            clock.timed("wait", dist.recv, buffer, place.previous)
+            trace.receive(clock.timed, "wait", dist.recv, buffer, place.previous)
         elif place.stages > 1:
-            clock.timed("wait", dist.recv, buffer, place.last_leader)
+            trace.receive(clock.timed, "wait", dist.recv, buffer, place.last_leader)
         else:
             assert local is not None
             buffer.copy_(local)
