@@ -8,7 +8,6 @@ the planners, the memory models and the fingerprint read it with numpy (issue 15
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
@@ -168,7 +167,9 @@ class NameRange(Sequence[str]):
         return self._names[self._start + index]
 
     def __iter__(self) -> Iterator[str]:
-        return itertools.islice(self._names, self._start, self._stop)
+        # A slice, not itertools.islice: islice walks from the tuple's start, O(n) per range and O(n x k) for a
+        # plan's k ranges (7 s at 1e6 names on 1,024 cards).
+        return iter(self._names[self._start:self._stop])
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, NameRange) and other._names is self._names:
