@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.console import Console
+
 from cachefit.core.records import Plan
 from cachefit.core.spec import DenseSpec, LlamaSpec, Workload
 from cachefit.runtime import init_weights, shard_checkpoint
+from cachefit.runtime.calibrate import measure_host, to_toml
 from cachefit.runtime.launch import RunOptions, RunResult, run_plan
 
 # Sized so a pass is mostly compute: d = 1024, fp32, 403 MB of weights.
@@ -31,3 +34,16 @@ def run(folder: Path, plan: Plan, work: Workload, options: RunOptions, tag: str,
         init_weights(spec, work, weights, seed=0)
     shard_checkpoint(plan, weights, shards)
     return plan_file, run_plan(str(plan_file), str(shards), options)
+
+
+def calibrated_host(folder: Path, console: Console) -> Path:
+    """This host as ``cachefit calibrate`` measures it, written to ``folder/host.toml`` (predict's device "host")
+    and shown: each benchmark predicts with a calibration of the same run."""
+    devices = folder / "host.toml"
+    devices.write_text(to_toml(measure_host()))
+    console.print(devices.read_text())
+    return devices
+
+
+def relative_error(predicted: float, measured: float) -> str:
+    return f"{(predicted - measured) / measured:+.0%}"

@@ -29,10 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 import cachefit
-from _bench_model import run, spec_file
+from _bench_model import calibrated_host, run, spec_file
 from cachefit import api
 from cachefit.core.spec import DenseSpec, Workload
-from cachefit.runtime.calibrate import cache_sizes, measure_host, to_toml
+from cachefit.runtime.calibrate import cache_sizes
 from cachefit.runtime.launch import RunOptions
 from cachefit.runtime.summary import summarise
 from cachefit.sources import TorchOptions
@@ -132,9 +132,7 @@ def decode(folder: Path, devices: Path, spec: DenseSpec, cards: int, micro: int)
 def model_table(console: Console, spec: DenseSpec) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        devices = folder / "host.toml"
-        devices.write_text(to_toml(measure_host()))
-        console.print(devices.read_text())
+        devices = calibrated_host(folder, console)
         runs = [decode(folder, devices, spec, cards, micro) for cards in (1, 2) for micro in (1, 2, 4)]
     best_one = max(r["measured"].decode_tokens_per_s for r in runs if r["cards"] == 1)
     view = Table(title=f"{spec} decode, batch {BATCH}: cachefit run vs cachefit predict (calibrated host)")

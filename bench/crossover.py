@@ -23,10 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 import cachefit
-from _bench_model import run, spec_file
+from _bench_model import calibrated_host, relative_error, run, spec_file
 from cachefit import api
 from cachefit.core.spec import DenseSpec, LlamaSpec, Workload
-from cachefit.runtime.calibrate import measure_host, to_toml
 from cachefit.runtime.launch import RunOptions
 from cachefit.runtime.summary import summarise
 from cachefit.sources import TorchOptions, presets
@@ -55,19 +54,13 @@ def one(folder: Path, devices: Path, spec: LlamaSpec | DenseSpec, cards: int, mi
             "identical": bool(result.checked and result.checked["tokens_identical"])}
 
 
-def error(predicted: float, measured: float) -> str:
-    return f"{(predicted - measured) / measured:+.0%}"
-
-
 def main() -> None:
     console = Console(width=170)
     console.print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                   f"{time.strftime('%Y-%m-%d')}; batch {BATCH}, prompt {PROMPT}, new {NEW}")
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        devices = folder / "host.toml"
-        devices.write_text(to_toml(measure_host()))
-        console.print(devices.read_text())
+        devices = calibrated_host(folder, console)
         rows = [(spec, one(folder, devices, spec, 1, 1), one(folder, devices, spec, 2, 2)) for spec in MODELS]
     view = Table(title="decode tokens/s: 1 card (M = 1) vs 2 cards (M = 2), cachefit run vs cachefit predict")
     for header in ("model", "weights MiB", "1 card meas.", "pred.", "err", "2 cards meas.", "pred.", "err",
@@ -75,9 +68,10 @@ def main() -> None:
         view.add_column(header, justify="right")
     for spec, alone, split in rows:
         view.add_row(spec.name, f"{alone['weights'] / 2**20:.1f}", f"{alone['measured']:.0f}",
-                     f"{alone['predicted']:.0f}", error(alone["predicted"], alone["measured"]),
+                     f"{alone['predicted']:.0f}", relative_error(alone["predicted"], alone["measured"]),
                      f"{split['measured']:.0f}", f"{split['predicted']:.0f}",
-                     error(split["predicted"], split["measured"]), f"{split['measured'] / alone['measured']:.2f}x",
+                     relative_error(split["predicted"], split["measured"]),
+                     f"{split['measured'] / alone['measured']:.2f}x",
                      f"{split['predicted'] / alone['predicted']:.2f}x", f"{alone['tpot']:.2f} / {split['tpot']:.2f}",
                      str(alone["identical"] and split["identical"]))
     console.print(view)

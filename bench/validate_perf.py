@@ -21,10 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 import cachefit
-from _bench_model import SPEC, run, spec_file
+from _bench_model import SPEC, calibrated_host, relative_error, run, spec_file
 from cachefit import api
 from cachefit.core.spec import Workload
-from cachefit.runtime.calibrate import measure_host, to_toml
 from cachefit.runtime.launch import RunOptions
 from cachefit.runtime.summary import summarise
 from cachefit.sources import TorchOptions
@@ -66,19 +65,13 @@ def case(folder: Path, devices: Path, name: str, batch: int, cards: int, baselin
             "identical": result.checked["tokens_identical"] if result.checked else None}
 
 
-def error(predicted: float, measured: float) -> str:
-    return f"{(predicted - measured) / measured:+.0%}"
-
-
 def main() -> None:
     console = Console(width=160)
     console.print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                   f"{time.strftime('%Y-%m-%d')}; {SPEC}; prompt {PROMPT}, new {NEW}")
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        devices = folder / "host.toml"
-        devices.write_text(to_toml(measure_host()))
-        console.print(devices.read_text())
+        devices = calibrated_host(folder, console)
         results = [case(folder, devices, *spec) for spec in CASES]
     view = Table(title="predicted vs measured (cachefit predict vs cachefit run, same plan, same passes)")
     for header in ("run", "prefill tok/s meas.", "pred.", "err", "TPOT ms meas.", "pred.", "err",
@@ -88,10 +81,10 @@ def main() -> None:
         measured, predicted = result["measured"], result["predicted"]
         view.add_row(result["name"], f"{measured['prefill_tokens_per_s']:.0f}",
                      f"{predicted.prefill_tokens_per_s:.0f}",
-                     error(predicted.prefill_tokens_per_s, measured["prefill_tokens_per_s"]),
+                     relative_error(predicted.prefill_tokens_per_s, measured["prefill_tokens_per_s"]),
                      f"{measured['tpot_median_ms']:.1f}", f"{predicted.decode_tpot_s * 1e3:.1f}",
-                     error(predicted.decode_tpot_s * 1e3, measured["tpot_median_ms"]),
-                     "; ".join(f"{m:.2f} / {p:.2f} ({error(p, m)})" for _, m, p in result["stages"]),
+                     relative_error(predicted.decode_tpot_s * 1e3, measured["tpot_median_ms"]),
+                     "; ".join(f"{m:.2f} / {p:.2f} ({relative_error(p, m)})" for _, m, p in result["stages"]),
                      str(result["identical"]))
     console.print(view)
     for result in results:
