@@ -268,13 +268,15 @@ def one_card(plan_or_file: Plan | str | Path, *, device: str | None = None, prom
     per-hop fixed costs outweigh what each card saves (small models), it is faster than any split. None where one
     card cannot run the model: it does not fit on-chip and the device has no off-chip memory to stream from."""
     plan = plan_or_file if isinstance(plan_or_file, Plan) else Plan.read(plan_or_file)
+    # Planned on an unbounded card to get its one stage, then put on the plan's card (resident or streaming).
     whole = make_plan(rebuild_table(plan.model), [1 << 62], cards=1, memory_model=plan.memory_model)
-    alone = replace(whole, model=plan.model, device=plan.device, capacity_bytes=plan.capacity_bytes[:1])
     name = device or (plan.device.name if plan.device else None)
     chosen = get_device(name, load_devices(devices_file)) if name else None
     capacity = chosen.capacity_bytes if device is not None and chosen else plan.capacity_bytes[0]
     if chosen is not None and chosen.figure("off_chip_bandwidth") is None and whole.bottleneck_bytes > capacity:
         return None
+    alone = replace(whole, model=plan.model, device=plan.device, capacity_bytes=plan.capacity_bytes[:1],
+                    feasible=whole.bottleneck_bytes <= plan.capacity_bytes[0])
     return _best_decode(alone, device, prompt_len, chunk, devices_file)
 
 
