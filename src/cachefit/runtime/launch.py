@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import json
 import math
 import os
@@ -14,21 +15,21 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING, Any
 
 from cachefit.core.errors import InputError, RunError
 from cachefit.core.records import Plan, RunSummary
 from cachefit.runtime.hf_checkpoint import check_runnable
-from cachefit.runtime.shard import Manifest, read_hf_config_copy, verify_card
+from cachefit.runtime.manifest import Manifest, read_hf_config_copy, verify_card
 from cachefit.runtime.summary import summarise
-from cachefit.runtime.weights import plan_spec
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["INIT_VARIABLE", "RunOptions", "RunResult", "run_plan", "torchrun_command", "worker_command"]
 
@@ -139,7 +140,7 @@ def _check_reference_run(plan: Plan) -> None:
                          f"receive buffers, its real transients); this plan is '{plan.memory_model}'"
                          f"{'' if measured else ' of closed-form sizes'}: re-plan {plan.model.name} with measure "
                          "and memory_model='pipeline'", parameters=("measure", "memory_model"))
-    if not getattr(plan_spec(plan.model), "vocab", 0):
+    if plan.model.spec is None or not getattr(plan.model.spec.spec, "vocab", 0):
         raise InputError(f"{plan.model.name} has no vocabulary (embedding and head): a run generates tokens")
 
 
@@ -160,10 +161,15 @@ def run_plan(plan_file: str, weights: str, options: RunOptions,
                          parameters=("nnodes", "print_torchrun"))
     plan = Plan.read(plan_file)
     check_run(plan, weights, options)
+    # The ranks start before this process imports torch (1.3-1.7 s here), which it needs only for their outputs:
+    # a thread imports it while they run.
+    importing = threading.Thread(target=importlib.import_module, args=("safetensors.torch",), daemon=True)
     with tempfile.TemporaryDirectory(prefix="cachefit-run-") as out, _progress_folder() as marks:
         command = worker_command(str(Path(plan_file).resolve()), str(Path(weights).resolve()), out, options)
-        log = _launch(command, Path(out), Path(marks), plan.cards, options, progress)
+        log = _launch(command, Path(out), Path(marks), plan.cards, options, progress, importing.start)
         ranks = [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(plan.cards)]
+        from safetensors.torch import load_file
+
         outputs = load_file(str(Path(out, "outputs.safetensors")))
     summary = summarise(ranks, int(plan.model.batch or 1), options.prompt_len, options.new_tokens)
     result = RunResult(ranks, outputs["tokens"], outputs["logits"], log=log, summary=summary,
@@ -208,9 +214,9 @@ def _spawn(command: list[str], out: Path, marks: Path, cards: int, options: RunO
 
 
 def _launch(command: list[str], out: Path, marks: Path, cards: int, options: RunOptions,
-            progress: Callable[[float], None] | None) -> str:
+            progress: Callable[[float], None] | None, started_ranks: Callable[[], None] = lambda: None) -> str:
     """Start every rank and watch them: a rank that fails, or makes no progress for the timeout (hung or
-    stopped), ends the whole job, and the error names it."""
+    stopped), ends the whole job, and the error names it. ``started_ranks`` is called once they are started."""
     # Ctrl-C (and SIGTERM, SIGHUP: a closed terminal) must stop the run and remove its folder, even where SIGINT
     # came in ignored, as it does for background jobs of non-interactive shells: Python installs no
     # KeyboardInterrupt handler then.
@@ -218,6 +224,7 @@ def _launch(command: list[str], out: Path, marks: Path, cards: int, options: Run
     processes: list[subprocess.Popen[bytes]] = []
     try:
         processes = _spawn(command, out, marks, cards, options)
+        started_ranks()
         started = time.time()
         while any(process.poll() is None for process in processes):
             if progress is not None:
