@@ -10,8 +10,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cachefit.core.lazy import lazy_names
 
 if TYPE_CHECKING:
     from cachefit.api import (
@@ -50,20 +51,6 @@ _HOMES = {
     "make_plan": "cachefit.planning",
 }
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'cachefit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
-
 __version__ = "0.1.0"
 
 __all__ = [
@@ -98,3 +85,5 @@ __all__ = [
     "shard",
     "torchrun_command",
 ]
+
+__getattr__, __dir__ = lazy_names(__name__, _HOMES, __all__)

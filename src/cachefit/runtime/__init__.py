@@ -6,8 +6,9 @@ checks every shard and starts the ranks before importing it.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cachefit.core.lazy import lazy_names
 
 if TYPE_CHECKING:
     from cachefit.runtime.manifest import Manifest, plan_fingerprint, verify_card
@@ -23,14 +24,4 @@ _HOMES = {"Manifest": "cachefit.runtime.manifest", "plan_fingerprint": "cachefit
           "read_checkpoint_info": "cachefit.runtime.weights"}
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'cachefit.runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_names(__name__, _HOMES, __all__)
