@@ -152,8 +152,8 @@ def test_only_large_csv_files_take_the_fast_path() -> None:
     large = _HEADER + "\n" + "".join(row.format(i) for i in range(table_io.FAST_PATH_BYTES // len(row) + 1))
     original, results = table_io._fast_csv, []
 
-    def spy(data: bytes, header: list[str]) -> object:
-        results.append(original(data, header))
+    def spy(data: bytes, source: str) -> object:
+        results.append(original(data, source))
         return results[-1]
     with mock.patch.object(table_io, "_fast_csv", spy):
         assert len(LayerTable.from_csv(small, "m").layers) == 100 and not results
@@ -219,7 +219,7 @@ def test_plain_rows_take_the_fast_path_with_pythons_values() -> None:
     values = ["0.1", ".5", "5.", "1E5", "007", "2.2250738585072014e-308", "4.9e-324", "9007199254740993",
               "1.7976931348623157e308", "123456789012345678901234567890", "2.5e+2"]
     body = "".join(f"n{i},{i},2,0,{value}\n" for i, value in enumerate(values))
-    columns = table_io._fast_csv((_HEADER + "\n" + body).encode(), _HEADER.split(","))
+    columns = table_io._fast_csv((_HEADER + "\n" + body).encode(), "t.csv")
     assert columns is not None
     assert columns.flops.tolist() == [float(value) for value in values]
     assert columns.weight_bytes.tolist() == list(range(len(values)))

@@ -72,3 +72,14 @@ def test_files_and_functions_stay_small() -> None:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = (node.end_lineno or node.lineno) - node.lineno + 1
                 assert length <= 60, f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} has {length} lines"
+
+
+def test_what_starts_first_imports_no_torch() -> None:
+    # The package loads its names on first use, and `cachefit run`'s launcher checks the shards and starts the
+    # ranks before it imports torch (1.3 s): a module-level torch import on these paths would undo both.
+    import subprocess
+    import sys
+    probe = ("import sys, cachefit, cachefit.cli, cachefit.runtime.launch, cachefit.runtime.manifest; "
+             "print(sorted(m for m in ('torch', 'cachefit.api', 'pyarrow') if m in sys.modules))")
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert found.strip() == "[]"

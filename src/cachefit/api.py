@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from cachefit.core.cost import layer_costs, rates_of
+from cachefit.core.cost import Rates, layer_costs, rates_of
 from cachefit.core.errors import InputError
 from cachefit.core.hardware import Device, get_device, load_devices
 from cachefit.core.layers import LayerTable
@@ -40,7 +40,7 @@ from cachefit.sources import load_model, rebuild_table, verify_model
 
 if TYPE_CHECKING:
     from cachefit.runtime.launch import RunOptions, RunResult
-    from cachefit.runtime.shard import Manifest
+    from cachefit.runtime.manifest import Manifest
 
 __all__ = ["SPLITS", "Objective", "SplitMode", "devices", "export", "largest_micro_batch", "load_model",
            "one_card", "parse_baseline", "plan", "predict", "profile", "run", "shard", "torchrun_command", "verify"]
@@ -242,23 +242,29 @@ def predict(plan_or_file: Plan | str | Path, *, device: str | None = None, micro
     """Predicted speed of a plan (and of the ``baseline`` tp=T,pp=P layout of the same model on the same cards)
     on ``device`` (default: the device the plan was made for)."""
     plan = plan_or_file if isinstance(plan_or_file, Plan) else Plan.read(plan_or_file)
+    table, rates, chunk = _prediction_inputs(plan, device, chunk, devices_file)
+    ours = predict_plan(plan, table, rates, micro_batches, prompt_len, chunk)
+    if baseline is None:
+        return ours, None
+    classic = make_baseline_plan(table, rates.capacity_bytes, *_baseline_shape(baseline), plan.memory_model)
+    return ours, predict_plan(classic, table, rates, micro_batches, prompt_len, chunk)
+
+
+def _prediction_inputs(plan: Plan, device: str | None, chunk: int | None, devices_file: str | Path | None
+                       ) -> tuple[LayerTable, Rates, int]:
+    """What predicting ``plan`` reads: its model's table, the device's rates, the prompt chunk."""
     plan.check_in_layer_order("predict")
     name = device or (plan.device.name if plan.device else None)
     if name is None:
         raise InputError("this plan names no device (it was planned with a capacity): give device, e.g. a "
                          "calibrated host (cachefit calibrate)", parameters=("device",))
     chosen = get_device(name, load_devices(devices_file))
-    table = rebuild_table(plan.model)
     spec = plan.model.spec
-    chunk = chunk or (spec.prefill_chunk if spec is not None and spec.prefill_chunk else 1)
     # On another device than the plan's, residency is judged against that device's capacity.
     capacity = chosen.capacity_bytes if device is not None else plan.capacity_bytes[0]
     rates = rates_of(chosen, plan.model.dtype, capacity, _family(spec))
-    ours = predict_plan(plan, table, rates, micro_batches, prompt_len, chunk)
-    if baseline is None:
-        return ours, None
-    classic = make_baseline_plan(table, capacity, *_baseline_shape(baseline), plan.memory_model)
-    return ours, predict_plan(classic, table, rates, micro_batches, prompt_len, chunk)
+    return (rebuild_table(plan.model), rates,
+            chunk or (spec.prefill_chunk if spec is not None and spec.prefill_chunk else 1))
 
 
 def one_card(plan_or_file: Plan | str | Path, *, device: str | None = None, prompt_len: int | None = None,
@@ -268,23 +274,22 @@ def one_card(plan_or_file: Plan | str | Path, *, device: str | None = None, prom
     per-hop fixed costs outweigh what each card saves (small models), it is faster than any split. None where one
     card cannot run the model: it does not fit on-chip and the device has no off-chip memory to stream from."""
     plan = plan_or_file if isinstance(plan_or_file, Plan) else Plan.read(plan_or_file)
-    # Planned on an unbounded card to get its one stage, then put on the plan's card (resident or streaming).
-    whole = make_plan(rebuild_table(plan.model), [1 << 62], cards=1, memory_model=plan.memory_model)
-    name = device or (plan.device.name if plan.device else None)
-    chosen = get_device(name, load_devices(devices_file)) if name else None
-    capacity = chosen.capacity_bytes if device is not None and chosen else plan.capacity_bytes[0]
-    if chosen is not None and chosen.figure("off_chip_bandwidth") is None and whole.bottleneck_bytes > capacity:
+    return _one_card(plan, *_prediction_inputs(plan, device, chunk, devices_file), prompt_len)
+
+
+def _one_card(plan: Plan, table: LayerTable, rates: Rates, chunk: int, prompt_len: int | None) -> Prediction | None:
+    # Planned on an unbounded card to get its one stage; the rates judge it resident or streaming on the real one.
+    whole = make_plan(table, [1 << 62], cards=1, memory_model=plan.memory_model)
+    if rates.off_chip_bandwidth is None and whole.bottleneck_bytes > rates.capacity_bytes:
         return None
-    alone = replace(whole, model=plan.model, device=plan.device, capacity_bytes=plan.capacity_bytes[:1],
-                    feasible=whole.bottleneck_bytes <= plan.capacity_bytes[0])
-    return _best_decode(alone, device, prompt_len, chunk, devices_file)
+    alone = replace(whole, model=plan.model, device=plan.device, capacity_bytes=(rates.capacity_bytes,),
+                    feasible=whole.bottleneck_bytes <= rates.capacity_bytes)
+    return _best_decode(alone, table, rates, prompt_len, chunk)
 
 
-def _best_decode(plan: Plan, device: str | None, prompt_len: int | None, chunk: int | None,
-                 devices_file: str | Path | None) -> Prediction:
+def _best_decode(plan: Plan, table: LayerTable, rates: Rates, prompt_len: int | None, chunk: int) -> Prediction:
     batch = int(plan.model.batch or 1)
-    speeds = [predict(plan, device=device, micro_batches=m, prompt_len=prompt_len, chunk=chunk,
-                      devices_file=devices_file)[0] for m in range(1, batch + 1) if batch % m == 0]
+    speeds = [predict_plan(plan, table, rates, m, prompt_len, chunk) for m in range(1, batch + 1) if batch % m == 0]
     return max(speeds, key=lambda p: p.decode_tokens_per_s)
 
 
@@ -294,8 +299,9 @@ def _one_card_note(made: Plan, device: Device | None, devices_file: str | Path |
     if (device is None or device.figure("pass_seconds") is None or not made.feasible or made.cards < 2
             or made.model.spec is None or made.layout != "whole"):
         return made
-    alone = one_card(made, devices_file=devices_file)
-    split = _best_decode(made, None, None, None, devices_file)
+    table, rates, chunk = _prediction_inputs(made, None, None, devices_file)
+    alone = _one_card(made, table, rates, chunk, None)
+    split = _best_decode(made, table, rates, None, chunk)
     if alone is None or split.decode_tokens_per_s >= alone.decode_tokens_per_s:
         return made
     note = (f"one card is faster here: predicted {alone.decode_tokens_per_s:,.0f} decode tokens/s on one "

@@ -55,10 +55,6 @@ class LayerColumns(Sequence["Layer"]):
         extras = {i: x for i, x in enumerate(layers) if x.modules or x.shared or x.splits or x.read_bytes is not None}
         return cls(tuple(x.name for x in layers), sizes, flops, extras)
 
-    def column(self, name: str) -> Int64Array:
-        """One byte column (read-only)."""
-        return self.sizes[:, BYTE_COLUMNS.index(name)]
-
     @property
     def weight_bytes(self) -> Int64Array:
         return self.sizes[:, 0]

@@ -185,9 +185,10 @@ def layer_costs(table: LayerTable, rates: Rates, share: float = 1.0, tokens: int
         for column, value in zip((compute, moved, allreduce), terms):
             column.append(value)
     cut = [send_seconds(table, index, share, tokens, rates) for index in range(len(table.layers))]
-    fixed = [rates.layer_seconds * _block_share(name) for name in table.columns.names]
-    return LayerCosts(ways, np.array(compute), np.array(moved), np.array(allreduce), np.array(cut), rates,
-                      np.array(fixed, dtype=np.float64))
+    names = table.columns.names
+    fixed = (np.array([rates.layer_seconds * _block_share(name) for name in names]) if rates.layer_seconds
+             else np.zeros(len(names)))
+    return LayerCosts(ways, np.array(compute), np.array(moved), np.array(allreduce), np.array(cut), rates, fixed)
 
 
 _BLOCK = re.compile(r"^layers\.\d+(\.(attn|mlp))?$")

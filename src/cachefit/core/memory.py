@@ -207,7 +207,7 @@ def interval_cost(table: LayerTable, model: MemoryModel) -> IntervalCost:
     weights, activations, workspace, kv_cache = columns
     if model == "sum":
         return IntervalCost(weights + kv_cache + activations + workspace, None, shared_uses(table))
-    transient = _inputs(table) + activations + workspace + receive_buffer_bytes(table, model)
+    transient = _held(table, model, 0, len(weights) - 1) + workspace
     return IntervalCost(weights + kv_cache, transient, shared_uses(table))
 
 
@@ -255,10 +255,7 @@ def breakdown(table: LayerTable, model: MemoryModel, first: int, last: int,
     weight += shared_bytes(uses, first, last)
     if model == "sum":
         return Breakdown(weight, activation, workspace, kv_cache)
-    inputs = columns.activation_bytes[max(first - 1, 0):last]
-    if first == 0:
-        inputs = np.concatenate(([table.input_bytes], inputs)).astype(np.int64)
-    held = inputs + columns.activation_bytes[first:last + 1] + receive_buffer_bytes(table, model)
+    held = _held(table, model, first, last)
     peak = int(np.argmax(held + columns.workspace_bytes[first:last + 1]))
     return Breakdown(weight, int(held[peak]), int(columns.workspace_bytes[first + peak]), kv_cache)
 
@@ -275,7 +272,7 @@ def breakdowns(table: LayerTable, model: MemoryModel, firsts: Sequence[int], las
     extra = [shared_bytes(uses, first, last) for first, last in zip(firsts, lasts)] if uses else [0] * len(firsts)
     if model == "sum":
         return [Breakdown(w + more, a, b, kv) for (w, a, b, kv), more in zip(totals, extra)]
-    held = _inputs(table) + columns.activation_bytes + receive_buffer_bytes(table, model)
+    held = _held(table, model, 0, len(columns) - 1)
     transient = held + columns.workspace_bytes
     # One argmax per run: a few microseconds each, cheaper than a segmented argmax over every layer.
     peaks = [first + int(transient[first:last + 1].argmax()) for first, last in zip(firsts, lasts)]
@@ -283,12 +280,14 @@ def breakdowns(table: LayerTable, model: MemoryModel, firsts: Sequence[int], las
             for (w, _, _, kv), more, peak in zip(totals, extra, peaks)]
 
 
-def _inputs(table: LayerTable) -> Int64Array:
-    """in_l: each layer's input activation (the table's input for the first)."""
+def _held(table: LayerTable, model: MemoryModel, first: int, last: int) -> Int64Array:
+    """What each of layers first..last holds during its pass besides its workspace: its input (the table's input
+    for layer 0), its output and, under ``pipeline``, the card's receive buffer."""
     activations = table.columns.activation_bytes
-    inputs = np.empty(len(activations), dtype=np.int64)
-    inputs[0], inputs[1:] = table.input_bytes, activations[:-1]
-    return inputs
+    inputs = np.empty(last - first + 1, dtype=np.int64)
+    inputs[0] = table.input_bytes if first == 0 else activations[first - 1]
+    inputs[1:] = activations[first:last]
+    return inputs + activations[first:last + 1] + receive_buffer_bytes(table, model)
 
 
 def _columns(table: LayerTable) -> tuple[Int64Array, Int64Array, Int64Array, Int64Array]:

@@ -343,7 +343,7 @@ class RunSummary:
     traces: tuple[CardTrace, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        document = {key: value for key, value in asdict(self).items() if key != "traces"}
+        document: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "traces"}
         document["trace"] = [trace.to_dict() for trace in self.traces]
         document["cards"] = [{**asdict(card), "layers": list(card.layers), "memory": dict(card.memory),
                               "residency": None if card.residency is None else dict(card.residency)}

@@ -40,8 +40,8 @@ _ALL = frozenset(CSV_COLUMNS)
 
 @contextlib.contextmanager
 def _no_cyclic_gc() -> Iterator[None]:
-    """Millions of fresh lists and strings, none cyclic: the cyclic collector would rescan them again and again
-    (a 1e6-row CSV splits in 2.5 s with it, 0.3 s without)."""
+    """Millions of fresh dicts, lists and strings, none cyclic: the cyclic collector would rescan them again and
+    again while they are made (splitting a 1e6-row CSV into strings took 2.5 s with it, 0.3 s without)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -121,23 +121,25 @@ def _merge(rows: list[Any], plain: list[bool], names: list[str], sizes: np.ndarr
 def columns_from_csv(text: str | bytes, source: str, make_layer: Callable[..., Any]) -> LayerColumns:
     """A CSV table's rows as columns: the fast path for plain files, else row by row (exact line numbers). Bytes
     are ASCII (a file read as it is, no decoded copy: see LayerTable.read)."""
-    data = text if isinstance(text, bytes) else text.encode("ascii") if text.isascii() else None
-    if data is not None and len(data) >= FAST_PATH_BYTES:
-        head = data[:data.find(b"\n")] if b"\n" in data else data
-        if head.strip() and b'"' not in head:
-            header = [column.strip() for column in head.decode("ascii").split(",")]
-            check_csv_header(header, source)
-            fast = _fast_csv(data, header)
-            if fast is not None:
-                return fast
-    return LayerColumns.of(_csv_rows(text.decode("ascii") if isinstance(text, bytes) else text, source, make_layer))
+    if len(text) >= FAST_PATH_BYTES:
+        data = text if isinstance(text, bytes) else text.encode("ascii") if text.isascii() else None
+        fast = None if data is None else _fast_csv(data, source)
+        if fast is not None:
+            return fast
+    rows = text.decode("ascii") if isinstance(text, bytes) else text
+    return LayerColumns.of(_csv_rows(rows, source, make_layer))
 
 
-def _fast_csv(data: bytes, header: list[str]) -> LayerColumns | None:
+def _fast_csv(data: bytes, source: str) -> LayerColumns | None:
     """The rows after the header line parsed by Arrow's CSV reader as strings, straight from ``data`` (ASCII),
     checked a column at a time (the row path's rules, as patterns) and converted by Arrow's casts; None when
     anything is not plain (the row path then names it). One thread (two parse in about the same time here, with
-    50 MB more held)."""
+    50 MB more held). A bad header is refused here, as the row path would."""
+    head = data[:data.find(b"\n")] if b"\n" in data else data
+    if not head.strip() or b'"' in head:
+        return None
+    header = [column.strip() for column in head.decode("ascii").split(",")]
+    check_csv_header(header, source)
     if b"\r" in data:
         data = data.replace(b"\r\n", b"\n")
     body_characters = len(data) - data.find(b"\n") - data.count(b"\n")      # past the header, newlines aside
@@ -180,11 +182,15 @@ def _checked_columns(columns: dict[str, Any]) -> LayerColumns | None:
     sizes = np.zeros((len(names), 4), dtype=np.int64)
     for index, name in enumerate(BYTE_COLUMNS):
         if name in columns:
-            converted = _converted(columns.pop(name), None, pa.int64())
+            column = columns.pop(name)
+            converted = _cast_if(pc.ascii_is_decimal(column), column, pa.int64())
             if converted is None:
                 return None
             sizes[:, index] = converted
-    flops = _converted(columns.pop("flops"), _DECIMAL, pa.float64()) if "flops" in columns else np.zeros(len(names))
+    flops: np.ndarray | None = np.zeros(len(names))
+    if "flops" in columns:
+        column = columns.pop("flops")
+        flops = _cast_if(pc.match_substring_regex(column, _DECIMAL), column, pa.float64())
     if flops is None or not np.isfinite(flops).all():
         return None
     with _no_cyclic_gc():
@@ -197,12 +203,10 @@ def _checked_columns(columns: dict[str, Any]) -> LayerColumns | None:
 _DECIMAL = r"^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 
 
-def _converted(column: Any, pattern: str | None, kind: Any) -> np.ndarray | None:
-    """``column`` (Arrow strings) cast to ``kind`` as numpy when every cell matches ``pattern`` (None: decimal
-    digits only) and fits."""
+def _cast_if(matches: Any, column: Any, kind: Any) -> np.ndarray | None:
+    """``column`` (Arrow strings) cast to ``kind`` as numpy when every cell ``matches`` and the cast fits."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    matches = pc.ascii_is_decimal(column) if pattern is None else pc.match_substring_regex(column, pattern)
     if not pc.all(matches).as_py():
         return None
     try:

@@ -13,7 +13,7 @@ from safetensors.torch import load
 from cachefit.core.errors import RunError
 from cachefit.core.records import Plan
 from cachefit.runtime.hf_tensor_parallel import module_styles, unshare
-from cachefit.runtime.shard import Manifest, read_card, read_hf_config_copy
+from cachefit.runtime.manifest import Manifest, read_card, read_hf_config_copy
 from cachefit.runtime.weights import plan_spec
 
 if TYPE_CHECKING:

@@ -33,9 +33,9 @@ from safetensors.torch import save_file
 from cachefit.core.records import Partition, Plan
 from cachefit.nn.model import TORCH_DTYPES
 from cachefit.runtime.launch import INIT_VARIABLE, PROGRESS_VARIABLE
+from cachefit.runtime.manifest import Manifest, read_card, read_hf_config_copy
 from cachefit.runtime.measure import PeakTracker, tensor_bytes
 from cachefit.runtime.residency import flatten_weights, pin_weights_in_l2
-from cachefit.runtime.shard import Manifest, read_card, read_hf_config_copy
 from cachefit.runtime.stage import Stage
 from cachefit.runtime.trace import Recorder
 from cachefit.runtime.weights import plan_spec
