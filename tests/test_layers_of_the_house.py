@@ -83,3 +83,16 @@ def test_what_starts_first_imports_no_torch() -> None:
              "print(sorted(m for m in ('torch', 'cachefit.api', 'pyarrow') if m in sys.modules))")
     found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert found.strip() == "[]"
+
+
+def test_a_rank_s_peak_probe_imports_no_compiler() -> None:
+    # Each rank measures its largest pass under PeakTracker (a dispatch mode). torch wraps a mode's dispatch in
+    # torch._dynamo.disable unless the mode opts out, and that import cost every rank 1.6 s here; the probe must
+    # still count what the pass allocates (a 4x4 float32 product and a sum of it: 64 bytes each, both live).
+    import subprocess
+    import sys
+    probe = ("import sys, torch; from cachefit.runtime.measure import PeakTracker; x = torch.ones(4, 4)\n"
+             "with PeakTracker() as t:\n    y = x @ x; z = y + 1\n"
+             "print('torch._dynamo' in sys.modules, t.peak)")
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert found.split() == ["False", "128"]

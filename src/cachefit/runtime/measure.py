@@ -25,6 +25,12 @@ def tensor_bytes(tensors: Any) -> int:
 class PeakTracker(TorchDispatchMode):
     """Peak bytes of the storages ops create while active (freed ones leave: storage weak references)."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in torch._dynamo.disable unless this says no; the wrapper imports
+        # torch._dynamo on the first op (1.6 s of a rank's start-up here). Nothing runs compiled under this mode.
+        return False
+
     def __init__(self) -> None:
         super().__init__()
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
