@@ -2,8 +2,9 @@
 
 Schedule (point-to-point, forward only): prefill sends each micro-batch's hidden state on as soon as it is done,
 so stage k works on micro-batch m while stage k+1 works on m-1; decode sends one token per sequence stage to stage,
-and the last stage's greedy token returns to the first, with every micro-batch in flight. Sends are non-blocking
-(a rank never waits on a peer that is itself sending); receives block, and that time is reported as waiting.
+and the last stage's greedy token returns to the first, with every micro-batch in flight. Receives are posted
+ahead into one buffer per micro-batch and sends stay in flight, one per micro-batch (runtime/mailbox.py): a rank
+waits only for a message that is really late, and that time is reported as waiting.
 
 A stage on a tensor group (TP x PP): its first card, the leader, receives and sends for the stage and broadcasts
 what it received to the group; every card computes its share, and each block all-reduces its attention and MLP
@@ -33,6 +34,7 @@ from safetensors.torch import save_file
 from cachefit.core.records import Partition, Plan
 from cachefit.nn.model import TORCH_DTYPES
 from cachefit.runtime.launch import INIT_VARIABLE, PROGRESS_VARIABLE
+from cachefit.runtime.mailbox import Inbox, Outbox
 from cachefit.runtime.manifest import Manifest, read_card, read_hf_config_copy
 from cachefit.runtime.measure import PeakTracker, tensor_bytes
 from cachefit.runtime.residency import flatten_weights, pin_weights_in_l2
@@ -219,17 +221,17 @@ def _run(args: argparse.Namespace, rank: int, world: int, progress: Progress) ->
     chunk = plan.model.chunk
     rows = stage.micro_caches(batch, micro, seq, dtype)
     hidden = stage.hidden
-    # One receive buffer serves every micro-batch: each message is consumed before the next one is received.
-    # The first stage receives only tokens (from the last, or its leader's broadcast); the others hidden states.
-    inbox = ({"token": torch.empty(size, dtype=torch.long, device=device)} if stage.first
-             else {"hidden": torch.empty(size * chunk * hidden, dtype=dtype, device=device)})
+    # One receive buffer per micro-batch (runtime/mailbox.py): the first stage receives only tokens (from the
+    # last, or its leader's broadcast); the others hidden states, at most a prompt chunk each.
+    buffers = ([torch.empty(size, dtype=torch.long, device=device) for _ in range(micro)] if stage.first
+               else [torch.empty(size * chunk * hidden, dtype=dtype, device=device) for _ in range(micro)])
     transient = _transient_peak(stage, rows[0], size, chunk, seq, hidden, dtype, device)
     reduce.seconds = 0.0
     memory = {"weights": tensor_bytes(list(stage.held().values())),
-              "kv_cache": tensor_bytes(stage.cache_tensors(rows)), "buffers": tensor_bytes(inbox),
+              "kv_cache": tensor_bytes(stage.cache_tensors(rows)), "buffers": tensor_bytes(buffers),
               "transient_peak": transient}
     prompt = prompts(stage.vocab, batch, args.prompt_len, args.seed)
-    outcome = _pipeline(args, place, stage, rows, inbox, prompt.to(device), size, chunk, Clock(progress))
+    outcome = _pipeline(args, place, stage, rows, buffers, prompt.to(device), size, chunk, Clock(progress))
     emits = stage.last and place.leader
     report = {"rank": rank, "card": rank, "first": place.part.first, "last": place.part.last,
               "tensor_parallel": place.part.tensor_parallel, "emits": emits,
@@ -278,17 +280,17 @@ def _passes(prompt_len: int, steps: int, chunk: int) -> list[tuple[int, int]]:
     return prefill + [(prompt_len + step - 1, 1) for step in range(1, steps)]
 
 
-def _pipeline(args: argparse.Namespace, place: Place, stage: Any, rows: list[Any],
-              inbox: dict[str, torch.Tensor], prompt: torch.Tensor, size: int, chunk: int,
-              clock: Clock) -> dict[str, Any]:
-    pending, device = [], prompt.device
-    micro, steps, hidden = len(rows), args.new_tokens, stage.hidden
+def _pipeline(args: argparse.Namespace, place: Place, stage: Any, rows: list[Any], buffers: list[torch.Tensor],
+              prompt: torch.Tensor, size: int, chunk: int, clock: Clock) -> dict[str, Any]:
+    device, micro, steps = prompt.device, len(rows), args.new_tokens
     passes = _passes(args.prompt_len, steps, chunk)
     prefill_passes = len(passes) - (steps - 1)
     tokens = torch.zeros(micro * size, steps, dtype=torch.long, device=device)
     logits = torch.zeros(0)
     token_times: list[list[float]] = [[] for _ in range(micro)]
     trace = Recorder(lambda: (clock.compute, clock.wait, clock.send))
+    inbox = Inbox(buffers, _messages(passes, prefill_passes, micro, size, stage), _source(place), clock.timed, trace)
+    outbox = Outbox(micro, 0 if place.following is None else place.following, clock.timed, trace)
     _barrier(clock.progress)
     start = time.perf_counter()
     prefill_done = 0.0
@@ -298,18 +300,19 @@ def _pipeline(args: argparse.Namespace, place: Place, stage: Any, rows: list[Any
         trace.begin()
         for m in range(micro):
             rows_m = slice(m * size, (m + 1) * size)
-            if stage.first and step == 0:
-                x = prompt[rows_m, position:position + length]
-            elif stage.first:
-                x = _receive(clock, trace, place, inbox["token"], tokens[rows_m, step - 1]).unsqueeze(1)
-            else:
-                x = _receive(clock, trace, place, inbox["hidden"][:size * length * hidden].view(size, length, hidden))
-            out = clock.timed("compute", stage, x, rows[m], position)
+            received = not (stage.first and step == 0)
+            x = _input(clock, place, inbox, tokens[rows_m, step - 1]) if received else \
+                prompt[rows_m, position:position + length]
+            out = clock.timed("compute", stage, x.unsqueeze(1) if stage.first and received else x, rows[m], position)
+            if received:
+                # A stage that passed its input on (a DTensor output is a group's own): the buffer is reused next.
+                if type(out) is torch.Tensor and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+                    out = out.clone()
+                inbox.done()
             if not place.leader:
                 continue
             if not stage.last:
-                trace.posted()
-                pending.append(dist.isend(out.contiguous(), place.following))
+                outbox.send(m, out)
             elif emits:
                 chosen = out.argmax(dim=-1)
                 tokens[rows_m, step] = chosen
@@ -317,15 +320,12 @@ def _pipeline(args: argparse.Namespace, place: Place, stage: Any, rows: list[Any
                 if step == steps - 1:
                     logits = out if m == 0 else torch.cat((logits, out))
                 elif place.stages > 1:
-                    trace.posted()
-                    pending.append(dist.isend(chosen.contiguous(), 0))
+                    outbox.send(m, chosen)
         trace.end()
         if index == prefill_passes - 1:
             prefill_done = time.perf_counter() - start
             _inject_fault(place.rank)
-    for handle in pending:
-        if handle is not None:
-            clock.timed("send", handle.wait)
+    outbox.finish()
     _barrier(clock.progress)
     total = time.perf_counter() - start
     return {"tokens": tokens, "logits": logits, "timing": {
@@ -339,18 +339,29 @@ def _barrier(progress: Progress) -> None:
     progress.mark(b"r")
 
 
-def _receive(clock: Clock, trace: Recorder, place: Place, buffer: torch.Tensor, local: torch.Tensor | None = None
-             ) -> torch.Tensor:
-    """The stage's input: the leader receives it from the stage before (the first stage's leader: the last
-    stage's token, or its own when there is one stage), then broadcasts it to its group."""
-    if place.leader:
-        if place.previous is not None:
-            trace.receive(clock.timed, "wait", dist.recv, buffer, place.previous)
-        elif place.stages > 1:
-            trace.receive(clock.timed, "wait", dist.recv, buffer, place.last_leader)
-        else:
-            assert local is not None
-            buffer.copy_(local)
+def _messages(passes: list[tuple[int, int]], prefill_passes: int, micro: int, size: int, stage: Any
+              ) -> list[tuple[int, ...]]:
+    """The shape of every input this rank takes from its inbox, in order: the first stage a token per sequence
+    each decode pass after the first token; the others each pass's hidden state."""
+    if stage.first:
+        return [(size,)] * (micro * (len(passes) - prefill_passes))
+    return [(size, length, stage.hidden) for _, length in passes for _ in range(micro)]
+
+
+def _source(place: Place) -> int | None:
+    """Whom this rank receives from point to point: a leader from the stage before (the first stage's leader
+    from the last stage); nobody on one stage, or off the leader (its group broadcasts)."""
+    if not place.leader or place.stages == 1:
+        return None
+    return place.last_leader if place.previous is None else place.previous
+
+
+def _input(clock: Clock, place: Place, inbox: Inbox, local: torch.Tensor) -> torch.Tensor:
+    """The stage's next input: received (posted ahead), or on one stage the first stage's own token; then
+    broadcast by the leader to its group."""
+    buffer = inbox.take()
+    if place.leader and place.stages == 1:
+        buffer.copy_(local)
     if place.group is not None:
         clock.timed("wait", dist.broadcast, buffer, place.part.card, place.group)
     return buffer
