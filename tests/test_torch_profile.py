@@ -45,6 +45,17 @@ def test_reference_module_agrees_with_its_family(spec: DenseSpec | LlamaSpec, wo
         assert mine.kv_cache_bytes == theirs.kv_cache_bytes, mine.name
         assert mine.flops == pytest.approx(theirs.flops, rel=0.01), mine.name
         assert [s.owner for s in mine.shared] == [s.owner for s in theirs.shared]
+        assert mine.read_bytes == theirs.read_bytes, mine.name       # a lookup reads only its rows
+
+
+def test_an_embedding_reads_the_rows_it_looks_up() -> None:
+    # llama-untied at decode, batch 2, float32: the table holds 50 x 64 x 4 = 12,800 bytes, a pass looks up one
+    # row per sequence, 2 x 64 x 4 = 512 bytes; every block reads all its weights (read_bytes None).
+    spec, work = SPECS[1], WORKLOADS[0]
+    for table in (measure_spec(spec, work), closed_form(spec, work)):
+        embedding = table.layers[0]
+        assert (embedding.weight_bytes, embedding.read_bytes, embedding.split(1).bytes_read) == (12_800, 512, 512)
+        assert all(layer.read_bytes is None for layer in table.layers[1:])
 
 
 def test_weights_are_the_unique_tensor_bytes() -> None:

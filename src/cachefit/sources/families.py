@@ -193,9 +193,10 @@ def _embedding_share(vocab: int, d: int, work: Workload, p: int, ways: int) -> S
     summed by one all-reduce of the T*d*p output; Megatron-LM's VocabParallelEmbedding, Shoeybi et al. 2019,
     sec. 3), else the whole table on every card."""
     if ways > 1 and vocab % ways == 0:
-        return Split(ways, vocab // ways * d * p, vocab_parallel_workspace(EMBED, work.tokens, work.batch, vocab, ways,
-                                                                          p), 0, 0.0, work.tokens * d * p, allreduces=1)
-    return Split(ways, vocab * d * p, 0)
+        share = vocab // ways * d * p
+        return Split(ways, share, vocab_parallel_workspace(EMBED, work.tokens, work.batch, vocab, ways, p), 0, 0.0,
+                     work.tokens * d * p, allreduces=1, read_bytes=min(share, work.tokens * d * p))
+    return Split(ways, vocab * d * p, 0, read_bytes=min(vocab * d * p, work.tokens * d * p))
 
 
 def _head_share(vocab: int, d: int, norm_params: int, tied: bool, work: Workload, p: int, ways: int) -> Split:
@@ -219,8 +220,10 @@ def vocab_parallel_workspace(layer: str, tokens: int, batch: int, vocab: int, wa
 
 def _embedding(vocab: int, d: int, work: Workload, p: int, ways: tuple[int, ...]) -> Layer:
     whole = _embedding_share(vocab, d, work, p, 1)
+    # A lookup reads the rows it looks up (its output), not the whole table.
     return Layer(EMBED, whole.weight_bytes, work.tokens * d * p, 0, 0, 0.0, (EMBED,),
-                 splits=tuple(_embedding_share(vocab, d, work, p, t) for t in ways))
+                 splits=tuple(_embedding_share(vocab, d, work, p, t) for t in ways),
+                 read_bytes=min(whole.weight_bytes, work.tokens * d * p))
 
 
 def _head(vocab: int, d: int, norm_params: int, tied: bool, work: Workload, p: int, ways: tuple[int, ...]) -> Layer:

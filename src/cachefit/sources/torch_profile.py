@@ -358,4 +358,15 @@ def _layer(group: list[_Unit], first: int, flow: list[tuple[int, int, int]], flo
                  flops=sum(flops.get(module, 0.0) for unit in group for module in unit.modules)
                  + sum(unit.flops for unit in group),
                  modules=tuple(module for unit in group for module in unit.modules),
-                 shared=tuple(s for unit in group for s in unit.shared if s.owner not in inside))
+                 shared=tuple(s for unit in group for s in unit.shared if s.owner not in inside),
+                 read_bytes=_read_bytes(group))
+
+
+def _read_bytes(group: list[_Unit]) -> int | None:
+    """Weight bytes a pass reads, where fewer than held: a lookup table (``nn.Embedding``, positional ones too)
+    reads the rows it looks up, its output, not the whole table; None where every unit reads all it holds."""
+    def lookup(unit: _Unit) -> bool:
+        return any(isinstance(module, nn.Embedding) for module in unit.module_objects)
+    if not any(lookup(unit) and unit.output_bytes < unit.weight_bytes for unit in group):
+        return None
+    return sum(min(unit.output_bytes, unit.weight_bytes) if lookup(unit) else unit.weight_bytes for unit in group)
