@@ -8,7 +8,8 @@ random weights (seed 0), saved with save_pretrained: 82 MB. Workload: batch 4, 6
 a 128-token cache. transformers' generate (greedy, one process, one thread, end-of-text ignored) is timed on the
 same prompt ids. cachefit: a pipeline plan (prompts in chunks the plan counts), one thread per rank, ranks on
 their own cores; prefill is the prompt tokens over the time to the first token, decode the later tokens over the
-rest. Each configuration's tokens are compared with generate's.
+rest. Each configuration's tokens are compared with generate's. Two-card plans are balanced by bytes, and by this
+host's predicted decode time (`plan --objective time` on a calibration made at the start of the run).
 Targets: 1 card within 1.2x of generate's time; 2 cards >= 1.7x one card's prefill throughput; tokens identical.
 """
 
@@ -27,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 import cachefit
+from _bench_model import calibrated_host
 from cachefit.runtime import shard_checkpoint
 from cachefit.runtime.launch import RunOptions, run_plan
 from cachefit.runtime.worker import prompts
@@ -65,11 +67,17 @@ def generate(folder: Path, repeats: int) -> dict[str, Any]:
     return {"total_s": best, "tokens": tokens}
 
 
-def pipeline(folder: Path, work: Path, cards: int, micro: int, chunk: int, repeats: int) -> dict[str, Any]:
-    """cachefit run of a ``cards``-card plan: the best of ``repeats`` runs by total time."""
+def pipeline(folder: Path, work: Path, schedule: tuple[int, int, int, str], host: Path, repeats: int
+             ) -> dict[str, Any]:
+    """cachefit run of a ``cards``-card plan, its stages balanced by bytes (``memory``) or by predicted decode time
+    on this host (``time``): the best of ``repeats`` runs by total time."""
+    cards, micro, chunk, objective = schedule
     table = cachefit.load_model(folder, batch=BATCH, seq=SEQ, torch_options=TorchOptions(prefill_chunk=chunk))
-    plan = cachefit.plan(table, capacity=1 << 40, cards=cards, memory_model="pipeline")
-    plan_file, shards = work / f"plan-{cards}-{micro}-{chunk}.json", work / f"shards-{cards}-{micro}-{chunk}"
+    timed = {"objective": "time", "device": "host", "devices_file": host, "micro_batches": micro}
+    plan = cachefit.plan(table, capacity=1 << 40, cards=cards, memory_model="pipeline",
+                         **(timed if objective == "time" else {}))
+    name = f"{cards}-{micro}-{chunk}-{objective}"
+    plan_file, shards = work / f"plan-{name}.json", work / f"shards-{name}"
     plan.write(plan_file)
     shard_checkpoint(plan, folder, shards)
     best: dict[str, Any] | None = None
@@ -91,22 +99,27 @@ def main() -> None:
     if args.long:
         global BATCH, PROMPT, NEW, SEQ, SCHEDULES
         BATCH, PROMPT, NEW, SEQ = 8, 256, 4, 272
-        SCHEDULES = [(1, 1, PROMPT), (1, 8, PROMPT), (2, 8, PROMPT)]
+        SCHEDULES = [(1, 1, PROMPT, "memory"), (1, 8, PROMPT, "memory"), (2, 8, PROMPT, "memory")]
     warnings.filterwarnings("ignore")
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(temporary)
         folder = checkpoint(work / "llama")
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        host = calibrated_host(work, Console())
         reference = generate(folder, args.repeats)
-        rows = [(f"{cards} card{'s' if cards > 1 else ''}, M={micro}, chunk {chunk}",
-                 pipeline(folder, work, cards, micro, chunk, args.repeats))
-                for cards, micro, chunk in SCHEDULES]
+        rows = [(f"{cards} card{'s' if cards > 1 else ''}, M={micro}, chunk {chunk}"
+                 + (", by time" if objective == "time" else ""),
+                 pipeline(folder, work, (cards, micro, chunk, objective), host, args.repeats))
+                for cards, micro, chunk, objective in SCHEDULES]
     report(reference, rows, size)
 
 
-# (cards, micro-batches, prompt tokens per sequence per pass): the whole prompt at once, and the same chunked
-# schedule on 1 and 2 cards (each chunk of each micro-batch is a unit the two stages overlap).
-SCHEDULES = [(1, 1, PROMPT), (1, 2, 16), (2, 2, 16), (2, 2, PROMPT), (2, 4, PROMPT)]
+# (cards, micro-batches, prompt tokens per sequence per pass, objective): the whole prompt at once, and the same
+# chunked schedule on 1 and 2 cards (each chunk of each micro-batch is a unit the two stages overlap); 2 cards
+# balanced by bytes (the embedding's card and the head's hold the same) and by this host's predicted decode time
+# (the head's card does more: a lookup reads 4 rows of the embedding, the head reads all of its own).
+SCHEDULES = [(1, 1, PROMPT, "memory"), (1, 2, 16, "memory"), (2, 2, 16, "memory"), (2, 2, PROMPT, "memory"),
+             (2, 2, PROMPT, "time"), (2, 4, PROMPT, "memory"), (2, 4, PROMPT, "time")]
 
 
 def report(reference: dict[str, Any], rows: list[tuple[str, dict[str, Any]]], size: int) -> None:
@@ -132,6 +145,10 @@ def report(reference: dict[str, Any], rows: list[tuple[str, dict[str, Any]]], si
     console.print(f"1 card / generate: {one['total_s'] / reference['total_s']:.2f}x (target <= 1.2); 2 cards' "
                   f"prefill / 1 card's on the same schedule: {', '.join(same) or 'n/a'}; best against best: "
                   f"{best_two / best_one:.2f}x (target >= 1.7)")
+    decode = {label: row["decode_tokens_per_s"] for label, row in rows}
+    two = max(value for label, value in decode.items() if label.startswith("2 cards"))
+    console.print(f"decode, best 2 cards / best 1 card: "
+                  f"{two / max(value for label, value in decode.items() if label.startswith('1 card,')):.2f}x")
 
 
 if __name__ == "__main__":
