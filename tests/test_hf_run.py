@@ -282,3 +282,23 @@ def test_a_killed_rank_of_a_hugging_face_run_ends_the_job_and_is_named(tmp_path:
     with pytest.raises(cachefit.RunError, match="rank 1 failed: killed by signal 9"):
         run_plan(str(plan_file), str(shards), RunOptions(prompt_len=6, new_tokens=4, micro_batches=2,
                                                                        timeout=20))
+
+
+def test_predict_takes_the_hf_folder_a_plan_was_made_from(tmp_path: Path) -> None:
+    # A Hugging Face plan keeps no spec: predict re-profiles the folder under the plan's workload, checks the
+    # fingerprint, and refuses another model (and a spec plan given a model) with one line.
+    folder = checkpoint(tmp_path / "llama", "llama")
+    plan = planned(folder, 2)
+    plan_file = tmp_path / "plan.json"
+    plan.write(plan_file)
+    with pytest.raises(cachefit.InputError, match=r"predict --model PATH"):
+        cachefit.predict(plan_file, device="h100")
+    ours, _ = cachefit.predict(plan_file, device="h100", model=folder)
+    assert [(s.first, s.last) for s in ours.stages] == [(p.first, p.last) for p in plan.partitions]
+    assert ours.decode_tokens_per_s > 0
+    other = checkpoint(tmp_path / "gpt2", "gpt2")
+    with pytest.raises(cachefit.InputError, match=r"made for another model than"):
+        cachefit.predict(plan_file, device="h100", model=other)
+    spec_plan = cachefit.plan("tiny-llama", capacity="1GiB", cards=2)
+    with pytest.raises(cachefit.InputError, match=r"drop the model given"):
+        cachefit.predict(spec_plan, device="h100", model=folder)

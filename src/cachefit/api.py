@@ -36,7 +36,7 @@ from cachefit.planning import (
     on_original_layers,
     parse_baseline,
 )
-from cachefit.sources import load_model, rebuild_table, verify_model
+from cachefit.sources import load_model, plan_table, verify_model
 
 if TYPE_CHECKING:
     from cachefit.runtime.launch import RunOptions, RunResult
@@ -238,11 +238,14 @@ def _check_single_capacity(capacities: list[int], strategy: str, what: str) -> N
 
 def predict(plan_or_file: Plan | str | Path, *, device: str | None = None, micro_batches: int = 1,
             prompt_len: int | None = None, chunk: int | None = None, baseline: Baseline | None = None,
-            devices_file: str | Path | None = None) -> tuple[Prediction, Prediction | None]:
+            devices_file: str | Path | None = None, model: str | Path | None = None
+            ) -> tuple[Prediction, Prediction | None]:
     """Predicted speed of a plan (and of the ``baseline`` tp=T,pp=P layout of the same model on the same cards)
-    on ``device`` (default: the device the plan was made for)."""
+    on ``device`` (default: the device the plan was made for). ``model``: for a plan made from a Hugging Face
+    folder or config or a layer table file, that model (checked against the plan's fingerprint); a plan made from
+    a preset or spec rebuilds its table from the spec it keeps."""
     plan = plan_or_file if isinstance(plan_or_file, Plan) else Plan.read(plan_or_file)
-    table, rates, chunk = _prediction_inputs(plan, device, chunk, devices_file)
+    table, rates, chunk = _prediction_inputs(plan, device, chunk, devices_file, model)
     ours = predict_plan(plan, table, rates, micro_batches, prompt_len, chunk)
     if baseline is None:
         return ours, None
@@ -250,8 +253,8 @@ def predict(plan_or_file: Plan | str | Path, *, device: str | None = None, micro
     return ours, predict_plan(classic, table, rates, micro_batches, prompt_len, chunk)
 
 
-def _prediction_inputs(plan: Plan, device: str | None, chunk: int | None, devices_file: str | Path | None
-                       ) -> tuple[LayerTable, Rates, int]:
+def _prediction_inputs(plan: Plan, device: str | None, chunk: int | None, devices_file: str | Path | None,
+                       model: str | Path | None = None) -> tuple[LayerTable, Rates, int]:
     """What predicting ``plan`` reads: its model's table, the device's rates, the prompt chunk."""
     plan.check_in_layer_order("predict")
     name = device or (plan.device.name if plan.device else None)
@@ -263,18 +266,18 @@ def _prediction_inputs(plan: Plan, device: str | None, chunk: int | None, device
     # On another device than the plan's, residency is judged against that device's capacity.
     capacity = chosen.capacity_bytes if device is not None else plan.capacity_bytes[0]
     rates = rates_of(chosen, plan.model.dtype, capacity, _family(spec))
-    return (rebuild_table(plan.model), rates,
-            chunk or (spec.prefill_chunk if spec is not None and spec.prefill_chunk else 1))
+    return plan_table(plan.model, model), rates, chunk or plan.model.chunk
 
 
 def one_card(plan_or_file: Plan | str | Path, *, device: str | None = None, prompt_len: int | None = None,
-             chunk: int | None = None, devices_file: str | Path | None = None) -> Prediction | None:
+             chunk: int | None = None, devices_file: str | Path | None = None, model: str | Path | None = None
+             ) -> Prediction | None:
     """The plan's model on one card of the same device, at its best decode over the micro-batch counts that
     divide the batch (each one re-reads the weights, so usually one): what a split must beat. Where per-pass and
     per-hop fixed costs outweigh what each card saves (small models), it is faster than any split. None where one
     card cannot run the model: it does not fit on-chip and the device has no off-chip memory to stream from."""
     plan = plan_or_file if isinstance(plan_or_file, Plan) else Plan.read(plan_or_file)
-    return _one_card(plan, *_prediction_inputs(plan, device, chunk, devices_file), prompt_len)
+    return _one_card(plan, *_prediction_inputs(plan, device, chunk, devices_file, model), prompt_len)
 
 
 def _one_card(plan: Plan, table: LayerTable, rates: Rates, chunk: int, prompt_len: int | None) -> Prediction | None:

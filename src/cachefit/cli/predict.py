@@ -22,12 +22,14 @@ from cachefit.core.files import atomic_write_text, check_output
 @click.option("--prompt-len", type=click.IntRange(min=1), help="Prompt tokens per sequence (default: the plan's seq).")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), help="Prompt tokens per pass (default: the plan's).")
 @click.option("--devices-file", type=click.Path(dir_okay=False), help="TOML adding devices or overriding figures.")
+@click.option("--model", "model", metavar="PATH", help="The Hugging Face folder or config, or the layer table file, "
+                                                      "the plan was made from (a preset's or spec's plan keeps it).")
 @click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write the prediction JSON here.")
 @handle_errors
 def predict_command(plan_file: str, device: str | None, micro_batches: int, baseline: str | None,
-                    prompt_len: int | None, prefill_chunk: int | None, devices_file: str | None, output_format: str,
-                    output: str | None) -> None:
+                    prompt_len: int | None, prefill_chunk: int | None, devices_file: str | None, model: str | None,
+                    output_format: str, output: str | None) -> None:
     """Predict PLAN's speed per stage (compute, memory at on-chip or off-chip bandwidth, all-reduces, transfers)
     and end to end: prefill tokens/s, decode time per output token (TPOT) and tokens/s. Figures come from the
     device catalog, each with its source (cachefit devices --format json).
@@ -39,13 +41,15 @@ def predict_command(plan_file: str, device: str | None, micro_batches: int, base
       cachefit plan seed-dense16 --batch 1 --device dmatrix-corsair -o plan.json
       cachefit predict plan.json --micro-batches 1 --baseline tp=8,pp=2 --device dmatrix-corsair
       cachefit calibrate -o host.toml && cachefit predict run-plan.json --device host --devices-file host.toml
+      cachefit plan ckpt/llama --capacity 1GB --cards 2 -o hf-plan.json
+      cachefit predict hf-plan.json --model ckpt/llama --device host --devices-file host.toml --micro-batches 2
     """
     if output:
         check_output(output, "prediction")
     ours, classic = api.predict(plan_file, device=device, micro_batches=micro_batches, prompt_len=prompt_len,
-                                chunk=prefill_chunk, baseline=baseline, devices_file=devices_file)
+                                chunk=prefill_chunk, baseline=baseline, devices_file=devices_file, model=model)
     alone = (api.one_card(plan_file, device=device, prompt_len=prompt_len, chunk=prefill_chunk,
-                          devices_file=devices_file) if len(ours.stages) > 1 else None)
+                          devices_file=devices_file, model=model) if len(ours.stages) > 1 else None)
     document = {"schema": "cachefit.prediction/v1", "plan": plan_file, "prediction": ours.to_dict(),
                 "baseline": None if classic is None else {"layout": baseline, **classic.to_dict()},
                 "one_card": None if alone is None else alone.to_dict()}

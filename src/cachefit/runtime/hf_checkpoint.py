@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,20 +60,13 @@ def stored_tensors(folder: Path) -> dict[str, Path]:
 def matching_config(plan: Plan, folder: Path) -> dict[str, Any]:
     """The folder's config document, once its profile under the plan's workload is the table the plan was made
     for; otherwise one line saying how to make a plan that is."""
-    from cachefit.sources import TorchOptions, load_model
+    from cachefit.sources import plan_table
     from cachefit.sources.hf import read_hf_config
 
     document = read_hf_config(folder)
     check_runnable(document)
-    model = plan.model
-    table = load_model(folder, batch=model.batch, seq=model.seq, phase=model.phase, dtype=model.dtype,
-                       torch_options=TorchOptions(prefill_chunk=model.prefill_chunk))
-    table = replace(table, name=model.name)          # a folder renamed or copied holds the same model
-    if not table.has_fingerprint(model.fingerprint):
-        raise InputError(f"the plan was made for another model than {folder} (its table {model.fingerprint[:19]}..., "
-                         f"this config's {table.fingerprint[:19]}... at batch {model.batch}, seq {model.seq}, "
-                         f"{model.phase}, {model.dtype}): plan again from {folder}, with the default attention "
-                         "and experts (a run computes as transformers' defaults do)")
+    plan_table(plan.model, folder, f"plan again from {folder}, with the default attention and experts (a run "
+                                   "computes as transformers' defaults do)")
     return document
 
 

@@ -21,8 +21,19 @@ from cachefit.core.records import ModelInfo, Verification
 from cachefit.core.spec import DTYPE_BYTES, ExpertSplit, ModelSpec, Workload
 from cachefit.sources.spec import build_table, parse_spec_text, read_spec
 
-__all__ = ["WORKLOAD_OPTIONS", "Granularity", "Preset", "TorchOptions", "hf_preset_names", "load_model", "presets",
-           "rebuild_table", "spec_of", "verify_model"]
+__all__ = [
+    "WORKLOAD_OPTIONS",
+    "Granularity",
+    "Preset",
+    "TorchOptions",
+    "hf_preset_names",
+    "load_model",
+    "plan_table",
+    "presets",
+    "rebuild_table",
+    "spec_of",
+    "verify_model",
+]
 
 WORKLOAD_OPTIONS = ("batch", "seq", "phase", "dtype", "attention")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -171,10 +182,37 @@ def rebuild_table(model: ModelInfo) -> LayerTable:
     plan does not keep (FLOPs, per-layer activations)."""
     if model.spec is None:
         raise InputError(f"the plan's model {model.name!r} keeps no dense/llama spec (it came from a layer table or "
-                         "a torch/HF profile): predict needs a plan made from a preset or a .toml spec")
+                         "a torch/HF profile): give the model it was planned from (predict --model PATH)")
     work = Workload(batch=model.batch or 1, seq=model.seq or 1, phase=model.phase or "decode",
                     dtype=model.dtype or "float16", attention=model.spec.attention)
     return build_table(model.spec.spec, work, model.spec.sublayers, experts=model.spec.experts)
+
+
+def plan_table(model: ModelInfo, source: str | Path | None = None,
+               fix: str = "give the model it was planned from, or plan again") -> LayerTable:
+    """The table a plan was made for: its spec's closed form (``source`` None), or ``source``, the Hugging Face
+    folder or config (profiled again under the plan's workload) or the layer table file the plan was made from,
+    checked against the plan's fingerprint; ``fix`` ends the line that refuses another model."""
+    if source is None:
+        return rebuild_table(model)
+    if model.spec is not None:
+        raise InputError(f"the plan keeps the spec of {model.name!r} and rebuilds its table from it: drop the "
+                         f"model given ({source})")
+    text, path = str(source), Path(source)
+    if _hf_source(text, path) is not None:
+        table = load_model(source, batch=model.batch, seq=model.seq, phase=model.phase, dtype=model.dtype,
+                           torch_options=TorchOptions(prefill_chunk=model.prefill_chunk))
+    elif path.suffix.lower() in (".json", ".csv"):
+        table = load_model(source)
+    else:
+        raise InputError(f"model {text!r}: give the Hugging Face folder or config, or the layer table file, the plan "
+                         "was made from")
+    table = replace(table, name=model.name)          # a folder renamed or copied holds the same model
+    if not table.has_fingerprint(model.fingerprint):
+        raise InputError(f"the plan was made for another model than {text} (its table {model.fingerprint[:19]}..., "
+                         f"this one's {table.fingerprint[:19]}... at batch {model.batch}, seq {model.seq}, "
+                         f"{model.phase}, {model.dtype}): {fix}")
+    return table
 
 
 def spec_of(model: str | Path) -> tuple[ModelSpec, Workload]:
