@@ -7,7 +7,10 @@ but each half of a 2-card plan stays below it, do 2 cards decode more than twice
 1. The cache step: fp32 matrix-vector products (y = W x, one thread, W in 2 MiB blocks of 512 x 1024, read over
    and over) at working sets of 2 to 64 MiB: one core reading S bytes alone, and both cores at once, each reading
    its own S / 2 (what a 2-card plan asks of the shared last-level cache). Bandwidth = bytes read / median time.
-2. A dense model (no norms, 2-matrix MLP) sized from that step: 1 card against 2 cards at decode through
+2. A dense model (no norms, 2-matrix MLP) sized from that step: as many bytes as the working set where a core
+   reading its half while the other reads the other half gains most over one core reading the whole, in as few
+   blocks as a 2-card plan needs (one a card, by default: each block's per-op cost is paid every pass whatever its
+   bytes, so fewer, wider blocks leave the weight reads to decide). 1 card against 2 cards at decode through
    ``cachefit run`` (one process per card, one thread each, gloo), micro-batches 1, 2, 4, tokens checked, beside
    ``cachefit predict`` on this host as ``cachefit calibrate`` measures it.
 """
@@ -39,27 +42,28 @@ from cachefit.sources import TorchOptions
 
 MIB = 1 << 20
 SIZES_MIB = (2, 4, 8, 12, 16, 20, 24, 28, 32, 48, 64, 96, 128, 192, 256)
-BLOCK = (512, 1024)                                    # one 2 MiB fp32 matrix
-# d = 512, MLP 768: a block's weights are 4 d^2 + 2 * 768 d = 1,835,008 fp32 = 7.0 MiB; plus 0.5 MiB each of
-# embedding and head (vocab 256). The number of blocks comes from the sweep (or --layers).
-BLOCK_MIB = 7.0
+BLOCK = (512, 1024)                                    # one 2 MiB fp32 matrix of the sweep
+SMALLEST_MIB = 8                                       # below it a decode pass is mostly per-op cost, not bytes
+VOCAB = 256
 BATCH, PROMPT, NEW = 4, 8, 64
 
 
-def model_spec(layers: int) -> DenseSpec:
-    return DenseSpec(f"residency-dense{layers}", layers=layers, heads=8, head_dim=64, mlp_hidden=768, vocab=256)
+def model_spec(total_mib: float, blocks: int) -> DenseSpec:
+    """A dense model of ``blocks`` blocks with about ``total_mib`` of fp32 weights: hidden d (a multiple of 64,
+    64-wide heads) and MLP d, so a block holds 4 d^2 (attention) + 2 d^2 (MLP) weights, 24 d^2 bytes."""
+    width = 64 * max(1, round((total_mib * MIB / (24 * blocks)) ** 0.5 / 64))
+    return DenseSpec(f"residency-dense{blocks}-d{width}", layers=blocks, heads=width // 64, head_dim=64,
+                     mlp_hidden=width, vocab=VOCAB)
 
 
-def layers_from(sweep: dict[int, tuple[float, float]]) -> tuple[int, float]:
-    """Blocks for the model, and the ceiling the sweep sets on a weight-bound 2-card decode speed-up: the working
-    set (of at least 4 blocks, so a pass is not all per-op overhead) where a core reading its half while the other
-    core reads the other half gains most over one core reading the whole. At decode each card reads its weights once
-    per micro-batch, so with M = 2 a step costs each card the time one card takes for the whole at the half's
-    rate: the speed-up is at most that per-core ratio (and the cards' count only adds when compute, not the weight
-    reads, bounds a pass)."""
-    ratios = {size: together / 2 / alone for size, (alone, together) in sweep.items() if size >= 4 * BLOCK_MIB}
+def best_set(sweep: dict[int, tuple[float, float]]) -> tuple[int, float]:
+    """The working set (MiB, at least SMALLEST_MIB) where a core reading its half while the other core reads the
+    other half gains most over one core reading the whole, and that gain: the ceiling the sweep sets on a
+    weight-bound 2-card decode speed-up at M = 2 (each card reads its half once per micro-batch: per step as many
+    bytes as one card reading the whole once, at the half's rate)."""
+    ratios = {size: together / 2 / alone for size, (alone, together) in sweep.items() if size >= SMALLEST_MIB}
     size = max(ratios, key=ratios.__getitem__)
-    return max(2, 2 * round(size / BLOCK_MIB / 2)), ratios[size]
+    return size, ratios[size]
 
 
 def _sweep_seconds(total_bytes: int, repeats: int = 31) -> float:
@@ -129,6 +133,39 @@ def decode(folder: Path, devices: Path, spec: DenseSpec, cards: int, micro: int)
             "identical": bool(result.checked and result.checked["tokens_identical"])}
 
 
+def rows_table(console: Console, spec: DenseSpec) -> None:
+    """What a decode pass's products read at: ``rows`` rows (a micro-batch's sequences) through the model's d x d
+    fp32 matrices, one core alone, for half the model's weights (a card's of 2) and the whole (one card's). One row
+    is a matrix-vector product, the sweep's kernel; a few rows take another kernel, whose rate may hide the step."""
+    os.sched_setaffinity(0, {0})
+    torch.set_num_threads(1)
+    width = spec.heads * spec.head_dim
+    view = Table(title=f"fp32 linear layers of {width} x {width}, one core: GB/s by rows per pass")
+    for header in ("weights MiB", "1 row", "2 rows", "4 rows"):
+        view.add_column(header, justify="right")
+    whole = spec.layers * 24 * width * width
+    for total in (whole // 2, whole):
+        weights = [torch.randn(width, width) for _ in range(max(1, total // (4 * width * width)))]
+        rates = []
+        for rows in (1, 2, 4):
+            seconds = statistics.median(_timed(weights, torch.randn(rows, width), 31))
+            rates.append(len(weights) * 4 * width * width / seconds)
+        view.add_row(f"{total / MIB:.1f}", *(f"{rate / 1e9:.1f}" for rate in rates))
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    console.print(view)
+
+
+def _timed(weights: list[torch.Tensor], x: torch.Tensor, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` sweeps of ``x`` through ``weights``, after one to warm."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for weight in weights:
+            torch.nn.functional.linear(x, weight)
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
 def model_table(console: Console, spec: DenseSpec) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -154,18 +191,21 @@ def model_table(console: Console, spec: DenseSpec) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep-only", action="store_true", help="the cache sweep alone")
-    parser.add_argument("--layers", type=int, help=f"blocks of {BLOCK_MIB} MiB (default: from the sweep)")
+    parser.add_argument("--size-mib", type=float, help="the model's weights in MiB (default: from the sweep)")
+    parser.add_argument("--blocks", type=int, default=2, help="its blocks (default 2: one a card)")
     args = parser.parse_args()
     console = Console(width=170)
     l2, last = cache_sizes()
     console.print(f"{platform.machine()}, {os.cpu_count()} cores, L2 {l2 // MIB} MiB per core, last level "
                   f"{last // MIB} MiB (sysfs), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
                   f"batch {BATCH}, prompt {PROMPT}, new {NEW}")
-    layers, ceiling = layers_from(sweep(console))
-    console.print(f"largest per-core gain from halving the set (sets >= {4 * BLOCK_MIB:.0f} MiB): {ceiling:.2f}x at "
-                  f"{layers} blocks; a weight-bound 2-card decode can gain at most that over one card")
+    size, ceiling = best_set(sweep(console))
+    console.print(f"largest per-core gain from halving the set (sets >= {SMALLEST_MIB} MiB): {ceiling:.2f}x at "
+                  f"{size} MiB; a weight-bound 2-card decode at M = 2 can gain about that over one card")
     if not args.sweep_only:
-        model_table(console, model_spec(args.layers or layers))
+        spec = model_spec(args.size_mib or size, args.blocks)
+        rows_table(console, spec)
+        model_table(console, spec)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ FIGURES = calibrate.HostFigures(linear_flops=8e10, matmul_flops=8.2e10, cache_ba
                                 memory_bandwidth_all_cores=7e9, link_latency=8e-5, link_bandwidth=2e9,
                                 allreduce_seconds=8e-4, on_chip_bytes=17825792, cores=2, overlap=False,
                                 overlap_errors=(0.29, 0.02), pass_seconds=2e-5,
-                                layer_seconds=(("dense", 1.4e-4), ("llama", 3.2e-4)))
+                                layer_seconds=(("dense", 1.4e-4), ("llama", 3.2e-4), ("hf", 5.1e-4)),
+                                hf_pass_seconds=9e-5)
 
 
 def test_written_entry_loads_with_every_figure_measured(tmp_path: Path) -> None:
@@ -31,15 +32,36 @@ def test_written_entry_loads_with_every_figure_measured(tmp_path: Path) -> None:
     assert {host.figure(name).kind for name in ("fp32_flops", "link_latency", "on_chip_bandwidth")} == {"M"}
     assert host.figure("pass_seconds").value == 2e-5 and host.figure("layer_seconds_llama").value == 3.2e-4
     assert host.figure("layer_seconds_dense").value == 1.4e-4
+    assert host.figure("pass_seconds_hf").value == 9e-5 and host.figure("layer_seconds_hf").value == 5.1e-4
+    assert "transformers' Llama" in host.figure("layer_seconds_hf").source
 
 
 def test_the_fixed_costs_come_from_two_model_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     # Made-up pass times t(L) = 20 us + L x block (dense 100 us, llama 300 us): both points give them back, and
-    # the pass figure is the two families' mean intercept.
+    # the pass figure is the two families' mean intercept; transformers' Llama (90 us + L x 500 us) has its own.
     block = {"dense": 1e-4, "llama": 3e-4}
     monkeypatch.setattr(calibrate, "_pass_seconds", lambda family, blocks: 2e-5 + blocks * block[family])
-    fixed, blocks = calibrate._fixed_costs()
-    assert fixed == pytest.approx(2e-5) and dict(blocks) == pytest.approx(block)
+    monkeypatch.setattr(calibrate, "_hf_pass_seconds", lambda blocks: 9e-5 + blocks * 5e-4)
+    fixed, blocks, hf_pass = calibrate._fixed_costs()
+    assert fixed == pytest.approx(2e-5) and dict(blocks) == pytest.approx({**block, "hf": 5e-4})
+    assert hf_pass == pytest.approx(9e-5)
+
+
+def test_without_transformers_no_hf_figures_are_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(blocks: int) -> float:
+        raise ImportError("No module named 'transformers'")
+    monkeypatch.setattr(calibrate, "_pass_seconds", lambda family, blocks: 2e-5 + blocks * 1e-4)
+    monkeypatch.setattr(calibrate, "_hf_pass_seconds", missing)
+    _, blocks, hf_pass = calibrate._fixed_costs()
+    assert hf_pass is None and [family for family, _ in blocks] == ["dense", "llama"]
+    text = calibrate.to_toml(calibrate.HostFigures(**{**{n: getattr(FIGURES, n) for n in FIGURES.__slots__},
+                                                      "layer_seconds": blocks, "hf_pass_seconds": None}))
+    assert "pass_seconds_hf" not in text and "layer_seconds_hf" not in text and "layer_seconds_llama" in text
+
+
+def test_the_hf_probe_times_a_real_transformers_pass() -> None:
+    pytest.importorskip("transformers")
+    assert 0 < calibrate._hf_pass_seconds(1, passes=3) < 5.0
 
 
 def test_cli_writes_the_file_predict_uses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

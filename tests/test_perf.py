@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachefit import api
-from cachefit.core.cost import LayerCosts, Rates, rates_of, stage_time
+from cachefit.core.cost import LayerCosts, Rates, block_shares, rates_of, stage_time
 from cachefit.core.hardware import load_devices
 from cachefit.core.layers import Layer, LayerTable, Split
 from cachefit.core.memory import interval_cost
@@ -52,6 +52,24 @@ def test_stage_times_by_hand() -> None:
     assert prediction.prefill_tokens_per_s == pytest.approx(2 * 4 / prediction.prefill_s)
 
 
+def test_a_table_measured_with_a_prompt_chunk_counts_a_token_s_activation_per_token() -> None:
+    # The same two layers measured with prompt chunks of 4 (prefill_chunk): each holds the chunk pass's output,
+    # 4 x 100 = 400 B, for memory; a decode pass (1 token) still moves 100 B in and out, a chunk pass 400 B, and the
+    # first card still sends 50 B a micro-batch per token. Resident (a 10 kB card): memory = (600 + 2 x 50 x
+    # tokens) / 1e9. Both plans are one layer a card (peak, chunked: 600 + 100 + 400, then 600 + 400 + 400 B).
+    table, plan = _two_stage_plan()
+    chunked = LayerTable("two", tuple(Layer(f"l{i}", 600, 400, 0, 0, 1e6) for i in range(2)), input_bytes=100,
+                         batch=2, seq=4, phase="decode", prefill_chunk=4)
+    roomy = Rates(**{**vars_of(RATES), "capacity_bytes": 10_000})
+    ours = predict_plan(make_plan(chunked, [1400]), chunked, roomy, micro_batches=2, chunk=4)
+    plain = predict_plan(plan, table, roomy, micro_batches=2, chunk=4)
+    assert len(ours.stages) == len(plain.stages) == 2
+    assert ours.stages[0].memory_s == pytest.approx(7e-7) == plain.stages[0].memory_s
+    assert ours.prefill_stages[0].memory_s == pytest.approx((600 + 2 * 50 * 4) / 1e9)
+    assert ours.stages[0].transfer_s == pytest.approx(50e-6 + 1e-3) == plain.stages[0].transfer_s
+    assert ours.decode_tpot_s == pytest.approx(plain.decode_tpot_s)
+
+
 def test_streaming_when_the_stage_is_over_the_device_capacity() -> None:
     table, plan = _two_stage_plan()
     small = Rates(**{**vars_of(RATES), "capacity_bytes": 700})
@@ -83,6 +101,30 @@ def test_fixed_costs_per_pass_and_per_block(tmp_path: Path) -> None:
     assert rates_of(host, "float32", family="llama").layer_seconds == 3e-4
     assert rates_of(host, "float32", family="dense").layer_seconds == 1e-4
     assert rates_of(host, "float32").layer_seconds == 0.0 and rates_of(host, "float32").pass_seconds == 2e-4
+    # A host without transformers' figures: a Hugging Face model's blocks get none, its pass the generic one.
+    assert rates_of(host, "float32", family="hf").layer_seconds == 0.0
+    assert rates_of(host, "float32", family="hf").pass_seconds == 2e-4
+
+
+def test_hugging_face_blocks_carry_transformers_fixed_costs(tmp_path: Path) -> None:
+    # model.embed_tokens | model.layers.0 | model.layers.1.self_attn, .mlp, .input_layernorm | model.norm, lm_head:
+    # blocks 1 + 3 x 1/3 at 0.5 ms, plus transformers' pass 0.9 ms (not the reference models' 0.2 ms) = 1.9 ms.
+    # GPT-2's blocks are transformer.h.N; a name that only ends in digits is no block.
+    names = ["model.embed_tokens", "model.layers.0", "model.layers.1.self_attn", "model.layers.1.mlp",
+             "model.layers.1.input_layernorm", "model.norm", "lm_head"]
+    assert list(block_shares(names)) == pytest.approx([0, 1, 1 / 3, 1 / 3, 1 / 3, 0, 0])
+    assert list(block_shares(["transformer.wte", "transformer.h.11", "transformer.h.11.mlp", "model.out.2"])
+                ) == pytest.approx([0, 0.5, 0.5, 0])
+    assert list(block_shares(["embed", "layers.0.attn", "layers.0.mlp", "layers.1", "head"])) == [0, 0.5, 0.5, 1, 0]
+    (tmp_path / "host.toml").write_text('[host]\nlabel = "h"\non_chip_bytes = 1000\non_chip_bandwidth = 1e9\n'
+                                        'link_bandwidth = 1e9\nfp32_flops = 1e9\npass_seconds = 2e-4\n'
+                                        'pass_seconds_hf = 9e-4\nlayer_seconds_llama = 3e-4\n'
+                                        'layer_seconds_hf = 5e-4\n')
+    rates = rates_of(load_devices(tmp_path / "host.toml")["host"], "float32", family="hf")
+    assert (rates.pass_seconds, rates.layer_seconds) == (9e-4, 5e-4) and "pass_seconds_hf" in rates.sources
+    table = LayerTable("t", tuple(Layer(name, 0, 0, 0) for name in names), batch=1, seq=1, phase="decode")
+    stage = predict_plan(make_plan(table, [10]), table, rates).stages[0]
+    assert stage.fixed_s == pytest.approx(9e-4 + 2 * 5e-4)
 
 
 def vars_of(rates: Rates) -> dict[str, object]:

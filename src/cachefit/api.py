@@ -20,7 +20,7 @@ from cachefit.core.hardware import Device, get_device, load_devices
 from cachefit.core.layers import LayerTable
 from cachefit.core.memory import MemoryModel
 from cachefit.core.records import DeviceRecord, Objective, Plan, Strategy, Verification
-from cachefit.core.spec import SpecRecord, family_of
+from cachefit.core.spec import family_of
 from cachefit.core.units import parse_size, parse_sizes
 from cachefit.output.export import Target, export_plan
 from cachefit.perf.predict import Prediction, predict_plan
@@ -36,7 +36,7 @@ from cachefit.planning import (
     on_original_layers,
     parse_baseline,
 )
-from cachefit.sources import load_model, plan_table, verify_model
+from cachefit.sources import is_hf_model, load_model, plan_table, verify_model
 
 if TYPE_CHECKING:
     from cachefit.runtime.launch import RunOptions, RunResult
@@ -92,7 +92,7 @@ def plan(model: LayerTable | str | Path, capacity: Capacity | None = None, *, de
         return replace(on_original_layers(made, units, table, settings, NOTES[peer]), peer=peer)
     catalog = load_devices(devices_file)
     if objective == "time":
-        return _time_plan(table, capacity, device, cards, memory_model, micro_batches, catalog)
+        return _time_plan(table, capacity, device, cards, memory_model, micro_batches, catalog, _family(table, model))
     capacities, record = _capacities(capacity, device, catalog)
     if baseline is not None or split == "always":
         _check_single_capacity(capacities, strategy, "baseline" if baseline is not None else "split='always'")
@@ -159,7 +159,8 @@ def _check_plan_options(split: str, baseline: Baseline | None, objective: str, s
 
 
 def _time_plan(table: LayerTable, capacity: Capacity | None, device: str | None, cards: int | None,
-               memory_model: MemoryModel, micro_batches: int, catalog: dict[str, Device]) -> Plan:
+               memory_model: MemoryModel, micro_batches: int, catalog: dict[str, Device], family: str | None
+               ) -> Plan:
     if device is None:
         raise InputError("objective='time' predicts stage times from a device's figures: give device (and "
                          "capacity to plan for another capacity than the device's)",
@@ -171,7 +172,7 @@ def _time_plan(table: LayerTable, capacity: Capacity | None, device: str | None,
                          parameters=("objective", "capacity"))
     if micro_batches < 1:
         raise InputError(f"micro_batches must be at least 1, got {micro_batches}", parameters=("micro_batches",))
-    rates = rates_of(chosen, table.dtype, chosen.capacity_bytes, _family(table.spec))
+    rates = rates_of(chosen, table.dtype, chosen.capacity_bytes, family)
     return make_time_plan(table, limits[0], layer_costs(table, rates, 1.0 / micro_batches), cards, memory_model,
                           DeviceRecord.of(chosen))
 
@@ -262,11 +263,11 @@ def _prediction_inputs(plan: Plan, device: str | None, chunk: int | None, device
         raise InputError("this plan names no device (it was planned with a capacity): give device, e.g. a "
                          "calibrated host (cachefit calibrate)", parameters=("device",))
     chosen = get_device(name, load_devices(devices_file))
-    spec = plan.model.spec
     # On another device than the plan's, residency is judged against that device's capacity.
     capacity = chosen.capacity_bytes if device is not None else plan.capacity_bytes[0]
-    rates = rates_of(chosen, plan.model.dtype, capacity, _family(spec))
-    return plan_table(plan.model, model), rates, chunk or plan.model.chunk
+    table = plan_table(plan.model, model)
+    rates = rates_of(chosen, plan.model.dtype, capacity, _family(table, model))
+    return table, rates, chunk or plan.model.chunk
 
 
 def one_card(plan_or_file: Plan | str | Path, *, device: str | None = None, prompt_len: int | None = None,
@@ -313,9 +314,12 @@ def _one_card_note(made: Plan, device: Device | None, devices_file: str | Path |
     return replace(made, diagnosis=(*made.diagnosis, note))
 
 
-def _family(record: SpecRecord | None) -> str | None:
-    """The reference family (dense, llama) whose blocks' fixed cost a calibrated host lists."""
-    return None if record is None else family_of(record.spec)
+def _family(table: LayerTable, model: LayerTable | str | Path | None) -> str | None:
+    """The family whose blocks' fixed cost a calibrated host lists: a reference spec's (dense, llama), or ``hf``
+    for a model profiled from a Hugging Face config (transformers' own modules run it); None for the rest."""
+    if table.spec is not None:
+        return family_of(table.spec.spec)
+    return "hf" if model is not None and not isinstance(model, LayerTable) and is_hf_model(model) else None
 
 
 def export(plan_or_file: Plan | str | Path, target: Target) -> str:

@@ -22,7 +22,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 def calibrate_command(output: str, name: str) -> None:
     """Measure what one rank gets on this host (one process, one thread per core): fp32 matmul rate, memory
     bandwidth with the working set in cache and beyond it (alone and with every core streaming), gloo send/recv
-    latency and bandwidth on loopback. Writes a devices file entry, every figure marked measured (M).
+    latency and bandwidth on loopback, and the fixed costs of a pass and of a block (cachefit's reference
+    models; transformers' Llama, where transformers is installed). Writes a devices file entry, every figure
+    marked measured (M).
 
     \b
     Examples:
@@ -46,5 +48,8 @@ def calibrate_command(output: str, name: str) -> None:
               f"all-reduce of 16 KiB {figures.allreduce_seconds * 1e6:.0f} us; "
               f"cache per rank {format_size(figures.on_chip_bytes)}; memory and compute "
               f"{'overlap' if figures.overlap else 'add up'} (roofline off by {figures.overlap_errors[0]:.0%}, sum "
-              f"by {figures.overlap_errors[1]:.0%})")
+              f"by {figures.overlap_errors[1]:.0%}); fixed costs: a pass {figures.pass_seconds * 1e6:.0f} us, "
+              + ", ".join(f"a {family} block {seconds * 1e6:.0f} us" for family, seconds in figures.layer_seconds)
+              + ("" if figures.hf_pass_seconds is None
+                 else f", a transformers pass {figures.hf_pass_seconds * 1e6:.0f} us"))
     err.print(f"wrote {output} (device {name!r})")

@@ -17,17 +17,20 @@ card of a stage of layers i..j split t ways (Williams et al. 2009, roofline):
 - transfer = the stage's output to the next stage (token ids back to the first after the last layer) / link
   bandwidth + one link latency;
 - fixed    = what a pass costs whatever its bytes and FLOPs (issue 15): the device's ``pass_seconds`` (a stage's
-             pass outside its blocks: embedding, head, the loop) plus ``layer_seconds_<family>`` per block (half
-             each for a block's attention and MLP sublayers), both as ``cachefit calibrate`` measures this host's
-             runtime; 0 where the device lists neither (the datasheet devices). Added to the work: on a CPU the
-             per-op dispatch runs on the same thread as the arithmetic.
+             pass outside its blocks: embedding, head, the loop) plus ``layer_seconds_<family>`` per block (a
+             block's layers share it evenly: half each for its attention and MLP sublayers), both as ``cachefit
+             calibrate`` measures this host's runtime; for a Hugging Face model (family ``hf``) the figures
+             measured on transformers' own modules, ``pass_seconds_hf`` and ``layer_seconds_hf``; 0 where the
+             device lists neither (the datasheet devices). Added to the work: on a CPU the per-op dispatch runs on
+             the same thread as the arithmetic.
 Pure numpy: the same functions take one stage (floats) or every start of a stage at once (arrays).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +41,8 @@ from cachefit.core.hardware import Device, Figure
 from cachefit.core.layers import LayerTable
 from cachefit.core.spec import TOKEN_ID_BYTES
 
-__all__ = ["LayerCosts", "Rates", "StageTime", "allgather_seconds", "allreduce_seconds", "layer_costs",
-           "memory_seconds", "rates_of", "stage_time", "work_seconds"]
+__all__ = ["LayerCosts", "Rates", "StageTime", "allgather_seconds", "allreduce_seconds", "block_shares", "layer_costs",
+           "memory_seconds", "rates_of", "stage_time", "token_activation_bytes", "work_seconds"]
 
 FloatArray = npt.NDArray[np.float64]
 _FLOPS_FIGURE = {"float32": "fp32_flops", "float16": "fp16_flops", "bfloat16": "fp16_flops",
@@ -70,7 +73,7 @@ class Rates:
 def rates_of(device: Device, dtype: str | None, capacity_bytes: int | None = None, family: str | None = None
              ) -> Rates:
     """The figures of ``device`` the model uses; a missing one is an InputError naming it and the fix.
-    ``family`` (dense, llama): the model's, for the fixed cost of its blocks."""
+    ``family`` (dense, llama; hf: a Hugging Face model): the model's, for the fixed cost of its blocks."""
     wanted = {"on_chip_bandwidth": "on_chip_bandwidth", "link_bandwidth": "link_bandwidth"}
     values: dict[str, float] = {}
     sources: dict[str, str] = {}
@@ -88,6 +91,8 @@ def rates_of(device: Device, dtype: str | None, capacity_bytes: int | None = Non
     overlap = _optional(device, "overlap", "not in the catalog, taken as 1 (roofline: max of compute and memory "
                         "time)", sources)
     fixed = _optional(device, "pass_seconds", "not in the catalog, taken as 0", sources)
+    if family == "hf" and device.figure("pass_seconds_hf") is not None:    # transformers' own pass, measured
+        fixed = _optional(device, "pass_seconds_hf", "", sources)
     block = (_optional(device, f"layer_seconds_{family}", "not in the catalog, taken as 0", sources)
              if family else None)
     return Rates(values["flops"], values["on_chip_bandwidth"], off_chip.value if off_chip else None,
@@ -174,7 +179,7 @@ def layer_costs(table: LayerTable, rates: Rates, share: float = 1.0, tokens: int
     allreduce: list[float] = []
     for layer in table.layers:
         split = layer.split(ways)
-        size = layer.activation_bytes * share * tokens
+        size = token_activation_bytes(table, layer.activation_bytes) * share * tokens
         if split is None:       # a plan never gives this layer this width: nothing to count
             terms = (0.0, 0.0, 0.0)
         else:                   # weights and KV rows read; the input read and the output written, whole
@@ -186,19 +191,29 @@ def layer_costs(table: LayerTable, rates: Rates, share: float = 1.0, tokens: int
             column.append(value)
     cut = [send_seconds(table, index, share, tokens, rates) for index in range(len(table.layers))]
     names = table.columns.names
-    fixed = (np.array([rates.layer_seconds * _block_share(name) for name in names]) if rates.layer_seconds
-             else np.zeros(len(names)))
+    fixed = rates.layer_seconds * block_shares(names) if rates.layer_seconds else np.zeros(len(names))
     return LayerCosts(ways, np.array(compute), np.array(moved), np.array(allreduce), np.array(cut), rates, fixed)
 
 
-_BLOCK = re.compile(r"^layers\.\d+(\.(attn|mlp))?$")
+# A decoder block by its name: cachefit's ``layers.N``, and transformers' ``<base>.layers.N`` (Llama, Qwen,
+# Mistral, Mixtral, Phi-3, Gemma 2, GPT-NeoX, OPT's ``model.decoder.layers.N``) or ``<base>.h.N`` (GPT-2).
+_BLOCK = re.compile(r"^((?:.+\.)?(?:layers|h)\.\d+)(?:\.|$)")
 
 
-def _block_share(name: str) -> float:
-    """How much of a block layer ``name`` is: 1 for ``layers.N``, half for its ``.attn`` or ``.mlp`` (assumed: the
-    fixed cost is not measured per sublayer), 0 for the embedding and head (their cost is in pass_seconds)."""
-    found = _BLOCK.match(name)
-    return 0.0 if found is None else 0.5 if found.group(1) else 1.0
+def block_shares(names: Sequence[str]) -> FloatArray:
+    """How much of a decoder block each layer is: 1 for a whole block, 1/n for each of the n layers a table
+    splits one block into (its attention and MLP sublayers, or its leaves: assumed, the fixed cost is not measured
+    per piece), 0 outside the blocks (the embedding and head: their cost is in pass_seconds)."""
+    blocks = [found.group(1) if (found := _BLOCK.match(name)) else None for name in names]
+    pieces = Counter(block for block in blocks if block is not None)
+    return np.array([1.0 / pieces[block] if block is not None else 0.0 for block in blocks])
+
+
+def token_activation_bytes(table: LayerTable, activation_bytes: float) -> float:
+    """A layer's output for one new token per sequence of the whole batch. A decode table measured with a prompt
+    chunk of C tokens (``prefill_chunk``) holds each layer's larger activation, the chunk pass's, for memory: a
+    token's is 1/C of it (a layer's output grows with its tokens)."""
+    return activation_bytes / (table.prefill_chunk or 1)
 
 
 def send_seconds(table: LayerTable, last: int, share: float, tokens: int, rates: Rates) -> float:
@@ -207,7 +222,7 @@ def send_seconds(table: LayerTable, last: int, share: float, tokens: int, rates:
     if last == len(table.layers) - 1:
         sent = (table.batch or 1) * share * TOKEN_ID_BYTES
     else:
-        sent = table.layers[last].activation_bytes * share * tokens
+        sent = token_activation_bytes(table, table.layers[last].activation_bytes) * share * tokens
     return sent / rates.link_bandwidth + rates.link_latency
 
 

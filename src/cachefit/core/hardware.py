@@ -32,7 +32,7 @@ KIND_NAMES: dict[str, str] = {"V": "datasheet", "M": "measured", "3P": "third pa
                               "user": "a devices file"}
 FIGURES = ("on_chip_bytes", "usable_fraction", "on_chip_bandwidth", "off_chip_bytes", "off_chip_bandwidth",
            "fp32_flops", "fp16_flops", "fp8_flops", "link_bandwidth", "link_latency", "collective_latency", "overlap",
-           "pass_seconds", "layer_seconds_dense", "layer_seconds_llama")
+           "pass_seconds", "pass_seconds_hf", "layer_seconds_dense", "layer_seconds_llama", "layer_seconds_hf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +128,8 @@ def _as_figure(key: str, value: Any, source: str) -> Any:
 
 _DEFAULT_USABLE = Figure(1.0, "A", "default: all of it")
 # A flag, and fixed costs a host may measure as nil; every other figure divides or scales something.
-_MAY_BE_ZERO = frozenset({"overlap", "pass_seconds", "layer_seconds_dense", "layer_seconds_llama"})
+_MAY_BE_ZERO = frozenset({"overlap", "pass_seconds", "pass_seconds_hf", "layer_seconds_dense", "layer_seconds_llama",
+                          "layer_seconds_hf"})
 
 
 def _device(name: str, entry: Mapping[str, Any], source: str) -> Device:

@@ -14,12 +14,15 @@
 - the fixed costs of a pass (issue 15): cachefit's reference model of each family at tiny widths (hidden 64, its
   bytes and FLOPs negligible), 1 and 5 blocks, decoding one token per pass with a KV cache: t(L) = pass + L x block
   through both points gives the cost of a block (``layer_seconds_<family>``) and of what a pass has besides its
-  blocks (embedding, head, the loop: ``pass_seconds``, the two families' mean).
+  blocks (embedding, head, the loop: ``pass_seconds``, the two families' mean); the same for transformers' own
+  Llama (``layer_seconds_hf``, ``pass_seconds_hf``: its mask, rotary tables and output records are per pass),
+  where transformers is installed: what a Hugging Face stage's pass pays besides its products.
 Medians of repeated timings (time.perf_counter around the operation, after a warm-up).
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import socket
@@ -53,6 +56,7 @@ class HostFigures:
     idle_link_latency: float = 0.0           # an idle ping-pong's half round trip (link_latency: a busy hop)
     pass_seconds: float = 0.0                # a pass's fixed cost besides its blocks
     layer_seconds: tuple[tuple[str, float], ...] = ()    # (family, fixed seconds of one block)
+    hf_pass_seconds: float | None = None     # a transformers pass's fixed cost besides its blocks (None: not measured)
 
 
 def cache_sizes() -> tuple[int, int]:
@@ -230,6 +234,20 @@ def _gloo_link() -> tuple[float, float, float, float]:
 _PROBE_BLOCKS = (1, 5)
 
 
+_WARM = 10                          # passes before the timed ones
+
+
+def _median_decode_pass(step: Callable[[int], object], passes: int) -> float:
+    """Median seconds of ``step(position)``, one decode pass at each position, over ``passes`` after the warm."""
+    times = []
+    with torch.no_grad():
+        for position in range(passes + _WARM):
+            start = time.perf_counter()
+            step(position)
+            if position >= _WARM:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
 def _pass_seconds(family: str, blocks: int, passes: int = 60) -> float:
     """Median seconds of one decode pass (one token, batch 1, KV cache) of the tiny reference model."""
     from cachefit.core.spec import DenseSpec, LlamaSpec
@@ -239,28 +257,50 @@ def _pass_seconds(family: str, blocks: int, passes: int = 60) -> float:
             else LlamaSpec("probe", layers=blocks, hidden=64, heads=2, kv_heads=1, ffn_hidden=128, vocab=64))
     model = build_model(spec, seed=0)
     config = model.config
-    caches = [KVCache(1, config.kv_heads, passes + 10, config.head_dim, torch.float32) for _ in range(blocks)]
+    caches = [KVCache(1, config.kv_heads, passes + _WARM, config.head_dim, torch.float32) for _ in range(blocks)]
     token = torch.zeros(1, 1, dtype=torch.long)
-    times = []
-    with torch.no_grad():
-        for position in range(passes + 10):
-            start = time.perf_counter()
-            model(token, caches, position)
-            if position >= 10:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _median_decode_pass(lambda position: model(token, caches, position), passes)
 
 
-def _fixed_costs() -> tuple[float, tuple[tuple[str, float], ...]]:
-    """(pass seconds, ((family, block seconds), ...)) from t(L) = pass + L x block at the two probe sizes."""
+
+def _hf_pass_seconds(blocks: int, passes: int = 60) -> float:
+    """Median seconds of one decode pass (one token, batch 1, a StaticCache) of transformers' Llama at tiny widths,
+    called as a Hugging Face stage calls it (runtime/hf_stage.py)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
+
+    from cachefit.sources.hf import cache_argument
+
+    config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=blocks, num_attention_heads=2, num_key_value_heads=1,
+                                  max_position_embeddings=passes + _WARM)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    cache = {cache_argument(model): StaticCache(config=config, max_cache_len=passes + _WARM)}
+    token = torch.zeros(1, 1, dtype=torch.long)
+    return _median_decode_pass(lambda position: model(input_ids=token, use_cache=True, logits_to_keep=1,
+                                                      position_ids=torch.tensor([[position]]), **cache), passes)
+
+
+def _through_two_points(measure: Callable[[int], float]) -> tuple[float, float]:
+    """(pass, block) seconds from t(L) = pass + L x block at the two probe sizes."""
     few, many = _PROBE_BLOCKS
+    small, large = measure(few), measure(many)
+    block = max((large - small) / (many - few), 0.0)
+    return max(small - few * block, 0.0), block
+
+
+def _fixed_costs() -> tuple[float, tuple[tuple[str, float], ...], float | None]:
+    """(pass seconds, ((family, block seconds), ...), transformers' pass seconds or None)."""
     passes, blocks = [], []
     for family in ("dense", "llama"):
-        small, large = _pass_seconds(family, few), _pass_seconds(family, many)
-        block = max((large - small) / (many - few), 0.0)
+        fixed, block = _through_two_points(functools.partial(_pass_seconds, family))
         blocks.append((family, block))
-        passes.append(max(small - few * block, 0.0))
-    return statistics.mean(passes), tuple(blocks)
+        passes.append(fixed)
+    try:
+        hf_pass, hf_block = _through_two_points(_hf_pass_seconds)
+    except ImportError:                      # transformers not installed: no Hugging Face figures
+        return statistics.mean(passes), tuple(blocks), None
+    return statistics.mean(passes), (*blocks, ("hf", hf_block)), hf_pass
 
 
 def measure_host(progress: Callable[[str], None] = lambda _: None) -> HostFigures:
@@ -282,12 +322,12 @@ def measure_host(progress: Callable[[str], None] = lambda _: None) -> HostFigure
         progress("gloo latency, bandwidth and all-reduce")
         latency, link, allreduce, idle = _gloo_link()
         progress("fixed costs of a pass and of a block")
-        fixed, blocks = _fixed_costs()
+        fixed, blocks, hf_pass = _fixed_costs()
     finally:
         torch.set_num_threads(threads)
     return HostFigures(rate, matmul, in_cache, beyond, shared, latency, link, allreduce,
                        l2 + last_level // len(cores), len(cores), roofline <= serial, (roofline, serial), idle,
-                       fixed, blocks)
+                       fixed, blocks, hf_pass)
 
 
 def to_toml(figures: HostFigures, name: str = "host") -> str:
@@ -325,9 +365,13 @@ def _fixed_lines(figures: HostFigures, line: Callable[[str, float, str], str]) -
     if not figures.layer_seconds:
         return ""
     few, many = _PROBE_BLOCKS
-    how = (f"a decode pass of cachefit's tiny reference model (hidden 64, one token, 1 thread) at {few} and {many} "
-           "blocks")
-    return (line("pass_seconds", figures.pass_seconds, f"{how}: what a pass costs besides its blocks (both "
-                 "families' mean)")
-            + "".join(line(f"layer_seconds_{family}", seconds, f"{how}: one {family} block")
-                      for family, seconds in figures.layer_seconds))
+    points = f"(hidden 64, one token, 1 thread) at {few} and {many} blocks"
+    how = {"dense": f"a decode pass of cachefit's tiny reference model {points}",
+           "hf": f"a decode pass of transformers' Llama {points}, as a Hugging Face stage runs it"}
+    how["llama"] = how["dense"]
+    lines = line("pass_seconds", figures.pass_seconds, f"{how['dense']}: what a pass costs besides its blocks "
+                 "(both families' mean)")
+    if figures.hf_pass_seconds is not None:
+        lines += line("pass_seconds_hf", figures.hf_pass_seconds, f"{how['hf']}: what a pass costs besides its blocks")
+    return lines + "".join(line(f"layer_seconds_{family}", seconds, f"{how[family]}: one {family} block")
+                           for family, seconds in figures.layer_seconds)

@@ -27,6 +27,7 @@ __all__ = [
     "Preset",
     "TorchOptions",
     "hf_preset_names",
+    "is_hf_model",
     "load_model",
     "plan_table",
     "presets",
@@ -154,6 +155,11 @@ def verify_model(model: str | Path, limit_bytes: int, **workload: Any) -> Verifi
         return verify_factory(text, chosen.get("phase"), limit_bytes)
     document, name = hf
     return verify_hf(document, name, _hf_workload(document, chosen), limit_bytes)
+
+
+def is_hf_model(model: str | Path) -> bool:
+    """Whether ``model`` names a Hugging Face config: a bundled ``hf/NAME``, a config.json, a folder holding one."""
+    return _hf_source(str(model), Path(model)) is not None
 
 
 def _hf_source(text: str, path: Path) -> tuple[dict[str, Any], str] | None:
