@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import re
 from collections.abc import Iterator
@@ -152,8 +153,8 @@ def test_only_large_csv_files_take_the_fast_path() -> None:
     large = _HEADER + "\n" + "".join(row.format(i) for i in range(table_io.FAST_PATH_BYTES // len(row) + 1))
     original, results = table_io._fast_csv, []
 
-    def spy(data: bytes, source: str) -> object:
-        results.append(original(data, source))
+    def spy(header: list[str], data: bytes) -> object:
+        results.append(original(header, data))
         return results[-1]
     with mock.patch.object(table_io, "_fast_csv", spy):
         assert len(LayerTable.from_csv(small, "m").layers) == 100 and not results
@@ -179,10 +180,34 @@ def test_fast_csv_path_reads_what_the_row_path_reads() -> None:
     ("a,1,1,1\nb,1,-1,1\n", "line 3: activation_bytes must be a non-negative integer"),
     ("a,1,1,1\na,1,1,1\n", "repeats layers[0]"),
 ])
-def test_fast_csv_path_refuses_what_the_row_path_refuses(body: str, message: str) -> None:
+@pytest.mark.parametrize("arrow", [True, False])
+def test_fast_csv_path_refuses_what_the_row_path_refuses(body: str, message: str, arrow: bool) -> None:
     text = "name,weight_bytes,activation_bytes,workspace_bytes\n" + body
-    with fast_path_for_any_size(), pytest.raises(InputError, match=re.escape(message)):
+    with fast_path_for_any_size() if arrow else contextlib.nullcontext(), \
+            pytest.raises(InputError, match=re.escape(message)):
         LayerTable.from_csv(text, "m", source="t.csv")
+
+
+def test_small_plain_csv_files_are_read_a_column_at_a_time() -> None:
+    # A plain 100-row table: read by the small path (no Arrow, no record per row), the same layers as the csv
+    # module's path (its header quoted); a cell past the csv module's size limit is refused as that path does.
+    row = "layers.{},1000,20,0,3.5\n"
+    plain = _HEADER + "\n" + "".join(row.format(i) for i in range(100))
+    original, results = table_io._small_csv, []
+
+    def spy(header: list[str], data: bytes) -> object:
+        results.append(original(header, data))
+        return results[-1]
+    with mock.patch.object(table_io, "_small_csv", spy):
+        table = LayerTable.from_csv(plain, "m")
+    assert len(results) == 1 and results[0] is not None
+    assert table.layers == LayerTable.from_csv(plain.replace("name,", '"name",', 1), "m").layers
+    previous = csv.field_size_limit(8)
+    try:
+        with pytest.raises(InputError, match="not a readable CSV table"):
+            LayerTable.from_csv(_HEADER + "\nlayers.123456,1,1,0,1\n", "m")
+    finally:
+        csv.field_size_limit(previous)
 
 
 _HEADER = "name,weight_bytes,activation_bytes,workspace_bytes,flops"
@@ -206,11 +231,12 @@ def _read(text: str) -> object:
 def test_the_fast_csv_path_accepts_and_reads_what_the_row_path_does(rows: list[tuple[str, ...]]) -> None:
     # The same rows, once plain (the Arrow path where it applies) and once with the header quoted (the csv-module
     # path always): the same layers and values, or a refusal (the fast path hands those to the row path).
+    # Small plain tables take the column-at-a-time Python path: the same again.
     body = "".join(",".join(row) + "\n" for row in rows)
     with fast_path_for_any_size():
         fast = _read(_HEADER + "\n" + body)
     rows_path = _read('"name",' + _HEADER.partition(",")[2] + "\n" + body)
-    assert fast == rows_path
+    assert fast == rows_path == _read(_HEADER + "\n" + body)
 
 
 def test_plain_rows_take_the_fast_path_with_pythons_values() -> None:
@@ -219,10 +245,13 @@ def test_plain_rows_take_the_fast_path_with_pythons_values() -> None:
     values = ["0.1", ".5", "5.", "1E5", "007", "2.2250738585072014e-308", "4.9e-324", "9007199254740993",
               "1.7976931348623157e308", "123456789012345678901234567890", "2.5e+2"]
     body = "".join(f"n{i},{i},2,0,{value}\n" for i, value in enumerate(values))
-    columns = table_io._fast_csv((_HEADER + "\n" + body).encode(), "t.csv")
-    assert columns is not None
-    assert columns.flops.tolist() == [float(value) for value in values]
-    assert columns.weight_bytes.tolist() == list(range(len(values)))
+    plain = table_io._plain((_HEADER + "\n" + body).encode(), "t.csv")
+    assert plain is not None
+    for read in (table_io._fast_csv, table_io._small_csv):          # Arrow's casts, and int() and float()
+        columns = read(*plain)
+        assert columns is not None
+        assert columns.flops.tolist() == [float(value) for value in values]
+        assert columns.weight_bytes.tolist() == list(range(len(values)))
 
 
 def test_json_rows_with_and_without_extras_keep_their_places() -> None:

@@ -3,10 +3,11 @@
 Parsers: the standard library's ``json`` (exact integers of any size, so a 2**70 is refused by name, not rounded to
 a float as orjson does past 64 bits; its C parser reads a million rows in ~0.9 s against orjson's ~0.7 s) and, for
 CSV, pyarrow's reader (C++, every cell as a string into column buffers: no Python object per cell) with its
-vectorised pattern checks and casts. A file that is not plain (quoted cells, blanks or spaces around values, a bad
-value anywhere) takes the row-by-row path, which names the first problem by line; the fast path accepts exactly
-what that path accepts, with the same values. Tables are written with orjson (30x the
-standard library's indented writer at 1e6 rows).
+vectorised pattern checks and casts; a plain file under 1 MiB, a column at a time in Python (importing pyarrow
+would cost more than the parse: 1e4 rows in 16-18 ms against 44-55 ms row by row). A file that is not plain (quoted
+cells, blanks or spaces around values, a bad value anywhere) takes the row-by-row path, which names the first
+problem by line; both column paths accept exactly what that path accepts, with the same values. Tables are
+written with orjson (30x the standard library's indented writer at 1e6 rows).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from cachefit.core.units import INT64_MAX
 __all__ = ["CSV_COLUMNS", "FAST_PATH_BYTES", "columns_from_csv", "columns_from_rows"]
 
 CSV_COLUMNS = ("name", *BYTE_COLUMNS, "flops")
-# Below this size the row path is as quick as importing pyarrow (0.12 s with its compute module, measured here;
-# the row path reads ~170,000 rows a second, ~40 bytes each).
+# Below this size a column-at-a-time parse in Python is quicker than importing pyarrow (0.12 s with its compute
+# module, measured here; the Python column path reads 1e4 rows of ~40 bytes in 16-18 ms).
 FAST_PATH_BYTES = 1 << 20
 _REQUIRED = frozenset(CSV_COLUMNS[:4])
 _ALL = frozenset(CSV_COLUMNS)
@@ -119,22 +120,23 @@ def _merge(rows: list[Any], plain: list[bool], names: list[str], sizes: np.ndarr
 
 
 def columns_from_csv(text: str | bytes, source: str, make_layer: Callable[..., Any]) -> LayerColumns:
-    """A CSV table's rows as columns: the fast path for plain files, else row by row (exact line numbers). Bytes
-    are ASCII (a file read as it is, no decoded copy: see LayerTable.read)."""
-    if len(text) >= FAST_PATH_BYTES:
-        data = text if isinstance(text, bytes) else text.encode("ascii") if text.isascii() else None
-        fast = None if data is None else _fast_csv(data, source)
-        if fast is not None:
-            return fast
+    """A CSV table's rows as columns: plain files a column at a time (Arrow's reader for large ones), else row by
+    row (exact line numbers). Bytes are ASCII (a file read as it is, no decoded copy: see LayerTable.read)."""
+    data = text if isinstance(text, bytes) else text.encode("ascii") if text.isascii() else None
+    plain = None if data is None else _plain(data, source)
+    if plain is not None:
+        header, body = plain
+        columns = (_fast_csv if len(data or b"") >= FAST_PATH_BYTES else _small_csv)(header, body)
+        if columns is not None:
+            return columns
     rows = text.decode("ascii") if isinstance(text, bytes) else text
     return LayerColumns.of(_csv_rows(rows, source, make_layer))
 
 
-def _fast_csv(data: bytes, source: str) -> LayerColumns | None:
-    """The rows after the header line parsed by Arrow's CSV reader as strings, straight from ``data`` (ASCII),
-    checked a column at a time (the row path's rules, as patterns) and converted by Arrow's casts; None when
-    anything is not plain (the row path then names it). One thread (two parse in about the same time here, with
-    50 MB more held). A bad header is refused here, as the row path would."""
+def _plain(data: bytes, source: str) -> tuple[list[str], bytes] | None:
+    """The header's columns and the rows after it, when ``data`` (ASCII) is plain: no quotes, NULs, stray carriage
+    returns or whitespace, a header and at least one row; None otherwise (the row path then reads it, or names
+    what is wrong). A bad header is refused here, as the row path would."""
     head = data[:data.find(b"\n")] if b"\n" in data else data
     if not head.strip() or b'"' in head:
         return None
@@ -149,12 +151,55 @@ def _fast_csv(data: bytes, source: str) -> LayerColumns | None:
     # name) the row path's to strip or refuse.
     if any(mark in data for mark in (b'"', b"\0", b"\r", b" ", b"\t", b"\v", b"\f")):
         return None
+    return header, data[data.find(b"\n") + 1:]
+
+
+_DIGITS = re.compile(rb"[0-9]+")
+_DECIMAL_BYTES = re.compile(rb"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _small_csv(header: list[str], body: bytes) -> LayerColumns | None:
+    """A plain table under FAST_PATH_BYTES a column at a time in Python (no record per row; importing pyarrow
+    would cost more than the parse): each column checked against the row path's rules and converted by int() and
+    float(), as the row path does; None when any cell is not plain (the row path names it)."""
+    rows = [line.split(b",") for line in body.split(b"\n") if line]
+    if not rows or any(len(row) != len(header) for row in rows):
+        return None
+    columns = dict(zip(header, zip(*rows)))
+    names = columns["name"]
+    limit = csv.field_size_limit()      # (the csv module refuses a cell past its limit: so does this path)
+    if not all(names) or (len(body) > limit and any(len(cell) > limit for row in rows for cell in row)):
+        return None
+    sizes = np.zeros((len(names), 4), dtype=np.int64)
+    for index, name in enumerate(BYTE_COLUMNS):
+        cells = columns.get(name)
+        if cells is not None:
+            if not all(_DIGITS.fullmatch(cell) for cell in cells):
+                return None
+            try:
+                sizes[:, index] = [int(cell) for cell in cells]
+            except OverflowError:       # past int64
+                return None
+    cells = columns.get("flops")
+    if cells is not None and not all(_DECIMAL_BYTES.fullmatch(cell) for cell in cells):
+        return None
+    flops = np.zeros(len(names)) if cells is None else np.array([float(cell) for cell in cells])
+    if not np.isfinite(flops).all():
+        return None
+    return LayerColumns(tuple(name.decode("ascii") for name in names), sizes, flops, {})
+
+
+def _fast_csv(header: list[str], data: bytes) -> LayerColumns | None:
+    """The rows parsed by Arrow's CSV reader as strings, straight from ``data`` (ASCII, plain: see _plain),
+    checked a column at a time (the row path's rules, as patterns) and converted by Arrow's casts; None when
+    anything is not plain (the row path then names it). One thread (two parse in about the same time here, with
+    50 MB more held)."""
     # 0.08 s and 70 MB to import: only for the tables that need it.
     import pyarrow as pa
     import pyarrow.csv as pa_csv
     try:
         table = pa_csv.read_csv(pa.py_buffer(data),
-                                read_options=pa_csv.ReadOptions(column_names=header, skip_rows=1, use_threads=False),
+                                read_options=pa_csv.ReadOptions(column_names=header, use_threads=False),
                                 parse_options=pa_csv.ParseOptions(quote_char=False, ignore_empty_lines=True),
                                 convert_options=pa_csv.ConvertOptions(
                                     column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False))
