@@ -124,9 +124,9 @@ def columns_from_csv(text: str | bytes, source: str, make_layer: Callable[..., A
     row (exact line numbers). Bytes are ASCII (a file read as it is, no decoded copy: see LayerTable.read)."""
     data = text if isinstance(text, bytes) else text.encode("ascii") if text.isascii() else None
     plain = None if data is None else _plain(data, source)
-    if plain is not None:
-        header, body = plain
-        columns = (_fast_csv if len(data or b"") >= FAST_PATH_BYTES else _small_csv)(header, body)
+    if data is not None and plain is not None:
+        read = _fast_csv if len(data) >= FAST_PATH_BYTES else _small_csv
+        columns = read(*plain)
         if columns is not None:
             return columns
     rows = text.decode("ascii") if isinstance(text, bytes) else text
