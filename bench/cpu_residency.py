@@ -18,12 +18,14 @@ but each half of a 2-card plan stays below it, do 2 cards decode more than twice
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
 import os
 import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +71,16 @@ def best_set(sweep: dict[int, tuple[float, float]]) -> tuple[int, float]:
 def _sweep_seconds(total_bytes: int, repeats: int = 31) -> float:
     """Median seconds to read ``total_bytes`` of weights once through matrix-vector products (one thread)."""
     blocks = [torch.randn(*BLOCK) for _ in range(max(1, total_bytes // (BLOCK[0] * BLOCK[1] * 4)))]
-    vector = torch.randn(BLOCK[1])
+    return _median_sweep(blocks, functools.partial(torch.mv, vec=torch.randn(BLOCK[1])), repeats)
+
+
+def _median_sweep(weights: list[torch.Tensor], product: Callable[[torch.Tensor], object], repeats: int) -> float:
+    """Median seconds of ``product`` over every matrix in ``weights``, ``repeats`` times after 5 to warm."""
     times = []
     for index in range(repeats + 5):
         start = time.perf_counter()
-        for block in blocks:
-            torch.mv(block, vector)
+        for weight in weights:
+            product(weight)
         if index >= 5:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -148,22 +154,11 @@ def rows_table(console: Console, spec: DenseSpec) -> None:
         weights = [torch.randn(width, width) for _ in range(max(1, total // (4 * width * width)))]
         rates = []
         for rows in (1, 2, 4):
-            seconds = statistics.median(_timed(weights, torch.randn(rows, width), 31))
-            rates.append(len(weights) * 4 * width * width / seconds)
+            product = functools.partial(torch.nn.functional.linear, torch.randn(rows, width))
+            rates.append(len(weights) * 4 * width * width / _median_sweep(weights, product, 31))
         view.add_row(f"{total / MIB:.1f}", *(f"{rate / 1e9:.1f}" for rate in rates))
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     console.print(view)
-
-
-def _timed(weights: list[torch.Tensor], x: torch.Tensor, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` sweeps of ``x`` through ``weights``, after one to warm."""
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        for weight in weights:
-            torch.nn.functional.linear(x, weight)
-        times.append(time.perf_counter() - start)
-    return times[1:]
 
 
 def model_table(console: Console, spec: DenseSpec) -> None:

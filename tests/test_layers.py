@@ -147,16 +147,23 @@ def fast_path_for_any_size() -> Iterator[None]:
         yield
 
 
-def test_only_large_csv_files_take_the_fast_path() -> None:
-    row = "layers.{},1000,20,0,3.5\n"
-    small = _HEADER + "\n" + "".join(row.format(i) for i in range(100))
-    large = _HEADER + "\n" + "".join(row.format(i) for i in range(table_io.FAST_PATH_BYTES // len(row) + 1))
-    original, results = table_io._fast_csv, []
+@contextlib.contextmanager
+def spying(path: str) -> Iterator[list[object]]:
+    """What each call of table_io's column path ``path`` (_fast_csv, _small_csv) returned, in order."""
+    original, results = getattr(table_io, path), []
 
     def spy(header: list[str], data: bytes) -> object:
         results.append(original(header, data))
         return results[-1]
-    with mock.patch.object(table_io, "_fast_csv", spy):
+    with mock.patch.object(table_io, path, spy):
+        yield results
+
+
+def test_only_large_csv_files_take_the_fast_path() -> None:
+    row = "layers.{},1000,20,0,3.5\n"
+    small = _HEADER + "\n" + "".join(row.format(i) for i in range(100))
+    large = _HEADER + "\n" + "".join(row.format(i) for i in range(table_io.FAST_PATH_BYTES // len(row) + 1))
+    with spying("_fast_csv") as results:
         assert len(LayerTable.from_csv(small, "m").layers) == 100 and not results
         table = LayerTable.from_csv(large, "m")
     assert len(results) == 1 and results[0] is not None      # read by Arrow, not handed to the row path
@@ -193,12 +200,7 @@ def test_small_plain_csv_files_are_read_a_column_at_a_time() -> None:
     # module's path (its header quoted); a cell past the csv module's size limit is refused as that path does.
     row = "layers.{},1000,20,0,3.5\n"
     plain = _HEADER + "\n" + "".join(row.format(i) for i in range(100))
-    original, results = table_io._small_csv, []
-
-    def spy(header: list[str], data: bytes) -> object:
-        results.append(original(header, data))
-        return results[-1]
-    with mock.patch.object(table_io, "_small_csv", spy):
+    with spying("_small_csv") as results:
         table = LayerTable.from_csv(plain, "m")
     assert len(results) == 1 and results[0] is not None
     assert table.layers == LayerTable.from_csv(plain.replace("name,", '"name",', 1), "m").layers

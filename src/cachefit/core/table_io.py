@@ -37,6 +37,14 @@ CSV_COLUMNS = ("name", *BYTE_COLUMNS, "flops")
 FAST_PATH_BYTES = 1 << 20
 _REQUIRED = frozenset(CSV_COLUMNS[:4])
 _ALL = frozenset(CSV_COLUMNS)
+# The cells the column paths take as they are, read to the row path's values: digits only for byte counts (the row
+# path's rule), plain decimals for FLOPs (float() and Arrow's cast, whose vendored fast_float rounds correctly as
+# Python does, agree on them); anything else (signs, underscores, inf, nan) takes the row path, which decides.
+_INTEGER_CELL = r"[0-9]+"
+_DECIMAL_CELL = r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"
+_INTEGER = re.compile(_INTEGER_CELL)                 # row path (str cells)
+_DIGITS, _DECIMAL_BYTES = re.compile(_INTEGER_CELL.encode()), re.compile(_DECIMAL_CELL.encode())   # small path
+_DECIMAL = f"^{_DECIMAL_CELL}$"                      # Arrow path (pyarrow.compute regex)
 
 
 @contextlib.contextmanager
@@ -154,10 +162,6 @@ def _plain(data: bytes, source: str) -> tuple[list[str], bytes] | None:
     return header, data[data.find(b"\n") + 1:]
 
 
-_DIGITS = re.compile(rb"[0-9]+")
-_DECIMAL_BYTES = re.compile(rb"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
-
-
 def _small_csv(header: list[str], body: bytes) -> LayerColumns | None:
     """A plain table under FAST_PATH_BYTES a column at a time in Python (no record per row; importing pyarrow
     would cost more than the parse): each column checked against the row path's rules and converted by int() and
@@ -242,10 +246,6 @@ def _checked_columns(columns: dict[str, Any]) -> LayerColumns | None:
         return LayerColumns(tuple(names.to_pylist()), sizes, flops, {})
 
 
-# What the row path's patterns and float() accept and these casts read to the same value: digits only for byte
-# counts (ascii_is_decimal), plain decimals for FLOPs (Arrow parses them correctly rounded, as Python does: its
-# vendored fast_float); anything else (signs, underscores, inf, nan) takes the row path.
-_DECIMAL = r"^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 
 
 def _cast_if(matches: Any, column: Any, kind: Any) -> np.ndarray | None:
@@ -284,9 +284,6 @@ def _csv_rows(text: str, source: str, make_layer: Callable[..., Any]) -> list[An
     return layers
 
 
-_INTEGER = re.compile(r"^[0-9]+$")
-
-
 def _csv_layer(row: dict[str, str], width: int, expected: int, line: int, source: str,
                make_layer: Callable[..., Any]) -> Any:
     where = f"{source} line {line}"
@@ -295,7 +292,7 @@ def _csv_layer(row: dict[str, str], width: int, expected: int, line: int, source
 
     def integer(column: str) -> int:
         text = row.get(column, "0").strip() or "0"
-        if not _INTEGER.match(text):
+        if not _INTEGER.fullmatch(text):
             raise InputError(f"{where}: {column} must be a non-negative integer, got {text!r}")
         value = int(text)
         if value > INT64_MAX:

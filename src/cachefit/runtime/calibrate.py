@@ -232,8 +232,6 @@ def _gloo_link() -> tuple[float, float, float, float]:
 
 
 _PROBE_BLOCKS = (1, 5)
-
-
 _WARM = 10                          # passes before the timed ones
 
 
@@ -248,6 +246,7 @@ def _median_decode_pass(step: Callable[[int], object], passes: int) -> float:
                 times.append(time.perf_counter() - start)
     return statistics.median(times)
 
+
 def _pass_seconds(family: str, blocks: int, passes: int = 60) -> float:
     """Median seconds of one decode pass (one token, batch 1, KV cache) of the tiny reference model."""
     from cachefit.core.spec import DenseSpec, LlamaSpec
@@ -260,7 +259,6 @@ def _pass_seconds(family: str, blocks: int, passes: int = 60) -> float:
     caches = [KVCache(1, config.kv_heads, passes + _WARM, config.head_dim, torch.float32) for _ in range(blocks)]
     token = torch.zeros(1, 1, dtype=torch.long)
     return _median_decode_pass(lambda position: model(token, caches, position), passes)
-
 
 
 def _hf_pass_seconds(blocks: int, passes: int = 60) -> float:
