@@ -161,3 +161,43 @@ def test_large_random_table_matches_a_slow_scan() -> None:
         assert greedy_probe(cost, solution.bottleneck, 37).covered
         assert not greedy_probe(cost, solution.bottleneck - 1, 37).covered
         assert len(solution.lasts) == 37
+
+
+def _next_fit_by_definition(cost: IntervalCost, limit: int, cards: int) -> list[int]:
+    """Next-fit straight from F: each card takes layers while the footprint of its run stays within the limit."""
+    lasts, first = [], 0
+    while first < cost.layers and len(lasts) < cards:
+        last = first - 1
+        while last + 1 < cost.layers and cost.footprint(first, last + 1) <= limit:
+            last += 1
+        lasts.append(last)
+        if last < first:
+            break
+        first = last + 1
+    return lasts
+
+
+@given(st.integers(1, 300), st.integers(1, 40), st.integers(0, 2**32 - 1), st.sampled_from([1, 10, 10**3, 10**6]),
+       st.floats(0.0, 1.0))
+def test_fast_probes_place_cuts_as_next_fit_by_definition(layers: int, cards: int, seed: int, spread: int,
+                                                          slack: float) -> None:
+    # Long runs and transients from near-equal (spread 1) to far larger than the weights (spread 1e6): the peak
+    # probe's O(1) check, its one-max bound and its running-max fallback all get taken.
+    rng = np.random.default_rng(seed)
+    weights, transients = rng.integers(0, 1000, layers), rng.integers(0, spread, layers) * 7
+    for transient in (None, transients):
+        cost = IntervalCost(weights, transient)
+        single = int((weights + (0 if transient is None else transients)).max())
+        limit = single + int(slack * (int(weights.sum()) // cards + (0 if transient is None else spread * 7)))
+        probe = greedy_probe(cost, limit, cards)
+        assert list(probe.lasts) == _next_fit_by_definition(cost, limit, cards)
+        assert probe.footprints == tuple(cost.footprint(a, b) if b >= a else 0 for a, b in runs_of(probe.lasts))
+
+
+def test_a_largest_layer_bottleneck_is_proven_in_one_probe() -> None:
+    # W = [100, 1, 1, 1, 1, 1] bytes, sum model, 3 cards: no card can hold less than the 100-byte layer, and
+    # [100] | [1, 1, 1] | [1, 1] fits within 100, so the lower bound (100) is the optimum: the first probe, at the
+    # lower bound, covers the layers and ends the search.
+    cost = IntervalCost(np.array([100, 1, 1, 1, 1, 1]))
+    solution = min_max(cost, 3)
+    assert (solution.bottleneck, solution.probes, len(solution.lasts)) == (100, 1, 3)

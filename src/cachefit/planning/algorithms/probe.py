@@ -127,9 +127,11 @@ def _sum_probe(cost: IntervalCost, limit: int, max_cards: int, known: Probe | No
 def _peak_probe(cost: IntervalCost, limit: int, max_cards: int, known: Probe | None, known_cards: int) -> Probe:
     """:func:`greedy_probe` for one limit under ``peak`` with no shared tensors.
 
-    A run from ``first`` fits up to where its additive bytes reach limit - max(transient) for sure, and no further
-    than limit - transient[first]; when both bisections agree (transients of similar size, as in real models) the
-    run's maximum is not needed to place the cut. Footprints and extensions then come vectorised at the end.
+    A run from ``first`` surely holds the layers whose additive bytes stay within limit - max(transient) (one
+    bisection). The layer after them joins only if its additive bytes plus the larger of its own and the first
+    layer's transients fit, a lower bound of the run's footprint checked in O(1): where it fails (most cards in
+    practice), that is the cut; otherwise :func:`_grow` finds it. Footprints and extensions come vectorised at
+    the end.
     """
     assert cost.transient is not None
     prefix, transient = cost.prefix.data, cost.transient.data
@@ -139,12 +141,10 @@ def _peak_probe(cost: IntervalCost, limit: int, max_cards: int, known: Probe | N
     previous = hint = max(1, layers // max_cards)
     while first < layers and len(lasts) < max_cards:
         start = prefix[first]
-        after = _cut(prefix, start + limit - transient[first], first, previous, hint)
-        if after > first and _cut(prefix, start + limit - largest, first, previous, hint) != after:
-            running = np.maximum.accumulate(cost.transient[first:after])
-            costs = cost.prefix[first + 1:after + 1] - start + running
-            after = first + int(np.searchsorted(costs, limit, side="right"))
-        lasts.append(max(after, first) - 1)
+        after = max(_cut(prefix, start + limit - largest, first, previous, hint), first)   # prefix index past the run
+        if after < layers and prefix[after + 1] - start + max(transient[first], transient[after]) <= limit:
+            after = _grow(cost, first, after, limit, max(previous, 1), hint)
+        lasts.append(after - 1)
         if after <= first:
             break
         previous = after - first
@@ -152,6 +152,22 @@ def _peak_probe(cost: IntervalCost, limit: int, max_cards: int, known: Probe | N
         first = after
     footprints, extensions = _peak_runs(cost, lasts)
     return Probe(tuple(lasts), first >= layers, footprints, extensions)
+
+
+def _grow(cost: IntervalCost, first: int, sure: int, limit: int, previous: int, hint: int) -> int:
+    """Where the run from ``first`` ends (the prefix index past it), given that it holds layers first..sure - 1
+    and may hold layer ``sure``. Any such run holds first..sure, so its transient is at least their maximum m:
+    it ends no later than where the additive bytes reach limit - m. Just past ``sure``, m is the exact maximum;
+    further on, a running maximum over the window decides."""
+    assert cost.transient is not None
+    prefix, start = cost.prefix.data, cost.prefix.data[first]
+    held = int(cost.transient[first:sure + 1].max())
+    upper = _cut(prefix, start + limit - held, first, previous, hint)
+    if upper <= sure + 1:
+        return max(upper, first)
+    running = np.maximum.accumulate(cost.transient[first:upper])
+    costs = cost.prefix[first + 1:upper + 1] - start + running
+    return first + int(np.searchsorted(costs, limit, side="right"))
 
 
 def _peak_runs(cost: IntervalCost, lasts: list[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -49,9 +49,14 @@ def single_layer_footprints(cost: IntervalCost) -> np.ndarray:
 def lower_bound(cost: IntervalCost, cards: int) -> int:
     """A proven lower bound on the best bottleneck over ``cards`` cards: the largest single layer, and the
     averaging bound (the cards hold every additive byte, plus each at least the smallest transient term)."""
+    return max(_bounds(cost, cards))
+
+
+def _bounds(cost: IntervalCost, cards: int) -> tuple[int, int]:
+    """(the largest single layer, the averaging bound): the two lower bounds :func:`lower_bound` takes the max of."""
     smallest_transient = int(cost.transient.min()) if cost.transient is not None else 0
     average = -(-(int(cost.prefix[-1]) + cards * smallest_transient) // cards)
-    return max(int(single_layer_footprints(cost).max()), average)
+    return int(single_layer_footprints(cost).max()), average
 
 
 def _upper_bound(cost: IntervalCost, cards: int) -> int:
@@ -86,14 +91,20 @@ def min_max(cost: IntervalCost, cards: int) -> Solution:
     feasible probe lowers ``high`` to the bottleneck it achieved; an infeasible one raises ``low`` to the least
     extension of its runs, since no smaller limit changes any run. ``low`` stays a proven lower bound and
     ``high`` an achieved bottleneck; they meet at the optimum.
+
+    When the largest layer is the lower bound, the first probe is at it: a layer alone on its card (an
+    embedding, a head once there are many cards) is often the optimum, and one probe proves it. The averaging
+    bound is rarely met exactly (next-fit leaves each card a part of a layer short), so there the search starts
+    by bisecting.
     """
     _check_cards(cost, cards)
-    low, high = lower_bound(cost, cards), _upper_bound(cost, cards)
+    single, average = _bounds(cost, cards)
+    low, high = max(single, average), _upper_bound(cost, cards)
     best: Probe | None = None
     probes = 0
     below: Probe | None = None      # the probe at the largest limit that failed
     while best is None or low < high:
-        limit = (low + high) // 2 if low < high else high
+        limit = low if probes == 0 and single >= average else (low + high) // 2 if low < high else high
         fixed = common_cards(below, best) if below is not None and best is not None else 0
         probe = greedy_probe(cost, limit, cards, known=below, known_cards=fixed)
         probes += 1
