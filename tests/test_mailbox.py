@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from cachefit.runtime import mailbox  # noqa: E402
+from cachefit.runtime import idle, mailbox  # noqa: E402
 from cachefit.runtime.mailbox import Inbox, Outbox  # noqa: E402
 from cachefit.runtime.trace import Recorder  # noqa: E402
 
@@ -66,3 +70,38 @@ def test_each_micro_batch_keeps_one_send_in_flight(monkeypatch: pytest.MonkeyPat
     assert [t.item() for t in wire.sent] == [2.0, 3.0]
     outbox.finish()
     assert wire.sent == []
+
+
+_GLOO_THREADS = """
+import json, os, sys, tempfile
+import torch.distributed as dist
+from cachefit.runtime.idle import idle_transport_threads
+os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+changed = idle_transport_threads()
+threads = {open(f"/proc/self/task/{t}/comm").read().strip() + ":" + t: os.sched_getscheduler(int(t))
+           for t in os.listdir("/proc/self/task")}
+print(json.dumps({"changed": changed, "threads": threads, "idle": os.SCHED_IDLE}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_gloo_loop_thread_runs_idle_and_nothing_else_does(setting: str | None) -> None:
+    # A real gloo group (one rank) in a fresh process: its TCP loop thread, and only it, becomes SCHED_IDLE;
+    # CACHEFIT_GLOO_LOOP_IDLE=0 leaves every thread as it was.
+    env = {k: v for k, v in os.environ.items() if k != idle.IDLE_VARIABLE}
+    env |= {idle.IDLE_VARIABLE: setting} if setting else {}
+    found = json.loads(subprocess.run([sys.executable, "-c", _GLOO_THREADS], env=env, capture_output=True, text=True,
+                                      check=True).stdout)
+    loops = [policy for name, policy in found["threads"].items() if name.startswith(idle.LOOP_THREAD + ":")]
+    others = [policy for name, policy in found["threads"].items() if not name.startswith(idle.LOOP_THREAD + ":")]
+    assert loops and others
+    expected = found["idle"] if setting is None else 0
+    assert found["changed"] == (len(loops) if setting is None else 0)
+    assert all(policy == expected for policy in loops) and all(policy != found["idle"] for policy in others)
+
+
+def test_the_launcher_counts_the_cores_its_ranks_leave(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3}, raising=False)
+    assert [idle.spare_cores(ranks, threads) for ranks, threads in ((2, 1), (4, 1), (2, 2), (3, 2))] == [2, 0, 0, -2]

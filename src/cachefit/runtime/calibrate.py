@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from cachefit.runtime.idle import idle_transport_threads
+
 __all__ = ["HostFigures", "cache_sizes", "measure_host", "to_toml"]
 
 
@@ -163,6 +165,7 @@ def _gloo_peer(rank: int, store: str, results: multiprocessing.Queue) -> None:  
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)            # a rank's default (cachefit run --threads)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    idle_transport_threads()            # as a rank of cachefit run schedules gloo's loop thread
     small, large = torch.zeros(1, dtype=torch.float64), torch.zeros(4 << 20)      # 8 B and 16 MiB
 
     def ping_pong(tensor: torch.Tensor) -> None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from cachefit.core.errors import InputError, RunError
 from cachefit.core.records import Plan, RunSummary
 from cachefit.runtime.hf_checkpoint import check_runnable
+from cachefit.runtime.idle import spare_cores
 from cachefit.runtime.manifest import Manifest, read_hf_config_copy, verify_card
 from cachefit.runtime.summary import summarise
 
@@ -162,11 +163,12 @@ def run_plan(plan_file: str, weights: str, options: RunOptions,
     plan = Plan.read(plan_file)
     check_run(plan, weights, options)
     # The ranks start before this process imports torch (1.3-1.7 s here), which it needs only for their outputs:
-    # a thread imports it while they run.
+    # a thread imports it while they run where a core is left to it; otherwise after them (runtime/idle.py).
     importing = threading.Thread(target=importlib.import_module, args=("safetensors.torch",), daemon=True)
+    overlap = importing.start if spare_cores(plan.cards, options.threads) > 0 else lambda: None
     with tempfile.TemporaryDirectory(prefix="cachefit-run-") as out, _progress_folder() as marks:
         command = worker_command(str(Path(plan_file).resolve()), str(Path(weights).resolve()), out, options)
-        log = _launch(command, Path(out), Path(marks), plan.cards, options, progress, importing.start)
+        log = _launch(command, Path(out), Path(marks), plan.cards, options, progress, overlap)
         ranks = [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(plan.cards)]
         from safetensors.torch import load_file
 

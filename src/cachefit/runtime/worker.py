@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from cachefit.core.records import Partition, Plan
 from cachefit.nn.model import TORCH_DTYPES
+from cachefit.runtime.idle import idle_transport_threads
 from cachefit.runtime.launch import INIT_VARIABLE, PROGRESS_VARIABLE
 from cachefit.runtime.mailbox import Inbox, Outbox
 from cachefit.runtime.manifest import Manifest, read_card, read_hf_config_copy
@@ -201,6 +202,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, progress: Progress) ->
         dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=wait)
     else:
         dist.init_process_group(backend, timeout=wait)
+    idle_transport_threads()
     progress.mark(b"r")
     place = _place(plan, rank)
     dtype = TORCH_DTYPES[str(plan.model.dtype)]
