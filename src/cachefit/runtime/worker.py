@@ -202,9 +202,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, progress: Progress) ->
         dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=wait)
     else:
         dist.init_process_group(backend, timeout=wait)
-    idle_transport_threads()
     progress.mark(b"r")
     place = _place(plan, rank)
+    idle_transport_threads()            # every group's: each process group runs a gloo loop thread of its own
     dtype = TORCH_DTYPES[str(plan.model.dtype)]
     stage = _stage(plan, place, args.weights, device, dtype)
     stage.load_shard(shard, f"card {rank}'s shard")
