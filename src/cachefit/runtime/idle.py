@@ -42,7 +42,6 @@ def idle_transport_threads(tasks: Path = Path("/proc/self/task")) -> int:
     return changed
 
 
-
 def spare_cores(ranks: int, threads: int) -> int:
     """Cores this process may use beyond what ``ranks`` ranks of ``threads`` threads each take. The launcher
     imports torch while its ranks run only where this is positive: on a host the ranks fill, the import took

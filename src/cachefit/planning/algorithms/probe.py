@@ -143,7 +143,7 @@ def _peak_probe(cost: IntervalCost, limit: int, max_cards: int, known: Probe | N
         start = prefix[first]
         after = max(_cut(prefix, start + limit - largest, first, previous, hint), first)   # prefix index past the run
         if after < layers and prefix[after + 1] - start + max(transient[first], transient[after]) <= limit:
-            after = _grow(cost, first, after, limit, max(previous, 1), hint)
+            after = _grow(cost, first, after, limit, previous, hint)
         lasts.append(after - 1)
         if after <= first:
             break
