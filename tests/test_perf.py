@@ -45,8 +45,12 @@ def test_stage_times_by_hand() -> None:
     assert first.resident and first.compute_s == pytest.approx(5e-4) and first.memory_s == pytest.approx(7e-7)
     # Transfer of 50 B at 1 MB/s + 1 ms; the last card sends back 1 token id per sequence (8 B) instead.
     assert first.transfer_s == pytest.approx(50e-6 + 1e-3) and last.transfer_s == pytest.approx(8e-6 + 1e-3)
-    # Decode: max(round trip, M x slowest) = max(0.5+1.05+0.5+1.008 ms, 2 x 0.5 ms).
-    assert prediction.decode_tpot_s == pytest.approx(5e-4 + 1.05e-3 + 5e-4 + 1.008e-3)
+    # Decode: max(round trip, M x the slowest pass and its send) = max(0.5+1.05+0.5+1.008 = 3.058 ms,
+    # 2 x (0.5 + 1.05) = 3.1 ms): each card posts every micro-batch's send on the thread that computes.
+    assert prediction.decode_tpot_s == pytest.approx(2 * (5e-4 + 1.05e-3))
+    one = predict_plan(plan, table, RATES, micro_batches=1)
+    # M = 1: the whole batch a pass (1 ms; 100 B and 16 B sent): the round trip 1 + 1.1 + 1 + 1.016 ms.
+    assert one.decode_tpot_s == pytest.approx(1e-3 + 1.1e-3 + 1e-3 + 1.016e-3)
     # Prefill of 4 tokens in passes of 1: 4 x 2 passes; (8 - 1) x slowest (0.5 + 1.05 ms) + one of each.
     assert prediction.prefill_s == pytest.approx(7 * 1.55e-3 + 1.55e-3 + 1.508e-3)
     assert prediction.prefill_tokens_per_s == pytest.approx(2 * 4 / prediction.prefill_s)
