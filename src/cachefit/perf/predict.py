@@ -7,7 +7,7 @@ Pipeline (forward only, k stages, M micro-batches, passes s_i + c_i; s: a stage'
   per step, each a pass and its send: TPOT = max(sum_i (s_i + c_i), M * max_i (s_i + c_i)); TPS = batch / TPOT.
   The steady state's slot is s_i + c_i, as in prefill: a card posts each micro-batch's send and completes its
   receive on the thread that computes (measured on this host, 2026-12-05: 2-card tiny-llama at M = 4, 0.40 ms of
-  compute and 0.06 ms of framework a pass; M x max s_i alone was 17% under the TPOT).
+  compute and 0.06-0.07 ms of framework a pass; M x max s_i alone was 17-24% under the TPOT, docs/benchmarks.md).
 Pure: plan, table and device figures in, numbers out.
 """
 
