@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
 
 from cachefit.core.records import Plan
-from cachefit.core.spec import DenseSpec, LlamaSpec, Workload
+from cachefit.core.spec import DenseSpec, LlamaSpec, Workload, family_of
 from cachefit.runtime import init_weights, shard_checkpoint
 from cachefit.runtime.calibrate import measure_host, to_toml
 from cachefit.runtime.launch import RunOptions, RunResult, run_plan
@@ -16,11 +18,12 @@ from cachefit.runtime.launch import RunOptions, RunResult, run_plan
 SPEC = DenseSpec("bench-dense8", layers=8, heads=8, head_dim=128, mlp_hidden=4096, vocab=2048)
 
 
-def spec_file(folder: Path, work: Workload, spec: DenseSpec = SPEC) -> Path:
-    """``spec`` with ``work`` (batch, seq; fp32 decode) as a .toml spec, for cachefit.load_model."""
+def spec_file(folder: Path, work: Workload, spec: DenseSpec | LlamaSpec = SPEC) -> Path:
+    """``spec`` (either family, every field) with ``work`` (batch, seq; fp32 decode) as a .toml spec, for
+    cachefit.load_model. JSON's scalars (quoted strings, integers, true/false) are TOML's."""
     path = folder / f"{spec.name}-{work.batch}-{work.seq}.toml"
-    path.write_text(f'family = "dense"\nname = "{spec.name}"\nlayers = {spec.layers}\nheads = {spec.heads}\n'
-                    f'head_dim = {spec.head_dim}\nmlp_hidden = {spec.mlp_hidden}\nvocab = {spec.vocab}\n'
+    fields = "".join(f"{key} = {json.dumps(value)}\n" for key, value in asdict(spec).items())
+    path.write_text(f'family = "{family_of(spec)}"\n{fields}'
                     f'[workload]\nbatch = {work.batch}\nseq = {work.seq}\nphase = "decode"\ndtype = "float32"\n')
     return path
 

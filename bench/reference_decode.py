@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 import cachefit
-from _bench_model import calibrated_host, relative_error, run
+from _bench_model import calibrated_host, relative_error, run, spec_file
 from cachefit import api
 from cachefit.core.spec import LlamaSpec, Workload
 from cachefit.runtime.launch import RunOptions
@@ -38,17 +38,9 @@ BATCH, PROMPT, NEW, CHUNK = 4, 64, 32, 8
 WORK = Workload(batch=BATCH, seq=PROMPT + NEW, phase="decode", dtype="float32")
 
 
-def spec_file(folder: Path) -> Path:
-    path = folder / f"{SPEC.name}.toml"
-    path.write_text(f'family = "llama"\nname = "{SPEC.name}"\nlayers = {SPEC.layers}\nhidden = {SPEC.hidden}\n'
-                    f'heads = {SPEC.heads}\nkv_heads = {SPEC.kv_heads}\nffn_hidden = {SPEC.ffn_hidden}\n'
-                    f'vocab = {SPEC.vocab}\n[workload]\nbatch = {BATCH}\nseq = {PROMPT + NEW}\nphase = "decode"\n'
-                    'dtype = "float32"\n')
-    return path
-
-
 def setting(folder: Path, devices: Path, cards: int, micro: int, repeats: int) -> dict[str, Any]:
-    table = cachefit.load_model(spec_file(folder), torch_options=TorchOptions(measure=True, prefill_chunk=CHUNK))
+    options = TorchOptions(measure=True, prefill_chunk=CHUNK)
+    table = cachefit.load_model(spec_file(folder, WORK, SPEC), torch_options=options)
     plan = cachefit.plan(table, capacity=1 << 40, cards=cards, memory_model="pipeline")
     runs = [run(folder, plan, WORK, RunOptions(PROMPT, NEW, micro, check=repeat == 0, timeout=300),
                 f"k{cards}-m{micro}", SPEC) for repeat in range(repeats)]

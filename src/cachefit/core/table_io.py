@@ -246,8 +246,6 @@ def _checked_columns(columns: dict[str, Any]) -> LayerColumns | None:
         return LayerColumns(tuple(names.to_pylist()), sizes, flops, {})
 
 
-
-
 def _cast_if(matches: Any, column: Any, kind: Any) -> np.ndarray | None:
     """``column`` (Arrow strings) cast to ``kind`` as numpy when every cell ``matches`` and the cast fits."""
     import pyarrow as pa
